@@ -1,0 +1,191 @@
+"""Truncated SVD for adapter initialisation: exact or seeded randomized, always computed in fp32.
+
+Pure torch, no peft imports. Every function works on the weight's own device and returns fp32 factors
+``(U, S, Vh)`` with ``U @ diag(S) @ Vh`` the best rank-``r`` approximation (exact) or a close one (randomized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+SVDMethod = Literal["exact", "randomized"]
+
+# Weights of one shape are stacked and decomposed together while the stack stays under this many elements
+# (fp32: 4 bytes each). Measured on CPU, stacking large weights is slower than a loop (LAPACK already
+# uses every core), so only small matrices, where per-call overhead dominates, are batched.
+DEFAULT_BATCH_ELEMENTS = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SVDSettings:
+    """How a truncated SVD is computed.
+
+    ``method="exact"`` runs a full LAPACK SVD and keeps the top ``rank`` triplets. ``method="randomized"`` runs the
+    Halko-Martinsson-Tropp range finder (Algorithm 4.4 in arXiv:0909.4061) with ``oversample`` extra columns and
+    ``niter`` power iterations, from a Gaussian test matrix drawn from a generator seeded with ``seed``: the same
+    settings give the same factors whatever the global RNG state.
+    """
+
+    method: SVDMethod = "exact"
+    niter: int = 2
+    oversample: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("exact", "randomized"):
+            raise ValueError(f"SVD method must be 'exact' or 'randomized', got {self.method!r}")
+        if self.niter < 0:
+            raise ValueError(f"niter must be >= 0, got {self.niter}")
+        if self.oversample < 0:
+            raise ValueError(f"oversample must be >= 0, got {self.oversample}")
+
+    def key(self) -> str:
+        if self.method == "exact":
+            return "exact"
+        return f"randomized-niter{self.niter}-p{self.oversample}-seed{self.seed}"
+
+
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _gaussian_test_matrix(n: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    # Drawn on the CPU so that the same seed gives the same matrix on every device.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, k, generator=generator, dtype=torch.float32).to(device)
+
+
+def _randomized(w: torch.Tensor, rank: int, settings: SVDSettings):
+    """Batched randomized SVD of ``w`` with shape (..., m, n)."""
+    m, n = w.shape[-2:]
+    k = min(rank + settings.oversample, m, n)
+    omega = _gaussian_test_matrix(n, k, settings.seed, w.device)
+    q = _orthonormal_basis(w @ omega)
+    wt = w.transpose(-2, -1)
+    for _ in range(settings.niter):
+        # Re-orthonormalise after each product so the small singular directions do not drown in round-off.
+        q = _orthonormal_basis(wt @ q)
+        q = _orthonormal_basis(w @ q)
+    b = q.transpose(-2, -1) @ w  # (..., k, n)
+    u_b, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = q @ u_b
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def _exact(w: torch.Tensor, rank: int):
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def _as_fp32(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float32)
+
+
+def truncated_svd(weight: torch.Tensor, rank: int, settings: SVDSettings = SVDSettings()):
+    """Top-``rank`` singular triplets of a 2-D ``weight``, in fp32 on the weight's device.
+
+    Returns ``(U, S, Vh)`` with shapes (m, rank), (rank,), (rank, n). The factors are fresh tensors (contiguous,
+    not views into a larger decomposition), so holding them keeps no full-size temporary alive.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"truncated_svd expects a 2-D weight, got shape {tuple(weight.shape)}")
+    return truncated_svd_batched([weight], rank, settings)[0]
+
+
+def truncated_svd_batched(
+    weights: Sequence[torch.Tensor],
+    rank: int,
+    settings: SVDSettings = SVDSettings(),
+    max_batch_elements: int = DEFAULT_BATCH_ELEMENTS,
+):
+    """Truncated SVD of several 2-D weights; weights of equal shape and device are decomposed in one batched call.
+
+    Returns one ``(U, S, Vh)`` per input weight, in input order. Batching changes no result beyond round-off: the
+    randomized test matrix depends on the seed and the shape only, not on a weight's position in the batch.
+    """
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    for weight in weights:
+        if weight.ndim != 2 or rank > min(weight.shape):
+            raise ValueError(
+                f"rank {rank} is larger than min(d_out, d_in) = {min(weight.shape)} of a weight of shape "
+                f"{tuple(weight.shape)}; choose rank <= {min(weight.shape)}"
+            )
+    results: list = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    for index, weight in enumerate(weights):
+        groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
+    for (shape, _device), indices in groups.items():
+        per_batch = max(1, max_batch_elements // (shape[0] * shape[1]))
+        for start in range(0, len(indices), per_batch):
+            chunk = indices[start : start + per_batch]
+            stacked = torch.stack([_as_fp32(weights[i]) for i in chunk]) if len(chunk) > 1 else _as_fp32(weights[chunk[0]])
+            if settings.method == "exact":
+                u, s, vh = _exact(stacked, rank)
+            else:
+                u, s, vh = _randomized(stacked, rank, settings)
+            del stacked
+            if len(chunk) == 1:
+                results[chunk[0]] = (u.contiguous(), s.contiguous(), vh.contiguous())
+            else:
+                for j, i in enumerate(chunk):
+                    results[i] = (u[j].contiguous(), s[j].contiguous(), vh[j].contiguous())
+    return results
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r whose top-r singular values hold at least ``energy`` of sum(sigma^2) (the Frobenius energy)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must lie in (0, 1], got {energy}")
+    power = singular_values.double().pow(2)
+    share = power.cumsum(0) / power.sum()
+    return int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype) - 1e-12).item()) + 1
+
+
+def subspace_error(u_reference: torch.Tensor, u_estimate: torch.Tensor) -> float:
+    """1 - ||U_ref^T U_est||_F^2 / r: zero when both span the same r-dimensional subspace, one when orthogonal."""
+    r = u_reference.shape[-1]
+    overlap = (u_reference.transpose(-2, -1).double() @ u_estimate.double()).pow(2).sum().item()
+    return max(0.0, 1.0 - overlap / r)
+
+
+def truncated_svds(
+    named_weights: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    settings: SVDSettings = SVDSettings(),
+    cache=None,
+    desc: str = "SVD",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Truncated SVDs of many named 2-D weights: cached ones are read, the rest batched by (shape, rank).
+
+    ``cache`` is an :class:`~subspace_peft.linalg.cache.SVDCache` or None. A tqdm bar counts layers when there are
+    more than a handful.
+    """
+    from tqdm.auto import tqdm
+
+    from .cache import weight_fingerprint
+
+    results: dict[str, tuple] = {}
+    fingerprints: dict[str, str] = {}
+    todo: dict[tuple, list[str]] = {}
+    with tqdm(total=len(named_weights), desc=desc, disable=len(named_weights) < 8, leave=False) as bar:
+        for name, weight in named_weights.items():
+            if cache is not None:
+                fingerprints[name] = weight_fingerprint(weight)
+                hit = cache.get(fingerprints[name], ranks[name], settings, weight.device)
+                if hit is not None:
+                    results[name] = hit
+                    bar.update(1)
+                    continue
+            todo.setdefault((tuple(weight.shape), ranks[name]), []).append(name)
+        for (_shape, rank), names in todo.items():
+            factors = truncated_svd_batched([named_weights[n] for n in names], rank, settings)
+            for name, triplet in zip(names, factors):
+                results[name] = triplet
+                if cache is not None:
+                    cache.put(fingerprints[name], rank, settings, triplet)
+            bar.update(len(names))
+    return results

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft.utils.peft_types import PeftType
+
+from ..base_config import SVDInitConfig
+
+
+@dataclass
+class PiSSAConfig(SVDInitConfig):
+    """Configuration of a PiSSA adapter (Meng et al., 2024, arXiv:2404.02948).
+
+    The adapter is LoRA-shaped, ``delta = s * B @ A`` with ``s = lora_alpha / r``, and starts from the principal
+    singular triplets of the base weight: ``A = diag(sqrt(S_r / s)) V_r^T``, ``B = U_r diag(sqrt(S_r / s))``
+    (paper eq. 2-3). The frozen residual is ``W_res = W - s * B_0 A_0``.
+
+    subspace-peft keeps the base weight ``W`` untouched and stores the initial factors ``A_0, B_0`` (frozen) beside
+    the trainable ``A, B``; the layer computes ``W x + s (B A - B_0 A_0) x``, which is exactly PiSSA's
+    ``W_res x + s B A x``. Because ``W`` never changes, ``disable_adapter()``, ``unload()`` and
+    ``delete_adapter()`` give back the original model, several adapters can share a layer, and reload needs no SVD.
+
+    Args:
+        r: rank of the adapter.
+        lora_alpha: scaling numerator, ``s = lora_alpha / r``. PiSSA's default is ``lora_alpha == r`` (s = 1).
+        lora_dropout: dropout on the adapter's input.
+        bias: ``"none"``, ``"all"`` or ``"pissa_only"``: which biases train.
+        fan_in_fan_out: set for layers storing the weight as (in, out), e.g. GPT-2's Conv1D (set automatically).
+        rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha`` (regex on module name).
+        residual_quantization: ``None``, ``"nf4"``, ``"fp4"`` or ``"int8"``. With it set, the base weight of each
+            adapted nn.Linear is replaced by the bitsandbytes-quantised residual ``Q(W - s B_0 A_0)`` (QPiSSA). The
+            base must be loaded in full precision: the residual is computed before quantisation.
+    """
+
+    r: int = field(default=8)
+    lora_alpha: int = field(default=8)
+    lora_dropout: float = field(default=0.0)
+    bias: Literal["none", "all", "pissa_only"] = field(default="none")
+    fan_in_fan_out: bool = field(default=False)
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    residual_quantization: Optional[Literal["nf4", "fp4", "int8"]] = field(default=None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.PISSA
+        if self.bias not in ("none", "all", "pissa_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'pissa_only', got {self.bias!r}")
+        if self.residual_quantization not in (None, "nf4", "fp4", "int8"):
+            raise ValueError(
+                f"residual_quantization must be None, 'nf4', 'fp4' or 'int8', got {self.residual_quantization!r}"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")

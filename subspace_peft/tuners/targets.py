@@ -1,0 +1,107 @@
+"""Finding and checking the layers an SVD-initialised tuner adapts, before anything in the model changes.
+
+Every check here runs on the whole list of targets first, so that bad input raises a ValueError naming the layer
+and the fix while the user's model is still exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.other import get_pattern_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding) + CONV_TYPES
+SUPPORTED_NAMES = "nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d (groups=1) and nn.Embedding"
+
+
+@dataclass
+class Target:
+    key: str  # module name in the model
+    base: nn.Module  # the innermost base layer (the module itself unless an adapter already wraps it)
+
+
+def base_layer_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def weight_matrix(base: nn.Module) -> torch.Tensor:
+    """The base weight as the (d_out, d_in) matrix the adapter factorises (a view, no copy).
+
+    Linear: W. Conv1D (GPT-2, stored as (in, out)): W^T. ConvNd: W reshaped to (c_out, c_in * prod(kernel)).
+    Embedding (stored as (num_embeddings, dim)): W^T, so that, as in peft's LoRA, B has ``dim`` rows and A has
+    ``num_embeddings`` columns.
+    """
+    weight = base.weight
+    if isinstance(base, Conv1D):
+        return weight.T
+    if isinstance(base, CONV_TYPES):
+        return weight.reshape(weight.shape[0], -1)
+    if isinstance(base, nn.Embedding):
+        return weight.T
+    return weight
+
+
+def find_targets(tuner, model: nn.Module, config) -> list[Target]:
+    """The modules ``inject_adapter`` will adapt, found with peft's own matching rules (all-linear included)."""
+    config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
+    config = _maybe_include_all_linear_layers(config, model)
+    adapter_prefixes = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    targets = []
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in adapter_prefixes):
+            continue
+        matched = tuner._check_target_module_exists(config, key)
+        if matched and type(matched).__name__ != "_ExcludedModule":
+            targets.append(Target(key=key, base=base_layer_of(module)))
+    if not targets:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of the model; pass names that exist "
+            "(e.g. ['q_proj', 'v_proj']), a regex, or 'all-linear'"
+        )
+    return targets
+
+
+def pattern_value(pattern: dict | None, key: str, default):
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(list(pattern.keys()), key), default)
+
+
+def check_target(target: Target, rank: int, method: str, allow_quantized: bool = False) -> None:
+    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it at ``rank``."""
+    base = target.base
+    if not isinstance(base, SUPPORTED_TYPES) and not allow_quantized:
+        raise ValueError(
+            f"{method} cannot adapt layer '{target.key}' of type {type(base).__name__}: supported are "
+            f"{SUPPORTED_NAMES}. Remove it from target_modules (or add it to exclude_modules)."
+        )
+    if isinstance(base, CONV_TYPES) and base.groups != 1:
+        raise ValueError(
+            f"{method} cannot adapt grouped convolution '{target.key}' (groups={base.groups}): its weight is "
+            "block-diagonal, so a low-rank SVD update does not fit it. Exclude it, or use FLoRA for grouped convs."
+        )
+    weight = base.weight
+    if not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"{method} needs a floating-point base weight, but layer '{target.key}' holds {weight.dtype} "
+            "(a quantised model?). Load the base model in full precision; for a 4-/8-bit residual use "
+            "PiSSAConfig(residual_quantization='nf4' or 'int8') on the full-precision model (QPiSSA)."
+        )
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"layer '{target.key}' has NaN or Inf in its weight, so its SVD is undefined: fix or reload the base "
+            "weights, or exclude the layer from target_modules."
+        )
+    max_rank = min(weight_matrix(base).shape)
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{method} rank for layer '{target.key}' must be a positive integer, got {rank!r}")
+    if rank > max_rank:
+        raise ValueError(
+            f"{method} rank r={rank} is larger than min(d_out, d_in) = {max_rank} of layer '{target.key}' "
+            f"(weight {tuple(weight.shape)}): choose r <= {max_rank} (set rank_pattern for this layer)."
+        )
