@@ -72,6 +72,13 @@ def pattern_value(pattern: dict | None, key: str, default):
     return pattern.get(get_pattern_key(list(pattern.keys()), key), default)
 
 
+def _all_finite(weight: torch.Tensor) -> bool:
+    # NaN and Inf propagate through a sum: one fp32-accumulated reduction instead of a full boolean mask.
+    # A finite weight whose sum overflows fp32 is checked element-wise.
+    total = weight.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(weight).all())
+
+
 def check_target(target: Target, rank: int, method: str, allow_quantized: bool = False) -> None:
     """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it at ``rank``."""
     base = target.base
@@ -92,7 +99,7 @@ def check_target(target: Target, rank: int, method: str, allow_quantized: bool =
             "(a quantised model?). Load the base model in full precision; for a 4-/8-bit residual use "
             "PiSSAConfig(residual_quantization='nf4' or 'int8') on the full-precision model (QPiSSA)."
         )
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+    if weight.device.type != "meta" and not _all_finite(weight):
         raise ValueError(
             f"layer '{target.key}' has NaN or Inf in its weight, so its SVD is undefined: fix or reload the base "
             "weights, or exclude the layer from target_modules."

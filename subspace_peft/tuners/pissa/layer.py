@@ -79,18 +79,19 @@ class PiSSALayer(BaseTunerLayer):
         self.residual_in_base[adapter_name] = residual_in_base
         use_dropout = lora_dropout > 0 and self.supports_dropout
         self.pissa_dropout[adapter_name] = nn.Dropout(lora_dropout) if use_dropout else nn.Identity()
-        a_module, b_module = self._make_factors(r)
-        a0_module, b0_module = self._make_factors(r)
-        a0_module.requires_grad_(False)
-        b0_module.requires_grad_(False)
-        self.pissa_A[adapter_name], self.pissa_B[adapter_name] = a_module, b_module
-        self.pissa_A0[adapter_name], self.pissa_B0[adapter_name] = a0_module, b0_module
-        # On the meta device (low_cpu_mem_usage) the checkpoint fills the values in and places them afterwards.
-        if a_module.weight.device.type != "meta":
+        # Factor modules are built on the meta device (no random init to throw away) and then given their values.
+        # With factors=None (low_cpu_mem_usage loading) they stay on meta until the checkpoint is assigned.
+        modules = [*self._make_factors(r), *self._make_factors(r)]
+        if factors is not None:
             a_weight, b_weight = self._factor_weights(*factors)
-            with torch.no_grad():
-                for module, value in ((a_module, a_weight), (a0_module, a_weight), (b_module, b_weight), (b0_module, b_weight)):
-                    module.weight.copy_(value)
+            device = self.get_base_layer().weight.device
+            for module, value, trainable in zip(modules, (a_weight, b_weight) * 2, (True, True, False, False)):
+                module.weight = nn.Parameter(value.to(device).clone(), requires_grad=trainable)
+        modules[2].requires_grad_(False)
+        modules[3].requires_grad_(False)
+        self.pissa_A[adapter_name], self.pissa_B[adapter_name] = modules[0], modules[1]
+        self.pissa_A0[adapter_name], self.pissa_B0[adapter_name] = modules[2], modules[3]
+        if factors is not None:
             self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -208,7 +209,7 @@ class Linear(PiSSAModule):
         super().__init__(base_layer, adapter_name, **kwargs)
 
     def _make_factors(self, r):
-        return nn.Linear(self.d_in, r, bias=False), nn.Linear(r, self.d_out, bias=False)
+        return nn.Linear(self.d_in, r, bias=False, device="meta"), nn.Linear(r, self.d_out, bias=False, device="meta")
 
     def _low_rank(self, x, a, b):
         return F.linear(F.linear(x, a), b)
@@ -226,9 +227,9 @@ class Conv(PiSSAModule):
         ones = (1,) * len(base.kernel_size)
         a = conv_cls(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode,
+            bias=False, padding_mode=base.padding_mode, device="meta",
         )
-        b = conv_cls(r, base.out_channels, ones, ones, bias=False)
+        b = conv_cls(r, base.out_channels, ones, ones, bias=False, device="meta")
         return a, b
 
     def _low_rank(self, x, a, b):
@@ -258,7 +259,10 @@ class Embedding(PiSSAModule):
     def _make_factors(self, r):
         base = self.get_base_layer()
         # A is stored as an (num_embeddings, r) lookup table, B as Linear(r, dim): both leaf modules with .weight
-        return nn.Embedding(base.num_embeddings, r), nn.Linear(r, base.embedding_dim, bias=False)
+        return (
+            nn.Embedding(base.num_embeddings, r, device="meta"),
+            nn.Linear(r, base.embedding_dim, bias=False, device="meta"),
+        )
 
     def _low_rank(self, x, a, b):
         return F.linear(F.embedding(x, a, padding_idx=self.get_base_layer().padding_idx), b)
