@@ -1,0 +1,70 @@
+"""The PEFT parity checklist (../shared/PEFT_PARITY.md) as data: a method plugs in by adding cases to CASES.
+
+A case names a tiny model (tests/tiny_models.py), a config factory and the trainable-parameter count its formula
+gives. tests/test_parity.py runs every check on every case.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Case:
+    id: str
+    model: str
+    make_config: Callable  # (**overrides) -> PeftConfig
+    trainable: int  # the method's formula, worked out by hand for this model
+    identity_at_init: bool = True
+    transformers_model: bool = False  # supports gradient checkpointing / inputs_embeds
+    skip: dict = field(default_factory=dict)  # check name -> reason
+
+
+def _pissa(**kwargs):
+    def make(**overrides):
+        from subspace_peft import PiSSAConfig
+
+        return PiSSAConfig(**{**kwargs, **overrides})
+
+    return make
+
+
+KBIT_SKIP = "PiSSA needs a full-precision base to take the SVD from; its 4/8-bit path is QPiSSA (test_pissa.py)"
+
+CASES = [
+    # PiSSA: trainable = sum over targets of r * (d_out + d_in), d_in = c_in * prod(kernel) for convs
+    Case("pissa-mlp", "mlp", _pissa(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]), 4 * (10 + 20) + 4 * (20 + 20)),
+    Case("pissa-conv1d", "conv1d", _pissa(r=2, lora_alpha=2, target_modules=["conv"]), 2 * (8 + 3 * 3)),
+    Case("pissa-conv2d", "conv2d", _pissa(r=3, lora_alpha=3, target_modules=["conv", "conv2"]),
+         3 * (8 + 3 * 9) + 3 * (6 + 8)),
+    Case("pissa-conv3d", "conv3d", _pissa(r=2, lora_alpha=4, target_modules=["conv"]), 2 * (4 + 2 * 27)),
+    Case("pissa-embedding", "embedding", _pissa(r=4, lora_alpha=4, target_modules=["emb", "lin"],
+                                                rank_pattern={"lin": 2}), 4 * (12 + 30) + 2 * (3 + 12)),
+    Case("pissa-gpt2-conv1D", "gpt2", _pissa(r=4, lora_alpha=4, target_modules=["c_attn"]), 2 * 4 * (16 + 48),
+         transformers_model=True),
+    Case("pissa-minilm", "minilm", _pissa(r=8, lora_alpha=8, target_modules=["query", "value"]),
+         6 * 2 * 8 * (384 + 384), transformers_model=True),
+]
+for _case in CASES:
+    _case.skip.setdefault("kbit", KBIT_SKIP)
+
+
+def run_python(code: str, timeout: int = 600) -> str:
+    """Run ``code`` in a fresh interpreter with tests/ on sys.path; returns stdout, raises with stderr on failure."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"child process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
