@@ -67,4 +67,5 @@ def run_python(code: str, timeout: int = 600) -> str:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))

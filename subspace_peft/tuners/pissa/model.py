@@ -7,7 +7,7 @@ from torch import nn
 
 from ...linalg.cache import SVDCache
 from ...linalg.svd import truncated_svds
-from ..targets import check_target, find_targets, pattern_value, weight_matrix
+from ..targets import check_checkpoint_shapes, check_target, find_targets, pattern_value, weight_matrix
 from .bnb import quantize_residual, require_bitsandbytes
 from .config import PiSSAConfig
 from .layer import PiSSALayer, create_layer
@@ -95,6 +95,12 @@ class PiSSAModel(BaseTuner):
             _target, r, alpha = plan[key]
             factors[key] = pissa_factors(*svds.pop(key), scaling=alpha / r)
         return factors
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_checkpoint_shapes(model, remapped, "PiSSA")
+        return remapped
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         _target, r, alpha = self._pending["plan"][current_key]
