@@ -34,7 +34,7 @@ class SVDInitConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(default=None)
     init: Literal["svd", "randomized"] = field(default="svd")
     niter: int = field(default=2)
-    oversample: int = field(default=8)
+    oversample: int = field(default=16)
     seed: int = field(default=0)
     svd_cache: Optional[Union[bool, str]] = field(default=None)
 
