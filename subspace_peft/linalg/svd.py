@@ -82,7 +82,12 @@ def _exact(w: torch.Tensor, rank: int):
 def _leading(u, s, vh, rank):
     # Copies, not views: a view of the leading rows of Vh would keep the whole (k, n) factor alive. Measured on
     # SmolLM2-135M, views held ~500 MB of full factors until init finished.
-    return u[..., :rank].clone(), s[..., :rank].clone(), vh[..., :rank, :].clone()
+    dense = torch.contiguous_format  # LAPACK returns column-major factors; hand out row-major copies
+    return (
+        u[..., :rank].clone(memory_format=dense),
+        s[..., :rank].clone(memory_format=dense),
+        vh[..., :rank, :].clone(memory_format=dense),
+    )
 
 
 def _as_fp32(weight: torch.Tensor) -> torch.Tensor:
