@@ -8,6 +8,7 @@ holds the quantised residual, and the ``- B_0 A_0`` term is dropped (``residual_
 from __future__ import annotations
 
 import warnings
+from abc import abstractmethod
 from typing import Any, Optional
 
 import torch
@@ -43,11 +44,13 @@ class PiSSALayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # -- per layer type: the two factor modules, how a factor pair acts on x, and the weight it adds ----------------
+    @abstractmethod
     def _make_factors(self, r: int) -> tuple[nn.Module, nn.Module]:
-        raise TypeError(f"{type(self).__name__} must define _make_factors")
+        """The (A, B) modules of rank ``r`` for this layer type, on the meta device."""
 
+    @abstractmethod
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{type(self).__name__} must define _low_rank")
+        """``B A x`` for factor weights shaped like the modules' weights."""
 
     def _factor_weights(self, a_matrix: torch.Tensor, b_matrix: torch.Tensor):
         """Module-shaped weights from A (r, d_in) and B (d_out, r) matrices."""
