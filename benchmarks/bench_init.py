@@ -97,7 +97,7 @@ def subspace_errors(factors_file: str, rank: int, exact: dict) -> tuple[float, f
         errors.append(subspace_error(u_exact, b / norms))
         # B = U diag(sqrt(S / s)) with s = 1 here, so the column norms squared are the singular values found
         found = norms.pow(2)
-        shortfalls.append(1 - found.pow(2).sum().item() / s_exact.pow(2).sum().item())
+        shortfalls.append(max(0.0, 1 - found.pow(2).sum().item() / s_exact.pow(2).sum().item()))  # >= 0 up to round-off
     return statistics.mean(errors), statistics.mean(shortfalls)
 
 

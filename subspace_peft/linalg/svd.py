@@ -6,6 +6,7 @@ Pure torch, no peft imports. Every function works on the weight's own device and
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -90,6 +91,26 @@ def _leading(u, s, vh, rank):
     )
 
 
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to release
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that LAPACK's freed full-size factors and workspaces left in glibc's heap back to the OS.
+
+    Measured on SmolLM2-135M (210 exact SVDs): without this the process kept 100-450 MB of freed heap, varying
+    from run to run, so init peaked at up to 1.45x the RSS of a plain LoRA init.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _as_fp32(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float32)
 
@@ -138,6 +159,8 @@ def truncated_svd_batched(
             else:
                 u, s, vh = _randomized(stacked, rank, settings)
             del stacked
+            if settings.method == "exact":
+                _release_freed_memory()
             if len(chunk) == 1:
                 results[chunk[0]] = (u, s, vh)
             else:
