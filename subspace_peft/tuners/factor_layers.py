@@ -33,8 +33,10 @@ class FactorLayer(BaseTunerLayer):
         """The (A, B) modules of rank ``r`` for this layer type, on the meta device."""
 
     @abstractmethod
-    def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``B A x`` for factor weights shaped like the modules' weights."""
+    def _low_rank(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``B diag(scale) A x`` (``B A x`` without ``scale``) for factor weights shaped like the modules' weights."""
 
     def _factor_weights(self, a_matrix: torch.Tensor, b_matrix: torch.Tensor):
         """Module-shaped weights from A (r, d_in) and B (d_out, r) matrices."""
@@ -160,15 +162,13 @@ class LinearFactors:
         d_out, d_in = (base.out_features, base.in_features) if hasattr(base, "out_features") else weight_matrix(base).shape
         return nn.Linear(d_in, r, bias=False, device="meta"), nn.Linear(r, d_out, bias=False, device="meta")
 
-    def _low_rank(self, x, a, b):
-        return F.linear(F.linear(x, a), b)
+    def _low_rank(self, x, a, b, scale=None):
+        hidden = F.linear(x, a)
+        return F.linear(hidden if scale is None else hidden * scale, b)
 
     def _delta_from_matrix(self, delta):
         return delta.T if self.fan_in_fan_out else delta
 
-    @staticmethod
-    def _scale_components(a_weight, scale):
-        return a_weight * scale[:, None]
 
 
 class ConvFactors:
@@ -185,9 +185,11 @@ class ConvFactors:
         b = conv_cls(r, base.out_channels, ones, ones, bias=False, device="meta")
         return a, b
 
-    def _low_rank(self, x, a, b):
+    def _low_rank(self, x, a, b, scale=None):
         base = self.get_base_layer()
         hidden = base._conv_forward(x, a, None)
+        if scale is not None:
+            hidden = hidden * scale.reshape(-1, *([1] * len(base.kernel_size)))
         return _POINTWISE_CONV[len(base.kernel_size)](hidden, b)
 
     def _factor_weights(self, a_matrix, b_matrix):
@@ -202,9 +204,6 @@ class ConvFactors:
     def _delta_from_matrix(self, delta):
         return delta.reshape(self.get_base_layer().weight.shape)
 
-    @staticmethod
-    def _scale_components(a_weight, scale):
-        return a_weight * scale.reshape(-1, *([1] * (a_weight.ndim - 1)))
 
 
 class EmbeddingFactors:
@@ -220,8 +219,9 @@ class EmbeddingFactors:
             nn.Linear(r, base.embedding_dim, bias=False, device="meta"),
         )
 
-    def _low_rank(self, x, a, b):
-        return F.linear(F.embedding(x, a, padding_idx=self.get_base_layer().padding_idx), b)
+    def _low_rank(self, x, a, b, scale=None):
+        hidden = F.embedding(x, a, padding_idx=self.get_base_layer().padding_idx)
+        return F.linear(hidden if scale is None else hidden * scale, b)
 
     def _factor_weights(self, a_matrix, b_matrix):
         return a_matrix.T, b_matrix
@@ -232,9 +232,6 @@ class EmbeddingFactors:
     def _delta_from_matrix(self, delta):
         return delta.T
 
-    @staticmethod
-    def _scale_components(a_weight, scale):
-        return a_weight * scale[None, :]
 
 
 def geometry_for(base: nn.Module) -> type:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..linalg.cache import SVDCache
 from ..linalg.svd import truncated_svds
-from .targets import Target, check_checkpoint_shapes, check_target, find_targets, weight_matrix
+from .targets import Target, check_checkpoint_shapes, check_rank, check_target, find_targets, weight_matrix
 
 
 def svd_cache_for(config) -> SVDCache | None:
@@ -74,8 +74,9 @@ class SVDTuner(BaseTuner):
     def _plan(self, model: nn.Module, config) -> dict[str, PlannedLayer]:
         plan = {}
         for target in find_targets(self, model, config):
+            check_target(target, self.method_name)
             plan[target.key] = PlannedLayer(target, self._rank(target, config))
-            check_target(target, plan[target.key].r, self.method_name)
+            check_rank(target, plan[target.key].r, self.method_name)
         self._check_plan(model, config, plan)
         return plan
 

@@ -79,10 +79,10 @@ def _all_finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(weight).all())
 
 
-def check_target(target: Target, rank: int, method: str, allow_quantized: bool = False) -> None:
-    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it at ``rank``."""
+def check_target(target: Target, method: str) -> None:
+    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, finite)."""
     base = target.base
-    if not isinstance(base, SUPPORTED_TYPES) and not allow_quantized:
+    if not isinstance(base, SUPPORTED_TYPES):
         raise ValueError(
             f"{method} cannot adapt layer '{target.key}' of type {type(base).__name__}: supported are "
             f"{SUPPORTED_NAMES}. Remove it from target_modules (or add it to exclude_modules)."
@@ -90,7 +90,7 @@ def check_target(target: Target, rank: int, method: str, allow_quantized: bool =
     if isinstance(base, CONV_TYPES) and base.groups != 1:
         raise ValueError(
             f"{method} cannot adapt grouped convolution '{target.key}' (groups={base.groups}): its weight is "
-            "block-diagonal, so a low-rank SVD update does not fit it. Exclude it, or use FLoRA for grouped convs."
+            "block-diagonal, so a low-rank SVD update does not fit it. Add it to exclude_modules."
         )
     weight = base.weight
     if not weight.dtype.is_floating_point:
@@ -104,7 +104,12 @@ def check_target(target: Target, rank: int, method: str, allow_quantized: bool =
             f"layer '{target.key}' has NaN or Inf in its weight, so its SVD is undefined: fix or reload the base "
             "weights, or exclude the layer from target_modules."
         )
-    max_rank = min(weight_matrix(base).shape)
+
+
+def check_rank(target: Target, rank: int, method: str) -> None:
+    """Raise a ValueError naming the layer and the fix if ``rank`` does not fit the layer's weight."""
+    weight = target.base.weight
+    max_rank = min(weight_matrix(target.base).shape)
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{method} rank for layer '{target.key}' must be a positive integer, got {rank!r}")
     if rank > max_rank:
