@@ -23,18 +23,31 @@ class Case:
     model: str
     make_config: Callable  # (**overrides) -> PeftConfig
     trainable: int  # the method's formula, worked out by hand for this model
+    peft_type: str = "PISSA"
+    trainable_attrs: tuple = ("pissa_A", "pissa_B")  # the layer attributes whose parameters train
     identity_at_init: bool = True
     transformers_model: bool = False  # supports gradient checkpointing / inputs_embeds
     skip: dict = field(default_factory=dict)  # check name -> reason
 
 
-def _pissa(**kwargs):
+def _config(name: str, **kwargs):
     def make(**overrides):
-        from subspace_peft import PiSSAConfig
+        import subspace_peft
 
-        return PiSSAConfig(**{**kwargs, **overrides})
+        return getattr(subspace_peft, name)(**{**kwargs, **overrides})
 
     return make
+
+
+def _pissa(**kwargs):
+    return _config("PiSSAConfig", **kwargs)
+
+
+def _svfit(**kwargs):
+    return _config("SVFitConfig", **kwargs)
+
+
+SVFIT = dict(peft_type="SVFIT", trainable_attrs=("svfit_sigma",))
 
 
 KBIT_SKIP = "PiSSA needs a full-precision base to take the SVD from; its 4/8-bit path is QPiSSA (test_pissa.py)"
@@ -52,9 +65,22 @@ CASES = [
          transformers_model=True),
     Case("pissa-minilm", "minilm", _pissa(r=8, lora_alpha=8, target_modules=["query", "value"]),
          6 * 2 * 8 * (384 + 384), transformers_model=True),
+    # SVFit: trainable = sum over targets of r (one singular value per rank)
+    Case("svfit-mlp", "mlp", _svfit(r=4, target_modules=["lin0", "lin1"]), 4 + 4, **SVFIT),
+    Case("svfit-conv2d", "conv2d", _svfit(r=3, target_modules=["conv", "conv2"], rank_pattern={"conv2": 2}), 3 + 2,
+         **SVFIT),
+    Case("svfit-conv1d", "conv1d", _svfit(r=2, target_modules=["conv"]), 2, **SVFIT),
+    Case("svfit-conv3d", "conv3d", _svfit(r=2, target_modules=["conv"]), 2, **SVFIT),
+    Case("svfit-embedding", "embedding", _svfit(r=5, target_modules=["emb", "lin"], rank_pattern={"lin": 3}), 5 + 3,
+         **SVFIT),
+    Case("svfit-gpt2-conv1D", "gpt2", _svfit(r=4, target_modules=["c_attn", "c_proj"]), 2 * 3 * 4,
+         transformers_model=True, **SVFIT),
+    Case("svfit-minilm", "minilm", _svfit(r=16, target_modules=["query", "value"]), 6 * 2 * 16,
+         transformers_model=True, **SVFIT),
 ]
 for _case in CASES:
-    _case.skip.setdefault("kbit", KBIT_SKIP)
+    _case.skip.setdefault("kbit", KBIT_SKIP if _case.peft_type == "PISSA" else
+                          "SVD-initialised methods need a full-precision base to take the SVD from")
 
 
 def run_python(code: str, timeout: int = 600) -> str:

@@ -1,0 +1,5 @@
+from .config import SVFitConfig
+from .layer import SVFitLayer
+from .model import SVFitModel
+
+__all__ = ["SVFitConfig", "SVFitLayer", "SVFitModel"]

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft.utils.peft_types import PeftType
+
+from ..base_config import SVDInitConfig
+
+
+@dataclass
+class SVFitConfig(SVDInitConfig):
+    """Configuration of an SVFit adapter: only the top-r singular values of each adapted weight train.
+
+    ``W = U_r diag(sigma) V_r^T + W_e`` with ``U_r, V_r`` and the remainder ``W_e`` frozen and ``sigma`` (r numbers
+    per layer) initialised to the top-r singular values. subspace-peft keeps ``W`` and adds
+    ``U_r diag(sigma - sigma_0) V_r^T``, which is the same model, so outputs equal the base model's at init.
+
+    Args:
+        r: number of singular values trained per layer (ignored where ``energy`` or ``rank_pattern`` decides).
+        energy: if set, each layer's r is the smallest whose top singular values hold this share of the weight's
+            Frobenius energy, sum(sigma_i^2) over the top r divided by sum(sigma_i^2) over all (the paper's 0.99).
+            Needs one extra ``svdvals`` per layer at init.
+        rank_pattern: per-module override of r (regex on the module name); wins over ``energy``.
+        bias: ``"none"``, ``"all"`` or ``"svfit_only"``: which biases train.
+    """
+
+    r: int = field(default=8)
+    energy: Optional[float] = field(default=None)
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    bias: Literal["none", "all", "svfit_only"] = field(default="none")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.SVFIT
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must lie in (0, 1] (e.g. 0.99 for 99% of the spectrum's energy), got {self.energy}")
+        if self.bias not in ("none", "all", "svfit_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'svfit_only', got {self.bias!r}")
