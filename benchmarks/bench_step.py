@@ -1,0 +1,111 @@
+"""Training step time and peak memory of our methods against PEFT LoRA on SmolLM2-135M, at matched target modules.
+
+    python benchmarks/bench_step.py [--methods lora pissa svfit] [--steps 12] [--reps 3]
+
+Each (method, repetition) runs in a fresh process: load the fp32 model, wrap it (all-linear, r=16), then time
+AdamW steps on a fixed random batch (4 x 128 tokens) after 2 warm-up steps. Step time is the median step of a
+process, reported as the median over processes; peak RSS is VmHWM reset after wrapping (Linux only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def make_config(method: str, rank: int):
+    from peft import LoraConfig
+
+    import subspace_peft
+
+    if method == "lora":
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")
+    if method == "pissa":
+        return subspace_peft.PiSSAConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init="randomized")
+    if method == "svfit":
+        return subspace_peft.SVFitConfig(r=rank, target_modules="all-linear", init="randomized")
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run(method: str, steps: int, rank: int) -> dict:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench_init import _vm_hwm_kib
+    from models import smollm2_path
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32),
+                           make_config(method, rank))
+    model.train()
+    batch = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    start_mib = _vm_hwm_kib() / 1024
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "peak_mib": _vm_hwm_kib() / 1024,
+        "start_mib": start_mib,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["lora", "pissa", "svfit"])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run(args.child, args.steps, args.rank)))
+        return
+
+    from models import smollm2_path
+
+    smollm2_path()
+    rows = {}
+    # interleave methods so that machine noise spreads evenly over them
+    runs = {method: [] for method in args.methods}
+    for rep in range(args.reps):
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--rank", str(args.rank)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+            line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+            runs[method].append(json.loads(line[len("RESULT "):]))
+            print(f"{method} rep {rep}: {runs[method][-1]}", file=sys.stderr, flush=True)
+    for method, results in runs.items():
+        rows[method] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    ref = rows["lora"] if "lora" in rows else next(iter(rows.values()))
+    print(f"\nSmolLM2-135M fp32, all-linear, r={args.rank}, batch 4x128, AdamW; median of {args.reps} processes\n")
+    print("| method | trainable params | step s | step / LoRA | peak RSS MiB | peak / LoRA |")
+    print("|---|---|---|---|---|---|")
+    for method, row in rows.items():
+        print(f"| {method} | {row['trainable']:,} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.3f}x | "
+              f"{row['peak_mib']:.0f} | {row['peak_mib'] / ref['peak_mib']:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
