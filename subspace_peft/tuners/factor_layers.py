@@ -26,7 +26,6 @@ class FactorLayer(BaseTunerLayer):
     """Merging, unmerging and the forward pass of a tuner whose update is ``get_delta_weight`` / ``_adapter_output``."""
 
     supports_dropout = True
-    a_rank_dim = 0  # the dimension of an A factor's weight that counts the rank components
 
     # -- per layer type (geometry mixins) ---------------------------------------------------------------------------
     @abstractmethod
@@ -211,7 +210,6 @@ class EmbeddingFactors:
     """nn.Embedding: the factorised matrix is W^T (dim, num_embeddings), as in peft's LoRA; A is a lookup table."""
 
     supports_dropout = False  # token ids cannot be dropped out; peft's LoRA embedding has no dropout either
-    a_rank_dim = 1
 
     def _make_factors(self, r):
         base = self.get_base_layer()

@@ -97,15 +97,11 @@ class PiSSALayer(FactorLayer):
         b = self.pissa_B[name].weight
         if x.is_floating_point():
             x = self._cast_input_dtype(x, a.dtype)
-        dropout = self.pissa_dropout[name]
-        if self.residual_in_base[name]:
-            return self._low_rank(dropout(x), a, b) * self.scaling[name]
-        a0, b0 = self.pissa_A0[name].weight.to(a.dtype), self.pissa_B0[name].weight.to(a.dtype)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            # B A x - B_0 A_0 x as one rank-2r product: one output-sized tensor instead of three
-            a_both, b_both = torch.cat([a, a0], dim=self.a_rank_dim), torch.cat([b, -b0], dim=1)
-            return self._low_rank(x, a_both, b_both) * self.scaling[name]
-        return (self._low_rank(dropout(x), a, b) - self._low_rank(x, a0, b0)) * self.scaling[name]
+        out = self._low_rank(self.pissa_dropout[name](x), a, b)
+        if not self.residual_in_base[name]:
+            a0, b0 = self.pissa_A0[name].weight.to(a.dtype), self.pissa_B0[name].weight.to(a.dtype)
+            out = out - self._low_rank(x, a0, b0)
+        return out * self.scaling[name]
 
     def _disabled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
