@@ -27,6 +27,8 @@ class Case:
     trainable_attrs: tuple = ("pissa_A", "pissa_B")  # the layer attributes whose parameters train
     identity_at_init: bool = True
     transformers_model: bool = False  # supports gradient checkpointing / inputs_embeds
+    inits: tuple = ("svd", "randomized")  # the init modes save/reload is checked with
+    second_adapter: dict = field(default_factory=lambda: dict(init="randomized", seed=3))  # config of a 2nd adapter
     skip: dict = field(default_factory=dict)  # check name -> reason
 
 
@@ -47,7 +49,14 @@ def _svfit(**kwargs):
     return _config("SVFitConfig", **kwargs)
 
 
+def _effort(**kwargs):
+    return _config("EffortConfig", **kwargs)
+
+
 SVFIT = dict(peft_type="SVFIT", trainable_attrs=("svfit_sigma",))
+# Effort's minor components need an exact SVD: no randomized init
+EFFORT = dict(peft_type="EFFORT", trainable_attrs=("effort_U", "effort_S", "effort_Vh"), inits=("svd",),
+              second_adapter=dict(orth_weight=0.5))
 
 
 KBIT_SKIP = "PiSSA needs a full-precision base to take the SVD from; its 4/8-bit path is QPiSSA (test_pissa.py)"
@@ -77,6 +86,18 @@ CASES = [
          transformers_model=True, **SVFIT),
     Case("svfit-minilm", "minilm", _svfit(r=16, target_modules=["query", "value"]), 6 * 2 * 16,
          transformers_model=True, **SVFIT),
+    # Effort: trainable = sum over targets of r * (d_out + d_in + 1) (U, s and V of the r minor components)
+    Case("effort-mlp", "mlp", _effort(residual_rank=2, target_modules=["lin0", "lin1"]), 2 * 31 + 2 * 41, **EFFORT),
+    Case("effort-conv2d", "conv2d", _effort(residual_rank=2, target_modules=["conv", "conv2"],
+                                            rank_pattern={"conv2": 1}), 2 * (8 + 27 + 1) + (6 + 8 + 1), **EFFORT),
+    Case("effort-conv1d", "conv1d", _effort(residual_rank=2, target_modules=["conv"]), 2 * (8 + 9 + 1), **EFFORT),
+    Case("effort-conv3d", "conv3d", _effort(target_modules=["conv"]), 4 + 54 + 1, **EFFORT),
+    Case("effort-embedding", "embedding", _effort(residual_rank=2, target_modules=["emb", "lin"],
+                                                  rank_pattern={"lin": 1}), 2 * (12 + 30 + 1) + (3 + 12 + 1), **EFFORT),
+    Case("effort-gpt2-conv1D", "gpt2", _effort(target_modules=["c_attn"]), 2 * (16 + 48 + 1),
+         transformers_model=True, **EFFORT),
+    Case("effort-minilm", "minilm", _effort(target_modules=["query", "value"]), 6 * 2 * (384 + 384 + 1),
+         transformers_model=True, **EFFORT),
 ]
 for _case in CASES:
     _case.skip.setdefault("kbit", KBIT_SKIP if _case.peft_type == "PISSA" else

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 import subspace_peft  # noqa: F401  (registers our methods)
-from parity import CASES, TESTS_DIR, rel_err, run_python
+from parity import CASES, rel_err, run_python
 from tiny_models import build, inputs, output_tensor
 
 IDS = [case.id for case in CASES]
@@ -154,7 +153,7 @@ def test_add_set_delete_adapters(case):
     model = get_peft_model(base, case.make_config())
     train_steps(model, case)
     out_default = forward(model, case)
-    model.add_adapter("other", case.make_config(init="randomized", seed=3))
+    model.add_adapter("other", case.make_config(**case.second_adapter))
     assert rel_err(forward(model, case), out_default) <= 1e-6, "an inactive adapter changed the outputs"
     model.set_adapter("other")
     assert rel_err(forward(model, case), expected) <= 1e-5, "a fresh second adapter must start at identity"
@@ -253,7 +252,7 @@ def test_save_is_safetensors_and_config_round_trips(case, tmp_path):
 
 def test_selected_adapters_and_substring_names(case, tmp_path):
     _, model = make(case)
-    model.add_adapter("defaultx", case.make_config(init="randomized"))
+    model.add_adapter("defaultx", case.make_config(**case.second_adapter))
     model.set_adapter("defaultx")
     train_steps(model, case)
     out_x = forward(model, case)
@@ -266,7 +265,7 @@ def test_selected_adapters_and_substring_names(case, tmp_path):
 
 
 def test_low_cpu_mem_usage_loading(case, tmp_path):
-    _, model = make(case, init="randomized")
+    _, model = make(case, init=case.inits[-1])
     train_steps(model, case)
     expected = forward(model, case)
     model.save_pretrained(tmp_path)
@@ -283,8 +282,8 @@ def test_push_to_hub(case):
 def saved_cases(tmp_path_factory):
     """Every case trained, saved, and exported to LoRA, with its expected outputs; shared by the fresh processes."""
     root = tmp_path_factory.mktemp("saved")
-    for init in ("svd", "randomized"):
-        for case in CASES:
+    for case in CASES:
+        for init in case.inits:
             folder = root / f"{case.id}-{init}"
             _, model = make(case, init=init)
             train_steps(model, case)
@@ -302,8 +301,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import build, inputs, output_tensor
 results = {{}}
-for case_id, model_name in {cases!r}:
-    for init in ("svd", "randomized"):
+for case_id, model_name, inits in {cases!r}:
+    for init in inits:
         folder = {root!r} + f"/{{case_id}}-{{init}}"
         model = PeftModel.from_pretrained(build(model_name), folder + "/{sub}")
         with torch.no_grad():
@@ -317,7 +316,7 @@ print("RESULTS " + json.dumps(results))
 
 def _child_results(saved_cases, sub, imports, check=""):
     code = CHILD_RELOAD.format(
-        imports=imports, cases=[(c.id, c.model) for c in CASES], root=str(saved_cases), sub=sub, check=check
+        imports=imports, cases=[(c.id, c.model, c.inits) for c in CASES], root=str(saved_cases), sub=sub, check=check
     )
     line = next(l for l in run_python(code).splitlines() if l.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])
@@ -325,7 +324,7 @@ def _child_results(saved_cases, sub, imports, check=""):
 
 def test_reload_in_fresh_process_reproduces_outputs(saved_cases):
     results = _child_results(saved_cases, "adapter", "import subspace_peft")
-    assert len(results) == 2 * len(CASES)
+    assert len(results) == sum(len(case.inits) for case in CASES)
     for name, error in results.items():
         assert error <= 1e-6, (name, error)
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from torch import nn
 
 import subspace_peft
 from parity import rel_err
 from subspace_peft import SVFitConfig
 from subspace_peft.tuners.svfit.layer import SVFitLayer
-from tiny_models import build, inputs, minilm, output_tensor
+from tiny_models import build, minilm
 
 
 def svfit_layers(model):

@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 import torch
 
 SVDMethod = Literal["exact", "randomized"]
+SVDComponents = Literal["principal", "minor"]
 
 # Weights of one shape are stacked and decomposed together while the stack stays under this many elements
 # (fp32: 4 bytes each). Measured on CPU, stacking large weights is slower than a loop (LAPACK already
@@ -28,22 +29,36 @@ class SVDSettings:
     Halko-Martinsson-Tropp range finder (Algorithm 4.4 in arXiv:0909.4061) with ``oversample`` extra columns and
     ``niter`` power iterations, from a Gaussian test matrix drawn from a generator seeded with ``seed``: the same
     settings give the same factors whatever the global RNG state.
+
+    ``components="principal"`` keeps the ``rank`` largest singular triplets, ``"minor"`` the ``rank`` smallest of
+    the ``min(m, n)`` (Effort trains those). Minor components need the exact method: a range finder only sees the
+    dominant subspace.
     """
 
     method: SVDMethod = "exact"
     niter: int = 2
     oversample: int = 16
     seed: int = 0
+    components: SVDComponents = "principal"
 
     def __post_init__(self):
         if self.method not in ("exact", "randomized"):
             raise ValueError(f"SVD method must be 'exact' or 'randomized', got {self.method!r}")
+        if self.components not in ("principal", "minor"):
+            raise ValueError(f"SVD components must be 'principal' or 'minor', got {self.components!r}")
+        if self.components == "minor" and self.method != "exact":
+            raise ValueError(
+                "the minor singular components need an exact SVD (a randomized SVD only finds the dominant "
+                "subspace): use init='svd'"
+            )
         if self.niter < 0:
             raise ValueError(f"niter must be >= 0, got {self.niter}")
         if self.oversample < 0:
             raise ValueError(f"oversample must be >= 0, got {self.oversample}")
 
     def key(self) -> str:
+        if self.components == "minor":
+            return "exact-minor"
         if self.method == "exact":
             return "exact"
         return f"randomized-niter{self.niter}-p{self.oversample}-seed{self.seed}"
@@ -76,18 +91,25 @@ def _randomized(w: torch.Tensor, rank: int, settings: SVDSettings):
     return _leading(u, s, vh, rank)
 
 
-def _exact(w: torch.Tensor, rank: int):
-    return _leading(*torch.linalg.svd(w, full_matrices=False), rank)
+def _exact(w: torch.Tensor, rank: int, components: SVDComponents = "principal"):
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    if components == "minor":
+        return _kept(u, s, vh, slice(s.shape[-1] - rank, None))
+    return _leading(u, s, vh, rank)
 
 
 def _leading(u, s, vh, rank):
-    # Copies, not views: a view of the leading rows of Vh would keep the whole (k, n) factor alive. Measured on
+    return _kept(u, s, vh, slice(None, rank))
+
+
+def _kept(u, s, vh, keep: slice):
+    # Copies, not views: a view of some rows of Vh would keep the whole (k, n) factor alive. Measured on
     # SmolLM2-135M, views held ~500 MB of full factors until init finished.
     dense = torch.contiguous_format  # LAPACK returns column-major factors; hand out row-major copies
     return (
-        u[..., :rank].clone(memory_format=dense),
-        s[..., :rank].clone(memory_format=dense),
-        vh[..., :rank, :].clone(memory_format=dense),
+        u[..., keep].clone(memory_format=dense),
+        s[..., keep].clone(memory_format=dense),
+        vh[..., keep, :].clone(memory_format=dense),
     )
 
 
@@ -116,7 +138,8 @@ def _as_fp32(weight: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_svd(weight: torch.Tensor, rank: int, settings: SVDSettings = SVDSettings()):
-    """Top-``rank`` singular triplets of a 2-D ``weight``, in fp32 on the weight's device.
+    """Top-``rank`` (or with ``settings.components="minor"`` bottom-``rank``) singular triplets of a 2-D
+    ``weight``, in fp32 on the weight's device.
 
     Returns ``(U, S, Vh)`` with shapes (m, rank), (rank,), (rank, n). The factors are fresh tensors (contiguous,
     not views into a larger decomposition), so holding them keeps no full-size temporary alive.
@@ -155,7 +178,7 @@ def truncated_svd_batched(
             chunk = indices[start : start + per_batch]
             stacked = torch.stack([_as_fp32(weights[i]) for i in chunk]) if len(chunk) > 1 else _as_fp32(weights[chunk[0]])
             if settings.method == "exact":
-                u, s, vh = _exact(stacked, rank)
+                u, s, vh = _exact(stacked, rank, settings.components)
             else:
                 u, s, vh = _randomized(stacked, rank, settings)
             del stacked

@@ -56,13 +56,13 @@ class SVDTuner(BaseTuner):
     def _rank(self, target: Target, config) -> int:
         """The rank this method gives ``target`` under ``config``."""
 
-    @abstractmethod
     def _factors_from_svd(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, planned: PlannedLayer, config):
-        """The layer's initial tensors from its top-r singular triplets."""
+        """The layer's initial tensors from its singular triplets; by default ``(Vh, U, S)``."""
+        return vh, u, s
 
-    @abstractmethod
     def _layer_kwargs(self, config, planned: PlannedLayer, factors) -> dict:
-        """Keyword arguments of the layer's ``update_layer``."""
+        """Keyword arguments of the layer's ``update_layer``; by default the rank and the initial tensors."""
+        return dict(r=planned.r, factors=factors)
 
     @abstractmethod
     def _new_module(self, config, adapter_name: str, target: nn.Module, planned: PlannedLayer, factors, layer_kwargs):

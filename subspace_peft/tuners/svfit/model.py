@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ...linalg.svd import energy_rank
-from ..svd_tuner import PlannedLayer, SVDTuner
+from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
 from .config import SVFitConfig
 from .layer import SVFitLayer, create_layer
@@ -27,12 +27,6 @@ class SVFitModel(SVDTuner):
             return config.r
         spectrum = torch.linalg.svdvals(weight_matrix(target.base).detach().float())
         return energy_rank(spectrum, config.energy)
-
-    def _factors_from_svd(self, u, s, vh, planned: PlannedLayer, config: SVFitConfig):
-        return vh, u, s
-
-    def _layer_kwargs(self, config: SVFitConfig, planned: PlannedLayer, factors) -> dict:
-        return dict(r=planned.r, factors=factors)
 
     def _new_module(self, config: SVFitConfig, adapter_name, target, planned, factors, layer_kwargs):
         return create_layer(target, adapter_name, **layer_kwargs), target

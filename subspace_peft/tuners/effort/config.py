@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft.utils.peft_types import PeftType
+
+from ...linalg.svd import SVDSettings
+from ..base_config import SVDInitConfig
+
+
+@dataclass
+class EffortConfig(SVDInitConfig):
+    """Configuration of an Effort adapter (Yan et al., "Orthogonal Subspace Decomposition", ICML 2025).
+
+    Each adapted weight is split by its SVD into a frozen principal part ``U_k S_k V_k^T`` (the top
+    ``k = min(d_out, d_in) - residual_rank`` components) and the ``residual_rank`` minor components
+    ``U_res diag(S_res) V_res^T``, which train. subspace-peft keeps ``W`` and adds
+    ``U_res diag(S_res) V_res^T - U_0 diag(S_0) V_0^T`` (the minor part minus its initial value), the same model
+    with no frozen copy of the weight, so outputs equal the base model's at init.
+
+    Two regularisers keep the update in the minor subspace; ``model.subspace_loss()`` returns their weighted sum
+    over all adapted layers, and during training (``model.train()``) it is added to the ``loss`` the model returns,
+    so transformers' Trainer and plain loops that use ``outputs.loss`` need no extra code:
+
+    * ``orth_weight`` * ``||[U_k U_res]^T [U_k U_res] - I||_F^2 + ||[V_k V_res]^T [V_k V_res] - I||_F^2``
+      (the ``U^T U - I`` form, right for every weight shape; ``U U^T`` cannot be ``I`` when d_out > d_in);
+    * ``norm_weight`` * ``| ||W||_F^2 - ||W_0||_F^2 |``, the singular-value (Frobenius energy) preservation term.
+
+    Both are zero at init.
+
+    Args:
+        residual_rank: number of minor singular components trained per layer (the paper uses 1 per attention
+            projection). Must be smaller than min(d_out, d_in).
+        rank_pattern: per-module override of ``residual_rank`` (regex on the module name).
+        orth_weight: weight of the orthogonality loss.
+        norm_weight: weight of the singular-value preservation loss.
+        bias: ``"none"``, ``"all"`` or ``"effort_only"``: which biases train.
+        init: must be ``"svd"``: minor components need an exact SVD.
+    """
+
+    residual_rank: int = field(default=1)
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    orth_weight: float = field(default=1.0)
+    norm_weight: float = field(default=1.0)
+    bias: Literal["none", "all", "effort_only"] = field(default="none")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.EFFORT
+        if not isinstance(self.residual_rank, int) or self.residual_rank <= 0:
+            raise ValueError(f"residual_rank must be a positive integer (the paper uses 1), got {self.residual_rank!r}")
+        for name in ("orth_weight", "norm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 switches that loss off), got {getattr(self, name)}")
+        if self.bias not in ("none", "all", "effort_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'effort_only', got {self.bias!r}")
+
+    def svd_settings(self) -> SVDSettings:
+        if self.init != "svd":
+            raise ValueError(
+                "Effort trains the minor singular components, which only an exact SVD finds: use init='svd' "
+                f"(got init={self.init!r})"
+            )
+        return SVDSettings(method="exact", components="minor")

@@ -1,0 +1,128 @@
+"""Effort layers: ``y = base(x) + U diag(s) Vh x - U_0 diag(s_0) Vh_0 x``; ``U, s, Vh`` train.
+
+``U_0, s_0, Vh_0`` are the weight's r minor singular triplets, frozen, so ``W - U_0 diag(s_0) Vh_0`` is Effort's
+frozen principal part ``U_k S_k V_k^T`` without ever writing it (or a copy of it) anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorModule, LinearFactors
+from ..factor_layers import create_layer as create_factor_layer
+from ..svfit.layer import SingularValues
+from ..targets import weight_matrix
+from .losses import norm_preservation_loss, orthogonality_loss, shorter_side_principal
+
+
+class EffortLayer(FactorLayer):
+    adapter_layer_names = ("effort_U", "effort_S", "effort_Vh")
+    other_param_names = ("effort_U0", "effort_S0", "effort_Vh0", "effort_principal", "r")
+
+    def _init_layer(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.effort_U = nn.ModuleDict({})  # shaped like a B factor
+        self.effort_S = nn.ModuleDict({})
+        self.effort_Vh = nn.ModuleDict({})  # shaped like an A factor
+        self.effort_U0 = nn.ModuleDict({})  # frozen initial values
+        self.effort_S0 = nn.ModuleDict({})
+        self.effort_Vh0 = nn.ModuleDict({})
+        # Non-square weights only: the shorter side's principal vectors for the orthogonality loss, computed from W
+        # when first needed and never saved (reload stays SVD-free; the loss is invariant to their sign/rotation).
+        self.effort_principal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, r: int, factors: Optional[tuple]) -> None:
+        """``factors`` = (Vh_0, U_0, s_0), the minor triplets, or None on the meta device (``low_cpu_mem_usage``)."""
+        self.r[adapter_name] = r
+        self.effort_principal.pop(adapter_name, None)
+        vectors = None if factors is None else factors[:2]
+        self.effort_Vh[adapter_name], self.effort_U[adapter_name] = self._new_factors(r, vectors, trainable=True)
+        self.effort_Vh0[adapter_name], self.effort_U0[adapter_name] = self._new_factors(r, vectors, trainable=False)
+        device = "meta" if factors is None else self.get_base_layer().weight.device
+        values, initial_values = SingularValues(r, device), SingularValues(r, device)
+        if factors is not None:
+            with torch.no_grad():
+                values.weight.copy_(factors[2])
+                initial_values.weight.copy_(factors[2])
+        initial_values.requires_grad_(False)
+        self.effort_S[adapter_name], self.effort_S0[adapter_name] = values, initial_values
+        if factors is not None:
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _triplet(self, adapter: str, initial: bool = False):
+        """(U (d_out, r), s (r,), Vh (r, d_in)) in fp32."""
+        u, s, vh = (self.effort_U0, self.effort_S0, self.effort_Vh0) if initial else (
+            self.effort_U, self.effort_S, self.effort_Vh)
+        vh_matrix, u_matrix = self._factor_matrices(vh[adapter].weight.float(), u[adapter].weight.float())
+        return u_matrix, s[adapter].weight.float(), vh_matrix
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``U diag(s) Vh - U_0 diag(s_0) Vh_0`` shaped like the base weight, in fp32."""
+        u, s, vh = self._triplet(adapter)
+        u0, s0, vh0 = self._triplet(adapter, initial=True)
+        return self._delta_from_matrix(u @ (s[:, None] * vh) - u0 @ (s0[:, None] * vh0))
+
+    def lora_factors(self, adapter: str):
+        """The update is exactly the rank-2r LoRA ([diag(s) Vh; diag(s_0) Vh_0], [U, -U_0]) at scale 1."""
+        u, s, vh = self._triplet(adapter)
+        u0, s0, vh0 = self._triplet(adapter, initial=True)
+        return torch.cat([s[:, None] * vh, s0[:, None] * vh0]), torch.cat([u, -u0], dim=1), 1.0
+
+    def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        s, s0 = self.effort_S[name].weight, self.effort_S0[name].weight
+        dtype = s.dtype
+        if x.is_floating_point():
+            x = self._cast_input_dtype(x, dtype)
+        current = self._low_rank(x, self.effort_Vh[name].weight.to(dtype), self.effort_U[name].weight.to(dtype), s)
+        initial = self._low_rank(x, self.effort_Vh0[name].weight.to(dtype), self.effort_U0[name].weight.to(dtype), s0)
+        return current - initial
+
+    # -- Effort's regularisers --------------------------------------------------------------------------------------
+    def _principal(self, adapter: str, weight: torch.Tensor):
+        if weight.shape[0] == weight.shape[1]:
+            return None
+        cached = self.effort_principal.get(adapter)
+        if cached is None or cached[0].device != weight.device:
+            cached = shorter_side_principal(weight, self.r[adapter])
+            self.effort_principal[adapter] = cached
+        return cached
+
+    def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
+        """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""
+        if self.merged:
+            raise ValueError("Effort's losses are defined on the unmerged model: call unmerge_adapter() first")
+        weight = weight_matrix(self.get_base_layer()).detach()
+        current, initial = self._triplet(adapter), self._triplet(adapter, initial=True)
+        return {
+            "orth": orthogonality_loss(weight, current, initial, self._principal(adapter, weight)),
+            "norm": norm_preservation_loss(weight, current, initial),
+        }
+
+    def __repr__(self) -> str:
+        return "effort." + super().__repr__()
+
+
+class Linear(LinearFactors, FactorModule, EffortLayer):
+    """Effort on nn.Linear and transformers' Conv1D."""
+
+
+class Conv(ConvFactors, FactorModule, EffortLayer):
+    """Effort on nn.Conv1d/2d/3d (the weight reshaped to (c_out, c_in * prod(kernel)))."""
+
+
+class Embedding(EmbeddingFactors, FactorModule, EffortLayer):
+    """Effort on nn.Embedding (the factorised matrix is W^T)."""
+
+
+LAYER_CLASSES = {LinearFactors: Linear, ConvFactors: Conv, EmbeddingFactors: Embedding}
+
+
+def create_layer(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module:
+    return create_factor_layer(LAYER_CLASSES, target, adapter_name, **kwargs)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..svd_tuner import SVDTuner
+from ..targets import Target, pattern_value, weight_matrix
+from .config import EffortConfig
+from .layer import EffortLayer, create_layer
+
+
+class EffortModel(SVDTuner):
+    """Creates an Effort model: each targeted weight's r minor singular components train, the rest stays frozen.
+
+    In training mode (``model.train()``) with gradients enabled, the forward pass adds :meth:`subspace_loss` to the
+    ``loss`` the wrapped model returns (when it returns one), so transformers' Trainer trains with Effort's
+    regularisers and no extra code. When the loss is computed outside the model, add ``model.subspace_loss()``.
+    """
+
+    prefix: str = "effort_"
+    method_name = "Effort"
+    tuner_layer_cls = EffortLayer
+
+    def _rank(self, target: Target, config: EffortConfig) -> int:
+        return pattern_value(config.rank_pattern, target.key, config.residual_rank)
+
+    def _check_plan(self, model, config: EffortConfig, plan: dict) -> None:
+        for key, planned in plan.items():
+            n = min(weight_matrix(planned.target.base).shape)
+            if planned.r >= n:
+                raise ValueError(
+                    f"Effort residual_rank={planned.r} must be smaller than min(d_out, d_in) = {n} of layer '{key}': "
+                    f"the top min(d_out, d_in) - residual_rank components stay frozen. Choose residual_rank <= {n - 1} "
+                    "(or set rank_pattern for this layer)."
+                )
+
+    def _new_module(self, config: EffortConfig, adapter_name, target, planned, factors, layer_kwargs):
+        return create_layer(target, adapter_name, **layer_kwargs), target
+
+    # -- Effort's regularisers --------------------------------------------------------------------------------------
+    def _layer_losses(self):
+        """(config, unweighted losses) of every adapted layer and active adapter."""
+        for module in self.model.modules():
+            if isinstance(module, EffortLayer) and not module.disable_adapters:
+                for name in module.active_adapters:
+                    if name in module.r:
+                        yield self.peft_config[name], module.subspace_losses(name)
+
+    def subspace_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted ``{"orth": ..., "norm": ...}`` summed over every adapted layer and active adapter."""
+        totals: dict[str, torch.Tensor] = {}
+        for _config, losses in self._layer_losses():
+            for key, value in losses.items():
+                totals[key] = totals[key] + value if key in totals else value
+        return totals
+
+    def subspace_loss(self) -> torch.Tensor:
+        """``orth_weight * L_orth + norm_weight * L_norm`` summed over all adapted layers (zero at init)."""
+        terms = [config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
+                 for config, losses in self._layer_losses()]
+        if not terms:
+            return torch.zeros((), device=next(self.model.parameters()).device)
+        return torch.stack(terms).sum()
+
+    def forward(self, *args: Any, **kwargs: Any):
+        outputs = super().forward(*args, **kwargs)
+        loss = getattr(outputs, "loss", None) if not isinstance(outputs, dict) else outputs.get("loss")
+        if self.training and torch.is_grad_enabled() and isinstance(loss, torch.Tensor):
+            outputs["loss"] = loss + self.subspace_loss().to(loss.dtype)
+        return outputs
