@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
@@ -13,14 +15,19 @@ from .layer import EffortLayer, create_layer
 class EffortModel(SVDTuner):
     """Creates an Effort model: each targeted weight's r minor singular components train, the rest stays frozen.
 
-    In training mode (``model.train()``) with gradients enabled, the forward pass adds :meth:`subspace_loss` to the
+    In training mode (``model.train()``) with gradients enabled, a forward hook adds :meth:`subspace_loss` to the
     ``loss`` the wrapped model returns (when it returns one), so transformers' Trainer trains with Effort's
     regularisers and no extra code. When the loss is computed outside the model, add ``model.subspace_loss()``.
+    ``unload()`` and ``merge_and_unload()`` remove the hook.
     """
 
     prefix: str = "effort_"
     method_name = "Effort"
     tuner_layer_cls = EffortLayer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss_hook = self.model.register_forward_hook(self._add_subspace_loss)
 
     def _rank(self, target: Target, config: EffortConfig) -> int:
         return pattern_value(config.rank_pattern, target.key, config.residual_rank)
@@ -63,9 +70,13 @@ class EffortModel(SVDTuner):
             return torch.zeros((), device=next(self.model.parameters()).device)
         return torch.stack(terms).sum()
 
-    def forward(self, *args: Any, **kwargs: Any):
-        outputs = super().forward(*args, **kwargs)
-        loss = getattr(outputs, "loss", None) if not isinstance(outputs, dict) else outputs.get("loss")
-        if self.training and torch.is_grad_enabled() and isinstance(loss, torch.Tensor):
+    def _add_subspace_loss(self, module: nn.Module, args: Any, outputs: Any):
+        """Forward hook on the wrapped model (so every PeftModel class, with or without task_type, goes through it)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        if module.training and torch.is_grad_enabled() and isinstance(loss, torch.Tensor):
             outputs["loss"] = loss + self.subspace_loss().to(loss.dtype)
         return outputs
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        self._loss_hook.remove()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
