@@ -193,12 +193,13 @@ def test_no_frozen_tensor_of_the_weight_size_is_kept():
         adapter_numbers = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer"))
         assert adapter_numbers == 2 * 2 * (d_out + d_in + 1), name  # trainable U, s, V and their initial values
         n = min(d_out, d_in)
-        principal = layer.effort_principal.get("default")
+        _stamp, principal, initial_thin = layer.effort_derived["default"]
+        assert initial_thin.shape == (n, 2), name  # W V_0 or W^T U_0, on the shorter side
         if d_out == d_in:
             assert principal is None, "square weights need no principal basis"
         else:
             assert principal[0].shape == (n, n - 2), name  # the shorter side's U_k or V_k, at most min(d)^2
-    assert not any("principal" in key for key in model.state_dict()), "the principal basis is derived, never saved"
+    assert not any("derived" in key for key in model.state_dict()), "derived tensors are never saved"
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,12 @@ from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorMo
 from ..factor_layers import create_layer as create_factor_layer
 from ..svfit.layer import SingularValues
 from ..targets import weight_matrix
-from .losses import norm_preservation_loss, orthogonality_loss, shorter_side_principal
+from .losses import LossInputs, group_losses, shorter_side_principal, thin_product
 
 
 class EffortLayer(FactorLayer):
     adapter_layer_names = ("effort_U", "effort_S", "effort_Vh")
-    other_param_names = ("effort_U0", "effort_S0", "effort_Vh0", "effort_principal", "r")
+    other_param_names = ("effort_U0", "effort_S0", "effort_Vh0", "effort_derived", "r")
 
     def _init_layer(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -31,16 +31,17 @@ class EffortLayer(FactorLayer):
         self.effort_U0 = nn.ModuleDict({})  # frozen initial values
         self.effort_S0 = nn.ModuleDict({})
         self.effort_Vh0 = nn.ModuleDict({})
-        # Non-square weights only: the shorter side's principal vectors for the orthogonality loss, computed from W
-        # when first needed and never saved (reload stays SVD-free; the loss is invariant to their sign/rotation).
-        self.effort_principal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Derived from W and the initial factors when the losses first need them, never saved (reload stays
+        # SVD-free; the loss is invariant to the principal vectors' sign/rotation): (stamp, principal, initial thin),
+        # the principal vectors of the shorter side for non-square W only.
+        self.effort_derived: dict[str, tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, r: int, factors: Optional[tuple]) -> None:
         """``factors`` = (Vh_0, U_0, s_0), the minor triplets, or None on the meta device (``low_cpu_mem_usage``)."""
         self.r[adapter_name] = r
-        self.effort_principal.pop(adapter_name, None)
+        self.effort_derived.pop(adapter_name, None)
         vectors = None if factors is None else factors[:2]
         self.effort_Vh[adapter_name], self.effort_U[adapter_name] = self._new_factors(r, vectors, trainable=True)
         self.effort_Vh0[adapter_name], self.effort_U0[adapter_name] = self._new_factors(r, vectors, trainable=False)
@@ -85,25 +86,31 @@ class EffortLayer(FactorLayer):
         return current - initial
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
-    def _principal(self, adapter: str, weight: torch.Tensor):
-        if weight.shape[0] == weight.shape[1]:
-            return None
-        cached = self.effort_principal.get(adapter)
-        if cached is None or cached[0].device != weight.device:
-            cached = shorter_side_principal(weight, self.r[adapter])
-            self.effort_principal[adapter] = cached
-        return cached
+    def _derived(self, adapter: str, weight: torch.Tensor, initial) -> tuple:
+        # restamped when W or the initial factors are replaced or edited in place (e.g. a checkpoint loaded)
+        tensors = (weight, self.effort_U0[adapter].weight, self.effort_Vh0[adapter].weight)
+        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.effort_derived.get(adapter)
+        if cached is None or cached[0] != stamp:
+            square = weight.shape[0] == weight.shape[1]
+            principal = None if square else shorter_side_principal(weight, self.r[adapter])
+            with torch.no_grad():
+                cached = (stamp, principal, thin_product(weight, initial[0], initial[2]))
+            self.effort_derived[adapter] = cached
+        return cached[1:]
 
-    def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
-        """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""
+    def loss_inputs(self, adapter: str) -> LossInputs:
+        """What Effort's losses need from this layer for ``adapter``."""
         if self.merged:
             raise ValueError("Effort's losses are defined on the unmerged model: call unmerge_adapter() first")
         weight = weight_matrix(self.get_base_layer()).detach()
-        current, initial = self._triplet(adapter), self._triplet(adapter, initial=True)
-        return {
-            "orth": orthogonality_loss(weight, current, initial, self._principal(adapter, weight)),
-            "norm": norm_preservation_loss(weight, current, initial),
-        }
+        initial = self._triplet(adapter, initial=True)
+        principal, initial_thin = self._derived(adapter, weight, initial)
+        return LossInputs(weight, self._triplet(adapter), initial, principal, initial_thin)
+
+    def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
+        """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""
+        return group_losses([self.loss_inputs(adapter)])
 
     def __repr__(self) -> str:
         return "effort." + super().__repr__()

@@ -1,85 +1,40 @@
-"""Effort's two regularisers on one layer, written with r x r Gram matrices: no d_out x d_in matrix is formed and no
-frozen copy of the principal factors is kept.
+"""Effort's two regularisers, for a group of layers of one weight shape at once: r x r Gram matrices batched over the
+group and one thin product with each frozen weight. No d_out x d_in matrix is formed, no frozen copy of the
+principal factors is kept.
 
-Notation: ``W`` (d_out, d_in) is the frozen base weight, ``n = min(d_out, d_in)``, ``k = n - r``. Effort trains
+Notation: ``W`` (d_out, d_in) is a frozen base weight, ``n = min(d_out, d_in)``, ``k = n - r``. Effort trains
 ``U`` (d_out, r), ``s`` (r,) and ``Vh`` (r, d_in), initialised to the r minor singular triplets ``U_0, s_0, Vh_0``;
-``U_k, S_k, V_k`` are the frozen principal triplets. ``V = Vh^T``.
+``U_k, S_k, V_k`` are the frozen principal triplets; ``V = Vh^T``.
+
+Norm loss: ``||W + D||^2 - ||W||^2 = 2 <W, D> + ||D||^2`` with ``D = U diag(s) Vh - U_0 diag(s_0) Vh_0``,
+``<W, U diag(s) Vh> = sum_i s_i u_i^T W v_i``, and inner products of two such products from their Gram matrices.
+Orthogonality loss: ``||[U_k U]^T [U_k U] - I||^2 = 2 ||U_k^T U||^2 + ||U^T U - I||^2`` (``U_k^T U_k = I``), and
+the same for V. On a complete side (``[U_k U_0]`` square orthogonal) ``||U_k^T U||^2 = ||U - U_0 U_0^T U||^2``; on
+the longer side of a non-square W, ``V_k^T V = S_k^{-1} U_k^T (W V)`` (or ``U_k^T U = S_k^{-1} V_k^T (W^T U)``),
+from the shorter side's principal vectors.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Optional
 
-Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (U, s, Vh)
+import torch
 
 # A principal singular value below this share of the largest is treated as this share when dividing by it: it only
 # occurs in numerically rank-deficient weights, whose principal directions there are round-off anyway.
 MIN_RELATIVE_SINGULAR_VALUE = 1e-6
 
 
-def frobenius_inner(first: Triplet, second: Triplet) -> torch.Tensor:
-    """``<U_1 diag(s_1) Vh_1, U_2 diag(s_2) Vh_2>_F`` from the (r_1, r_2) Gram matrices of the factors."""
-    u1, s1, vh1 = first
-    u2, s2, vh2 = second
-    return ((s1[:, None] * (u1.T @ u2) * s2[None, :]) * (vh1 @ vh2.T)).sum()
+@dataclass
+class LossInputs:
+    """One layer's share of the losses: its weight matrix and (U, s, Vh) now and at init, all fp32 but W."""
 
-
-def weight_inner(weight: torch.Tensor, triplet: Triplet) -> torch.Tensor:
-    """``<W, U diag(s) Vh>_F = sum_i s_i u_i^T W v_i``; the product with W runs in W's dtype."""
-    u, s, vh = triplet
-    w_v = (weight @ vh.T.to(weight.dtype)).float()  # (d_out, r)
-    return (s * (u * w_v).sum(0)).sum()
-
-
-def norm_preservation_loss(weight: torch.Tensor, current: Triplet, initial: Triplet) -> torch.Tensor:
-    """``| ||W + D||_F^2 - ||W||_F^2 |`` with ``D = U diag(s) Vh - U_0 diag(s_0) Vh_0``, as ``|2<W, D> + ||D||^2|``.
-
-    Exactly zero when the factors equal their initial values (each term is computed the same way for both).
-    """
-    cross = 2 * (weight_inner(weight, current) - weight_inner(weight, initial))
-    change = frobenius_inner(current, current) - 2 * frobenius_inner(current, initial) + frobenius_inner(initial, initial)
-    return (cross + change).abs()
-
-
-def _gram_deviation(x: torch.Tensor) -> torch.Tensor:
-    """``||X^T X - I||_F^2``."""
-    gram = x.T @ x
-    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).pow(2).sum()
-
-
-def _principal_overlap_complete(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """``||X_k^T X||_F^2`` on a complete side (``[X_k X_0]`` square orthogonal, so ``X_k X_k^T = I - X_0 X_0^T``)."""
-    return (x - x0 @ (x0.T @ x)).pow(2).sum()
-
-
-def _principal_overlap_incomplete(mapped: torch.Tensor, principal: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``||X_k^T X||_F^2`` on the longer side of a non-square W, from the shorter side's principal vectors ``Q_k``:
-    ``V_k^T V = S_k^{-1} U_k^T (W V)`` and ``U_k^T U = S_k^{-1} V_k^T (W^T U)``; ``mapped`` is ``W V`` or ``W^T U``."""
-    basis, singular_values = principal
-    return ((basis.T @ mapped) / singular_values[:, None]).pow(2).sum()
-
-
-def orthogonality_loss(
-    weight: torch.Tensor, current: Triplet, initial: Triplet, principal: tuple[torch.Tensor, torch.Tensor] | None
-) -> torch.Tensor:
-    """``||[U_k U]^T [U_k U] - I||_F^2 + ||[V_k V]^T [V_k V] - I||_F^2``.
-
-    With ``U_k^T U_k = I`` each term is ``2 ||U_k^T U||_F^2 + ||U^T U - I||_F^2``. ``principal`` is
-    :func:`shorter_side_principal` of W, needed for non-square W only.
-    """
-    u, _, vh = current
-    u0, _, vh0 = initial
-    v, v0 = vh.T, vh0.T
-    d_out, d_in = weight.shape
-    if d_out <= d_in:
-        overlap_u = _principal_overlap_complete(u, u0)
-    else:
-        overlap_u = _principal_overlap_incomplete((weight.T @ u.to(weight.dtype)).float(), principal)
-    if d_in <= d_out:
-        overlap_v = _principal_overlap_complete(v, v0)
-    else:
-        overlap_v = _principal_overlap_incomplete((weight @ v.to(weight.dtype)).float(), principal)
-    return 2 * (overlap_u + overlap_v) + _gram_deviation(u) + _gram_deviation(v)
+    weight: torch.Tensor
+    current: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    initial: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    principal: Optional[tuple[torch.Tensor, torch.Tensor]]  # (Q_k, S_k) of the shorter side; None for square W
+    initial_thin: torch.Tensor  # thin_product(W, U_0, Vh_0), a constant the layer keeps (see thin_product)
 
 
 @torch.no_grad()
@@ -90,3 +45,76 @@ def shorter_side_principal(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, 
     k = s.shape[0] - r
     basis = u[:, :k] if weight.shape[0] < weight.shape[1] else vh[:k].T
     return basis.contiguous(), s[:k].clamp_min(s[0] * MIN_RELATIVE_SINGULAR_VALUE)
+
+
+def thin_product(weight: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """``W V`` (d_out, r) when d_in >= d_out, else ``W^T U`` (d_in, r), in W's dtype: the one product with W a layer
+    needs, on the side that is incomplete for a wide or tall weight."""
+    if weight.shape[1] >= weight.shape[0]:
+        return (weight @ vh.T.to(weight.dtype)).float()
+    return (weight.T @ u.to(weight.dtype)).float()
+
+
+def _principal_overlap(principal, thin: torch.Tensor) -> torch.Tensor:
+    """``S_k^{-1} Q_k^T thin``: ``V_k^T V`` or ``U_k^T U`` on the longer side of a non-square W."""
+    basis, values = principal
+    return (basis.T @ thin) / values[:, None]
+
+
+def _pair_inner(s_a, s_b, gram_u, gram_v) -> torch.Tensor:
+    """``<U_a diag(s_a) Vh_a, U_b diag(s_b) Vh_b>`` per layer, from ``gram_u = U_b^T U_a``, ``gram_v = Vh_b Vh_a^T``."""
+    return (s_a[..., :, None] * s_b[..., None, :] * gram_u.mT * gram_v.mT).sum((-2, -1))
+
+
+def _squared_deviation_from_identity(gram: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).pow(2).sum((-2, -1))
+
+
+def _stacked(layers: list[LossInputs], which: str):
+    return tuple(torch.stack(parts) for parts in zip(*(getattr(layer, which) for layer in layers)))
+
+
+def _weight_inners(layers: list[LossInputs], which: str, tall: bool):
+    """Per layer ``<W, U diag(s) Vh>`` for the ``which`` ("current" or "initial") factors, the thin products it
+    used, and the stacked factors. Each thin product reads all of W, so the initial ones are kept by the layers
+    (computed by the same function, hence bitwise what the current factors give at init)."""
+    if which == "initial":
+        thin = torch.stack([layer.initial_thin for layer in layers])
+    else:
+        thin = torch.stack([thin_product(layer.weight, layer.current[0], layer.current[2]) for layer in layers])
+    u, s, vh = _stacked(layers, which)
+    other = vh.mT if tall else u
+    return (s * (other * thin).sum(-2)).sum(-1), thin, (u, s, vh)
+
+
+def group_losses(layers: list[LossInputs]) -> dict[str, torch.Tensor]:
+    """``{"orth": sum of ||[U_k U]^T[U_k U] - I||^2 + ||[V_k V]^T[V_k V] - I||^2, "norm": sum of
+    | ||W + D||^2 - ||W||^2 |}`` over ``layers``, which share one weight shape and rank.
+
+    The norm loss is exactly zero while the factors equal their initial values: the initial terms are computed by
+    the same operations as the current ones.
+    """
+    d_out, d_in = layers[0].weight.shape
+    tall = d_out > d_in
+    inner, thin, (u, s, vh) = _weight_inners(layers, "current", tall)
+    with torch.no_grad():
+        initial_inner, _, (u0, s0, vh0) = _weight_inners(layers, "initial", tall)
+        initial_square_norm = _pair_inner(s0, s0, u0.mT @ u0, vh0 @ vh0.mT)
+    gram_u, gram_v = u.mT @ u, vh @ vh.mT
+    cross_u, cross_v = u0.mT @ u, vh0 @ vh.mT
+    if d_out != d_in:
+        overlap = torch.stack([_principal_overlap(layer.principal, t) for layer, t in zip(layers, thin)])
+        overlap = overlap.pow(2).sum((-2, -1))
+    if d_out <= d_in:
+        overlap_u = (u - u0 @ cross_u).pow(2).sum((-2, -1))
+    else:
+        overlap_u = overlap
+    if d_in <= d_out:
+        overlap_v = (vh - cross_v.mT @ vh0).pow(2).sum((-2, -1))
+    else:
+        overlap_v = overlap
+    orth = 2 * (overlap_u + overlap_v) + _squared_deviation_from_identity(gram_u) + _squared_deviation_from_identity(gram_v)
+    change = _pair_inner(s, s, gram_u, gram_v) - 2 * _pair_inner(s, s0, cross_u, cross_v) + initial_square_norm
+    norm = (2 * (inner - initial_inner) + change).abs()
+    return {"orth": orth.sum(), "norm": norm.sum()}

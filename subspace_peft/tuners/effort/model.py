@@ -10,6 +10,7 @@ from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
 from .config import EffortConfig
 from .layer import EffortLayer, create_layer
+from .losses import group_losses
 
 
 class EffortModel(SVDTuner):
@@ -46,29 +47,39 @@ class EffortModel(SVDTuner):
         return create_layer(target, adapter_name, **layer_kwargs), target
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
-    def _layer_losses(self):
-        """(config, unweighted losses) of every adapted layer and active adapter."""
+    def _adapter_losses(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Unweighted losses per active adapter; layers of one weight shape and rank are computed in one batch."""
+        groups: dict[tuple, list] = {}
         for module in self.model.modules():
             if isinstance(module, EffortLayer) and not module.disable_adapters:
                 for name in module.active_adapters:
                     if name in module.r:
-                        yield self.peft_config[name], module.subspace_losses(name)
+                        inputs = module.loss_inputs(name)
+                        key = (name, tuple(inputs.weight.shape), module.r[name], inputs.weight.dtype,
+                               inputs.weight.device)
+                        groups.setdefault(key, []).append(inputs)
+        per_adapter: dict[str, dict[str, torch.Tensor]] = {}
+        for (name, *_), layers in groups.items():
+            totals = per_adapter.setdefault(name, {})
+            for key, value in group_losses(layers).items():
+                totals[key] = totals[key] + value if key in totals else value
+        return per_adapter
 
     def subspace_losses(self) -> dict[str, torch.Tensor]:
         """Unweighted ``{"orth": ..., "norm": ...}`` summed over every adapted layer and active adapter."""
         totals: dict[str, torch.Tensor] = {}
-        for _config, losses in self._layer_losses():
+        for losses in self._adapter_losses().values():
             for key, value in losses.items():
                 totals[key] = totals[key] + value if key in totals else value
         return totals
 
     def subspace_loss(self) -> torch.Tensor:
         """``orth_weight * L_orth + norm_weight * L_norm`` summed over all adapted layers (zero at init)."""
-        terms = [config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
-                 for config, losses in self._layer_losses()]
-        if not terms:
-            return torch.zeros((), device=next(self.model.parameters()).device)
-        return torch.stack(terms).sum()
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        for name, losses in self._adapter_losses().items():
+            config = self.peft_config[name]
+            total = total + config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
+        return total
 
     def _add_subspace_loss(self, module: nn.Module, args: Any, outputs: Any):
         """Forward hook on the wrapped model (so every PeftModel class, with or without task_type, goes through it)."""

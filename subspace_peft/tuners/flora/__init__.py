@@ -1,0 +1,5 @@
+from .config import FLoRAConfig
+from .layer import FLoRALayer
+from .model import FLoRAModel
+
+__all__ = ["FLoRAConfig", "FLoRALayer", "FLoRAModel"]
