@@ -27,7 +27,8 @@ class Case:
     trainable_attrs: tuple = ("pissa_A", "pissa_B")  # the layer attributes whose parameters train
     identity_at_init: bool = True
     transformers_model: bool = False  # supports gradient checkpointing / inputs_embeds
-    inits: tuple = ("svd", "randomized")  # the init modes save/reload is checked with
+    inits: tuple = ("svd", "randomized")  # the init modes save/reload is checked with (None: no init modes)
+    exportable: bool = True  # export_lora applies (not to grouped convolutions)
     second_adapter: dict = field(default_factory=lambda: dict(init="randomized", seed=3))  # config of a 2nd adapter
     skip: dict = field(default_factory=dict)  # check name -> reason
 
@@ -49,11 +50,17 @@ def _svfit(**kwargs):
     return _config("SVFitConfig", **kwargs)
 
 
+def _flora(**kwargs):
+    return _config("FLoRAConfig", **kwargs)
+
+
 def _effort(**kwargs):
     return _config("EffortConfig", **kwargs)
 
 
 SVFIT = dict(peft_type="SVFIT", trainable_attrs=("svfit_sigma",))
+FLORA = dict(peft_type="FLORA", trainable_attrs=("flora_core",) + tuple(f"flora_A{m}" for m in range(5)), inits=(None,),
+             second_adapter=dict(scale=2.0))
 # Effort's minor components need an exact SVD: no randomized init
 EFFORT = dict(peft_type="EFFORT", trainable_attrs=("effort_U", "effort_S", "effort_Vh"), inits=("svd",),
               second_adapter=dict(orth_weight=0.5))
@@ -98,6 +105,26 @@ CASES = [
          transformers_model=True, **EFFORT),
     Case("effort-minilm", "minilm", _effort(target_modules=["query", "value"]), 6 * 2 * (384 + 384 + 1),
          transformers_model=True, **EFFORT),
+    # FLoRA: trainable = sum over targets of sum_m size_m * r_m + prod_m r_m (an int r is min(r, size) per mode;
+    # tuples are ordered (in, out, k_1, ...); a grouped conv's in-mode has size c_in / groups)
+    Case("flora-mlp", "mlp", _flora(r=3, target_modules=["lin0", "lin1"]),
+         (10 * 3 + 20 * 3 + 3 * 3) + (20 * 3 + 20 * 3 + 3 * 3), **FLORA),
+    Case("flora-conv2d", "conv2d", _flora(conv_ranks=(2, 3, 2, 2), target_modules=["conv", "conv2"], scale=4.0,
+                                          rank_pattern={"conv2": 2}),
+         (3 * 2 + 8 * 3 + 3 * 2 + 3 * 2 + 2 * 3 * 2 * 2) + (8 * 2 + 6 * 2 + 1 + 1 + 2 * 2), **FLORA),
+    Case("flora-conv1d", "conv1d", _flora(r=3, target_modules=["conv"]), 3 * 3 + 8 * 3 + 3 * 3 + 3 ** 3, **FLORA),
+    Case("flora-conv3d", "conv3d", _flora(r=3, target_modules=["conv"]), 4 * 3 + 2 * 2 + 3 * 3 * 3 + 3 * 2 * 27,
+         **FLORA),
+    Case("flora-grouped", "grouped", _flora(conv_ranks=(1, 4, 2, 2), target_modules=["depthwise", "grouped"],
+                                            rank_pattern={"grouped": (2, 3, 3, 1)}),
+         (1 * 1 + 4 * 4 + 3 * 2 + 3 * 2 + 1 * 4 * 2 * 2) + (2 * 2 + 6 * 3 + 3 * 3 + 1 * 1 + 2 * 3 * 3 * 1),
+         exportable=False, **FLORA),
+    Case("flora-embedding", "embedding", _flora(r=3, target_modules=["emb", "lin"]),
+         (30 * 3 + 12 * 3 + 9) + (12 * 3 + 3 * 3 + 9), **FLORA),
+    Case("flora-gpt2-conv1D", "gpt2", _flora(r=3, target_modules=["c_attn"]), 2 * (16 * 3 + 48 * 3 + 9),
+         transformers_model=True, **FLORA),
+    Case("flora-minilm", "minilm", _flora(r=8, target_modules=["query", "value"]), 6 * 2 * (384 * 8 * 2 + 64),
+         transformers_model=True, **FLORA),
 ]
 for _case in CASES:
     _case.skip.setdefault("kbit", KBIT_SKIP if _case.peft_type == "PISSA" else

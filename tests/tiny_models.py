@@ -52,6 +52,19 @@ class ConvNet3d(nn.Module):
         return self.head(torch.relu(self.conv(x)).flatten(1))
 
 
+class GroupedConvNet(nn.Module):
+    """A depthwise (groups = channels) and a grouped (groups=2) Conv2d, as in MobileNets and ConvNeXt."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.grouped = nn.Conv2d(4, 6, (3, 1), padding=(1, 0), groups=2)
+        self.head = nn.Linear(6 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.relu(self.depthwise(x))).flatten(1))
+
+
 class EmbeddingNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -84,6 +97,7 @@ BUILDERS = {
     "conv1d": ConvNet1d,
     "conv2d": ConvNet2d,
     "conv3d": ConvNet3d,
+    "grouped": GroupedConvNet,
     "embedding": EmbeddingNet,
     "gpt2": tiny_gpt2,
     "minilm": minilm,
@@ -105,6 +119,8 @@ def inputs(name: str, seed: int = 1) -> dict:
         return {"x": torch.randn(2, 3, 8, 8, generator=generator)}
     if name == "conv3d":
         return {"x": torch.randn(2, 2, 3, 3, 3, generator=generator)}
+    if name == "grouped":
+        return {"x": torch.randn(2, 4, 5, 5, generator=generator)}
     if name == "embedding":
         return {"x": torch.randint(0, 30, (3, 5), generator=generator)}
     if name == "gpt2":

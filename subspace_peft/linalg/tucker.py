@@ -8,8 +8,12 @@ import torch
 
 
 def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
-    """``tensor x_mode matrix``: multiply every mode-``mode`` fibre of ``tensor`` by ``matrix`` (new, old)."""
-    return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
+    """``tensor x_mode matrix``: multiply every mode-``mode`` fibre of ``tensor`` by ``matrix`` (new, old).
+
+    A plain matmul on the mode-``mode`` unfolding (so autocast treats it like any matmul)."""
+    moved = tensor.movedim(mode, 0)
+    product = matrix @ moved.reshape(moved.shape[0], -1)
+    return product.reshape(matrix.shape[0], *moved.shape[1:]).movedim(0, mode)
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:

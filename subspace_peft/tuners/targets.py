@@ -79,15 +79,16 @@ def _all_finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(weight).all())
 
 
-def check_target(target: Target, method: str) -> None:
-    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, finite)."""
+def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
+    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, finite).
+    Grouped convolutions only where ``grouped_ok`` (their weight is block-diagonal: no low-rank SVD update fits)."""
     base = target.base
     if not isinstance(base, SUPPORTED_TYPES):
         raise ValueError(
             f"{method} cannot adapt layer '{target.key}' of type {type(base).__name__}: supported are "
             f"{SUPPORTED_NAMES}. Remove it from target_modules (or add it to exclude_modules)."
         )
-    if isinstance(base, CONV_TYPES) and base.groups != 1:
+    if isinstance(base, CONV_TYPES) and base.groups != 1 and not grouped_ok:
         raise ValueError(
             f"{method} cannot adapt grouped convolution '{target.key}' (groups={base.groups}): its weight is "
             "block-diagonal, so a low-rank SVD update does not fit it. Add it to exclude_modules."
@@ -101,8 +102,8 @@ def check_target(target: Target, method: str) -> None:
         )
     if weight.device.type != "meta" and not _all_finite(weight):
         raise ValueError(
-            f"layer '{target.key}' has NaN or Inf in its weight, so its SVD is undefined: fix or reload the base "
-            "weights, or exclude the layer from target_modules."
+            f"layer '{target.key}' has NaN or Inf in its weight: fix or reload the base weights, or exclude the "
+            "layer from target_modules."
         )
 
 

@@ -26,8 +26,13 @@ def mode_sizes(base: nn.Module) -> tuple[int, ...]:
     return tuple(weight_matrix(base).shape)
 
 
+MAX_MODES = 5  # Conv3d: (c_out, c_in / groups, k_d, k_h, k_w)
+# One ModuleDict per mode, as peft's keys expect (<layer>.<name>.<adapter>.weight): factor A_m is flora_A{m}
+FACTOR_NAMES = tuple(f"flora_A{mode}" for mode in range(MAX_MODES))
+
+
 class FLoRALayer(FactorLayer):
-    adapter_layer_names = ("flora_core", "flora_factors")
+    adapter_layer_names = ("flora_core",) + FACTOR_NAMES
     other_param_names = ("r", "scaling", "flora_dropout")
 
     def _init_layer(self, base_layer: nn.Module) -> None:
@@ -36,7 +41,8 @@ class FLoRALayer(FactorLayer):
         self.scaling: dict[str, float] = {}
         self.flora_dropout = nn.ModuleDict({})
         self.flora_core = nn.ModuleDict({})
-        self.flora_factors = nn.ModuleDict({})  # adapter -> ModuleList of one (size_m, r_m) factor per mode
+        for name in FACTOR_NAMES:  # flora_A{m}[adapter].weight: the (size_m, r_m) factor of mode m
+            setattr(self, name, nn.ModuleDict({}))
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -52,22 +58,28 @@ class FLoRALayer(FactorLayer):
         use_dropout = dropout > 0 and self.supports_dropout
         self.flora_dropout[adapter_name] = nn.Dropout(dropout) if use_dropout else nn.Identity()
         core = TensorLeaf(tuple(ranks), device)
-        factors = nn.ModuleList(TensorLeaf((size, rank), device) for size, rank in zip(sizes, ranks))
+        factors = [TensorLeaf((size, rank), device) for size, rank in zip(sizes, ranks)]
         if init_weights:
             with torch.no_grad():
                 core.weight.zero_()
                 for factor in factors:
                     nn.init.kaiming_uniform_(factor.weight, a=math.sqrt(5))
-        self.flora_core[adapter_name], self.flora_factors[adapter_name] = core, factors
+        self.flora_core[adapter_name] = core
+        for name, factor in zip(FACTOR_NAMES, factors):
+            getattr(self, name)[adapter_name] = factor
         if init_weights:
             self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _factors(self, adapter: str) -> list[torch.Tensor]:
+        """The factor matrices A_m (size_m, r_m), in weight-mode order."""
+        return [getattr(self, name)[adapter].weight for name in FACTOR_NAMES[: len(self.r[adapter])]]
 
     def _tucker(self, adapter: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scale * G x_1 A_1 ... x_N A_N`` in weight-mode order (2-D weights: the (d_out, d_in) matrix)."""
         core = self.flora_core[adapter].weight
         dtype = dtype or core.dtype
-        factors = [factor.weight.to(dtype) for factor in self.flora_factors[adapter]]
+        factors = [factor.to(dtype) for factor in self._factors(adapter)]
         return tucker_to_tensor(core.to(dtype), factors) * self.scaling[adapter]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -90,14 +102,14 @@ class TwoModeFLoRA(FLoRALayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         core = self.flora_core[adapter].weight
-        a_out, a_in = (factor.weight.to(core.dtype) for factor in self.flora_factors[adapter])
+        a_out, a_in = (factor.to(core.dtype) for factor in self._factors(adapter))
         hidden = F.linear(self._embed_input(self._input(x, adapter), a_in), core)
         return F.linear(hidden, a_out) * self.scaling[adapter]
 
     def lora_factors(self, adapter: str):
         """Exact at rank min(r_out, r_in): (G A_in^T, A_out) or (A_in^T, A_out G)."""
         core = self.flora_core[adapter].weight.float()
-        a_out, a_in = (factor.weight.float() for factor in self.flora_factors[adapter])
+        a_out, a_in = (factor.float() for factor in self._factors(adapter))
         if core.shape[0] <= core.shape[1]:
             return core @ a_in.T, a_out, self.scaling[adapter]
         return a_in.T, a_out @ core, self.scaling[adapter]
@@ -132,7 +144,7 @@ class Conv(ConvFactors, FactorModule, FLoRALayer):
                 f"export_lora cannot write FLoRA on a grouped convolution (groups={base.groups}): peft's LoRA conv "
                 "has no block-diagonal form. Merge the adapter instead (merge_and_unload)."
             )
-        factors = [factor.weight.float() for factor in self.flora_factors[adapter]]
+        factors = [factor.float() for factor in self._factors(adapter)]
         a = tucker_to_tensor(self.flora_core[adapter].weight.float(), [None] + factors[1:])
         return a.flatten(1), factors[0], self.scaling[adapter]
 

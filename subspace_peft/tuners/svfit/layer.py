@@ -9,14 +9,14 @@ from torch import nn
 
 from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorModule, LinearFactors
 from ..factor_layers import create_layer as create_factor_layer
+from ..leaf import TensorLeaf
 
 
-class SingularValues(nn.Module):
+class SingularValues(TensorLeaf):
     """r singular values as a leaf module with a ``.weight`` (so FSDP1 with use_orig_params=False can wrap it)."""
 
     def __init__(self, r: int, device=None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(r, device=device))
+        super().__init__((r,), device)
 
     def extra_repr(self) -> str:
         return f"r={self.weight.shape[0]}"
