@@ -1,6 +1,6 @@
 """Training step time and peak memory of our methods against PEFT LoRA on SmolLM2-135M, at matched target modules.
 
-    python benchmarks/bench_step.py [--methods lora pissa svfit effort] [--targets all-linear|attention]
+    python benchmarks/bench_step.py [--methods lora pissa svfit effort flora] [--targets all-linear|attention]
                                     [--rank 16] [--effort-rank 1] [--steps 12] [--reps 3]
 
 Each (method, repetition) runs in a fresh process: load the fp32 model, wrap it (r=16 for LoRA, PiSSA and SVFit;
@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -38,6 +35,8 @@ def make_config(method: str, rank: int, targets: str, effort_rank: int):
         return subspace_peft.PiSSAConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init="randomized")
     if method == "svfit":
         return subspace_peft.SVFitConfig(r=rank, target_modules=target_modules, init="randomized")
+    if method == "flora":
+        return subspace_peft.FLoRAConfig(r=rank, target_modules=target_modules)
     if method == "effort":
         # exact SVD (minor components); the cache makes every process after the first skip it
         return subspace_peft.EffortConfig(residual_rank=effort_rank, target_modules=target_modules, svd_cache=True)
@@ -50,6 +49,7 @@ def run(method: str, steps: int, rank: int, targets: str = "all-linear", effort_
     from transformers import AutoModelForCausalLM
 
     from bench_init import _vm_hwm_kib
+    from harness import reset_peak_rss, timed_steps
     from models import smollm2_path
 
     torch.manual_seed(0)
@@ -58,20 +58,17 @@ def run(method: str, steps: int, rank: int, targets: str = "all-linear", effort_
     model.train()
     batch = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+    reset_peak_rss()
     start_mib = _vm_hwm_kib() / 1024
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= 2:
-            times.append(time.perf_counter() - start)
+
+    step_s = timed_steps(step, steps)
     return {
-        "step_s": statistics.median(times),
+        "step_s": step_s,
         "peak_mib": _vm_hwm_kib() / 1024,
         "start_mib": start_mib,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -80,7 +77,7 @@ def run(method: str, steps: int, rank: int, targets: str = "all-linear", effort_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["lora", "pissa", "svfit"])
+    parser.add_argument("--methods", nargs="+", default=["lora", "pissa", "svfit", "effort", "flora"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
@@ -92,32 +89,16 @@ def main() -> None:
         print("RESULT " + json.dumps(run(args.child, args.steps, args.rank, args.targets, args.effort_rank)))
         return
 
+    from harness import print_table, run_interleaved
     from models import smollm2_path
 
     smollm2_path()
-    rows = {}
-    # interleave methods so that machine noise spreads evenly over them
-    runs = {method: [] for method in args.methods}
-    for rep in range(args.reps):
-        for method in args.methods:
-            cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--rank", str(args.rank),
-                   "--targets", args.targets, "--effort-rank", str(args.effort_rank)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-            line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-            runs[method].append(json.loads(line[len("RESULT "):]))
-            print(f"{method} rep {rep}: {runs[method][-1]}", file=sys.stderr, flush=True)
-    for method, results in runs.items():
-        rows[method] = {key: statistics.median(r[key] for r in results) for key in results[0]}
-    ref = rows["lora"] if "lora" in rows else next(iter(rows.values()))
+    child_args = ["--steps", str(args.steps), "--rank", str(args.rank), "--targets", args.targets,
+                  "--effort-rank", str(args.effort_rank)]
+    rows = run_interleaved(__file__, args.methods, args.reps, child_args)
     print(f"\nSmolLM2-135M fp32, {args.targets}, r={args.rank} (Effort: {args.effort_rank}), batch 4x128, AdamW; "
           f"median of {args.reps} processes\n")
-    print("| method | trainable params | step s | step / LoRA | peak RSS MiB | peak / LoRA |")
-    print("|---|---|---|---|---|---|")
-    for method, row in rows.items():
-        print(f"| {method} | {row['trainable']:,} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.3f}x | "
-              f"{row['peak_mib']:.0f} | {row['peak_mib'] / ref['peak_mib']:.3f}x |")
+    print_table(rows, "lora")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""What the step benchmarks share: each (method, repetition) in a fresh process, methods interleaved so machine
+noise spreads evenly over them, medians over processes, and a Markdown table against a reference method."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux): peak RSS is then measured from here on."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def timed_steps(step: Callable[[], None], steps: int, warmup: int = 2) -> float:
+    """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    times = []
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        step()
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_interleaved(script: str, methods: list[str], reps: int, child_args: list[str]) -> dict[str, dict]:
+    """Median over ``reps`` fresh processes of each method's result dict (``script --child METHOD ...`` prints
+    ``RESULT {json}``)."""
+    runs = {method: [] for method in methods}
+    for rep in range(reps):
+        for method in methods:
+            proc = subprocess.run([sys.executable, script, "--child", method, *child_args], capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode:
+                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+            line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+            runs[method].append(json.loads(line[len("RESULT "):]))
+            print(f"{method} rep {rep}: {runs[method][-1]}", file=sys.stderr, flush=True)
+    return {method: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for method, results in runs.items()}
+
+
+def print_table(rows: dict[str, dict], reference: str) -> None:
+    ref = rows.get(reference, next(iter(rows.values())))
+    print("| method | trainable params | step s | step / LoRA | peak RSS MiB | peak / LoRA |")
+    print("|---|---|---|---|---|---|")
+    for method, row in rows.items():
+        print(f"| {method} | {row['trainable']:,.0f} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.3f}x | "
+              f"{row['peak_mib']:.0f} | {row['peak_mib'] / ref['peak_mib']:.3f}x |")
