@@ -14,8 +14,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
+
+from common import load_recipe
 
 METHODS = ("task_arithmetic", "ties", "dare", "concrete_task_arithmetic", "concrete_adamerging")
 
@@ -56,22 +58,6 @@ class MergeRecipe:
                     f"task {index} ({task.get('name', '?')}) has no 'unlabeled' file, which {self.method} needs "
                     "(a JSON-lines file with a 'text' field)"
                 )
-
-
-def load_recipe(path: str, overrides: list[str]) -> MergeRecipe:
-    import yaml
-
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    known = {f.name: f for f in fields(MergeRecipe)}
-    for flag, value in zip(overrides[::2], overrides[1::2]):
-        if not flag.startswith("--"):
-            raise ValueError(f"expected --key value pairs after --config, got {flag!r}")
-        values[flag[2:].replace("-", "_")] = yaml.safe_load(value)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown recipe keys {unknown}; known keys: {sorted(known)}")
-    return MergeRecipe(**values)
 
 
 def _unlabeled_batches(path: str, tokenizer, batch_size: int, max_length: int) -> list[dict]:
@@ -136,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", required=True, help="the YAML recipe")
     args, overrides = parser.parse_known_args(argv)
     try:
-        recipe = load_recipe(args.config, overrides)
+        recipe = load_recipe(MergeRecipe, args.config, overrides)
     except ValueError as error:
         sys.exit(f"recipes/merge.py: {error}")
     run(recipe)

@@ -1,0 +1,250 @@
+"""Fine-tune a causal LM with any of our methods (or LoRA) through transformers' Trainer and accelerate.
+
+    python recipes/finetune.py                                   # the default: SmolLM2-135M, PiSSA, CPU, minutes
+    accelerate launch recipes/finetune.py --config recipes/configs/pissa.yaml [--max_steps 200 ...]
+
+The YAML (recipes/configs/*.yaml) names the model, the data, the method and its config, the quantisation and the
+training arguments; ``--key value`` flags override it. Before and after training the recipe prints the held-out
+loss and the exact-match rate of greedy answers. The output folder gets the adapter (safetensors), checkpoints
+(``--resume true`` continues from the last one), ``loss.png`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from common import load_recipe
+
+METHODS = ("lora", "pissa", "svfit", "flora", "effort")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+TRAINING_DEFAULTS = dict(
+    max_steps=120, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=2e-4,
+    logging_steps=10, save_steps=40, save_total_limit=2, lr_scheduler_type="constant", report_to=[],
+    seed=0, data_seed=0, disable_tqdm=False,
+)
+
+
+@dataclass
+class FinetuneRecipe:
+    model: str = "smollm2"  # "smollm2" (packaged SmolLM2-135M-Instruct) or a local folder (safetensors)
+    dataset: str = "builtin:arithmetic"  # builtin:arithmetic, a datasets name, or a local .json/.jsonl/.csv file
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    train_size: int = 2000
+    eval_size: int = 64
+    max_length: int = 64
+    method: str = "pissa"
+    method_config: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 8, "target_modules": "all-linear",
+                                                          "init": "randomized", "niter": 4})
+    quantization: str = "none"
+    training: dict = field(default_factory=dict)
+    output_dir: str = "runs/finetune"
+    resume: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization != "none" and self.method not in ("lora", "pissa"):
+            raise ValueError(
+                f"quantization={self.quantization!r} needs a method that trains on a quantised base: 'lora' (QLoRA) "
+                f"or 'pissa' (QPiSSA). {self.method} takes its SVD or its update from the full-precision weights; "
+                "set quantization: none"
+            )
+
+
+def peft_config(recipe: FinetuneRecipe):
+    """The method's config from ``method_config``; a key the config does not have is a ValueError naming it."""
+    import dataclasses
+
+    from peft import LoraConfig, TaskType
+
+    import subspace_peft
+
+    classes = {"lora": LoraConfig, "pissa": subspace_peft.PiSSAConfig, "svfit": subspace_peft.SVFitConfig,
+               "flora": subspace_peft.FLoRAConfig, "effort": subspace_peft.EffortConfig}
+    config_class = classes[recipe.method]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(recipe.method_config) - known)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field(s) {unknown}; see its docstring for the fields")
+    values = dict(recipe.method_config)
+    if recipe.method == "pissa" and recipe.quantization != "none":
+        values["residual_quantization"] = "nf4" if recipe.quantization == "4bit" else "int8"
+    return config_class(task_type=TaskType.CAUSAL_LM, **values)
+
+
+def load_rows(recipe: FinetuneRecipe) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows with the prompt and answer fields, checked before anything trains."""
+    from data import arithmetic_rows
+
+    if recipe.dataset == "builtin:arithmetic":
+        return arithmetic_rows(recipe.train_size, recipe.seed), arithmetic_rows(recipe.eval_size, recipe.seed + 1)
+    from datasets import load_dataset
+
+    extension = os.path.splitext(recipe.dataset)[1].lstrip(".")
+    if os.path.isfile(recipe.dataset):
+        data = load_dataset({"jsonl": "json"}.get(extension, extension), data_files=recipe.dataset)["train"]
+    else:
+        data = load_dataset(recipe.dataset)["train"]
+    missing = [f for f in (recipe.prompt_field, recipe.answer_field) if f not in data.column_names]
+    if missing:
+        raise ValueError(f"dataset {recipe.dataset!r} has no column(s) {missing}; its columns are "
+                         f"{data.column_names} (set prompt_field / answer_field)")
+    rows = [{"prompt": r[recipe.prompt_field], "answer": r[recipe.answer_field]} for r in data]
+    split = max(1, min(recipe.eval_size, len(rows) // 5))
+    return rows[split:][: recipe.train_size], rows[:split]
+
+
+def training_arguments(recipe: FinetuneRecipe):
+    """transformers' TrainingArguments from the defaults and ``training``; an unknown key is a ValueError."""
+    import torch
+    from transformers import TrainingArguments
+
+    values = {**TRAINING_DEFAULTS, "output_dir": recipe.output_dir, "use_cpu": not torch.cuda.is_available(),
+              "eval_strategy": "steps", **recipe.training}
+    values.setdefault("eval_steps", values["save_steps"])
+    try:
+        return TrainingArguments(**values)
+    except TypeError as error:
+        raise ValueError(f"training: {error} (keys are TrainingArguments fields)") from None
+
+
+def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """input_ids of prompt + answer + eos, with labels only on the answer (the prompt is masked with -100)."""
+    examples = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + answer)[:max_length]})
+    return examples
+
+
+def collate(pad_id: int):
+    import torch
+
+    def pad(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id)
+        labels = torch.full((len(examples), width), -100)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+            mask[i, : len(e["input_ids"])] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return pad
+
+
+def exact_match(model, tokenizer, rows: list[dict]) -> float:
+    """Share of rows whose greedy continuation starts with the answer."""
+    import torch
+
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for row in rows:
+            ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)
+            ids = {k: v.to(model.device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+            target = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+            out = model.generate(**ids, max_new_tokens=len(target) + 1, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            hits += out[0, ids["input_ids"].shape[1]:].tolist()[: len(target)] == target
+    return hits / len(rows)
+
+
+def save_loss_curve(log_history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log_history if "loss" in e]
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, losses, label="train")
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def load_model(recipe: FinetuneRecipe):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from packaged_models import smollm2_path
+
+    path = smollm2_path() if recipe.model == "smollm2" else recipe.model
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:  # e.g. a BERT-style tokenizer: its separator ends an answer
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = dict(dtype=torch.float32, use_safetensors=True)
+    if recipe.quantization != "none" and recipe.method == "lora":  # QLoRA: quantise the base on load
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=recipe.quantization == "4bit", load_in_8bit=recipe.quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
+
+
+def run(recipe: FinetuneRecipe) -> dict:
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    config = peft_config(recipe)  # bad input fails here, before any model loads
+    train_rows, eval_rows = load_rows(recipe)
+    args = training_arguments(recipe)
+    model, tokenizer = load_model(recipe)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_rows, tokenizer, recipe.max_length),
+                      eval_dataset=tokenize(eval_rows, tokenizer, recipe.max_length),
+                      data_collator=collate(tokenizer.pad_token_id))
+    before = {"eval_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, eval_rows)}
+    print(f"before: {json.dumps(before)}")
+    trainer.train(resume_from_checkpoint=True if recipe.resume else None)
+    after = {"eval_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, eval_rows)}
+    print(f"after: {json.dumps(after)}")
+    metrics = {"before": before, "after": after, "method": recipe.method,
+               "trainable_parameters": model.get_nb_trainable_parameters()[0]}
+    if trainer.is_world_process_zero():
+        model.save_pretrained(os.path.join(recipe.output_dir, "adapter"))
+        save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
+        with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML recipe (recipes/configs/*.yaml); without it the defaults run")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        recipe = load_recipe(FinetuneRecipe, args.config, overrides)
+        peft_config(recipe)
+        training_arguments(recipe)
+        load_rows(recipe)
+    except (ValueError, TypeError) as error:
+        sys.exit(f"recipes/finetune.py: {error}")
+    run(recipe)
+
+
+if __name__ == "__main__":
+    main()
