@@ -105,11 +105,11 @@ def load_rows(recipe: FinetuneRecipe) -> tuple[list[dict], list[dict]]:
 
 def training_arguments(recipe: FinetuneRecipe):
     """transformers' TrainingArguments from the defaults and ``training``; an unknown key is a ValueError."""
-    import torch
     from transformers import TrainingArguments
 
-    values = {**TRAINING_DEFAULTS, "output_dir": recipe.output_dir, "use_cpu": not torch.cuda.is_available(),
-              "eval_strategy": "steps", **recipe.training}
+    # no use_cpu: transformers picks the device itself, and use_cpu=True would turn off DDP's gradient all-reduce
+    # in a CPU run under accelerate launch
+    values = {**TRAINING_DEFAULTS, "output_dir": recipe.output_dir, "eval_strategy": "steps", **recipe.training}
     values.setdefault("eval_steps", values["save_steps"])
     try:
         return TrainingArguments(**values)
@@ -143,6 +143,21 @@ def collate(pad_id: int):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return pad
+
+
+def eval_loss(model, examples: list[dict], collator, batch_size: int = 16) -> float:
+    """Mean loss per answer token over ``examples`` (the same on every process)."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(model.device) for k, v in collator(examples[start:start + batch_size]).items()}
+            tokens = float((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * tokens
+            count += tokens
+    return total / count
 
 
 def exact_match(model, tokenizer, rows: list[dict]) -> float:
@@ -217,10 +232,14 @@ def run(recipe: FinetuneRecipe) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_rows, tokenizer, recipe.max_length),
                       eval_dataset=tokenize(eval_rows, tokenizer, recipe.max_length),
                       data_collator=collate(tokenizer.pad_token_id))
-    before = {"eval_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, eval_rows)}
+    # Not trainer.evaluate() before trainer.train(): accelerate then marks the model as prepared for evaluation and a
+    # distributed run trains without DDP's gradient all-reduce (transformers 5.x, measured).
+    before = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
+              "exact_match": exact_match(model, tokenizer, eval_rows)}
     print(f"before: {json.dumps(before)}")
     trainer.train(resume_from_checkpoint=True if recipe.resume else None)
-    after = {"eval_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, eval_rows)}
+    after = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
+             "exact_match": exact_match(model, tokenizer, eval_rows)}
     print(f"after: {json.dumps(after)}")
     metrics = {"before": before, "after": after, "method": recipe.method,
                "trainable_parameters": model.get_nb_trainable_parameters()[0]}

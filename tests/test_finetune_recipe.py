@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parity import rel_err
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "finetune.py")
 
@@ -114,3 +116,26 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_pat
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key  # bitwise: CPU, same data order, RNG state restored
+
+
+def test_ddp_with_two_processes_gives_the_single_process_adapter(tiny_model, tmp_path):
+    # SGD, not Adam: Adam's first steps move each entry by about lr * sign(gradient), so all-reduce round-off on
+    # near-zero gradients would flip whole steps; SGD shows the gradients themselves agree.
+    common = dict(method="pissa", method_config=METHOD_CONFIGS["pissa"])
+    training = {"max_steps": 4, "save_steps": 2, "disable_tqdm": True, "optim": "sgd", "learning_rate": 0.5}
+    single = run_recipe(recipe_args(tiny_model, tmp_path / "one", **common,
+                                    training={**training, "per_device_train_batch_size": 8}))
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    args = recipe_args(tiny_model, tmp_path / "two", **common, training={**training, "per_device_train_batch_size": 4})
+    double = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", RECIPE, *args],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    moved = max(float((one[k] - load_file(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")[k])
+                      .abs().max()) for k in one)
+    assert moved > 1e-3, "training must have moved the adapter for the comparison to mean anything"
+    for key in one:
+        assert rel_err(two[key], one[key]) <= 1e-5, key
