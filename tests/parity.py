@@ -131,9 +131,10 @@ for _case in CASES:
                           "SVD-initialised methods need a full-precision base to take the SVD from")
 
 
-def run_python(code: str, timeout: int = 600) -> str:
-    """Run ``code`` in a fresh interpreter with tests/ on sys.path; returns stdout, raises with stderr on failure."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh interpreter with tests/ on sys.path (``env`` adds variables); returns stdout, raises
+    with stderr on failure."""
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"child process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -277,8 +277,6 @@ def test_low_cpu_mem_usage_loading(case, tmp_path):
     assert not any(p.device.type == "meta" for p in again.parameters())
 
 
-def test_push_to_hub(case):
-    pytest.skip("push_to_hub round trip needs the loopback fake Hub server that the recipes issue (#6) brings")
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +341,32 @@ def test_export_lora_loads_in_vanilla_peft_without_subspace_peft(saved_cases):
     for case in exportable:
         config = json.loads((saved_cases / f"{case.id}-{case.inits[0]}" / "lora" / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA"
+
+
+CHILD_PUSH = r"""
+import torch
+import subspace_peft
+from peft import PeftModel
+from tiny_models import build
+for case_id, model_name, inits in {cases!r}:
+    for init in inits:
+        folder = {root!r} + f"/{{case_id}}-{{init}}"
+        PeftModel.from_pretrained(build(model_name), folder + "/adapter").push_to_hub(f"user/{{case_id}}-{{init}}")
+"""
+
+
+def test_push_to_hub_round_trip(saved_cases):
+    """push_to_hub in one process, PeftModel.from_pretrained(repo id) in another, against the loopback fake Hub."""
+    from fake_hub import FakeHub
+
+    cases = [(c.id, c.model, c.inits) for c in CASES]
+    with FakeHub() as hub:
+        env = hub.env({"HF_HOME": str(saved_cases / "hf_home")})
+        run_python(CHILD_PUSH.format(cases=cases, root=str(saved_cases)), env=env)
+        assert len(hub.repos.files) == sum(len(c.inits) for c in CASES)
+        code = CHILD_RELOAD.format(imports="import subspace_peft", cases=cases, root=str(saved_cases), sub="adapter",
+                                   check="")
+        code = code.replace('folder + "/adapter"', 'f"user/{case_id}-{init}"')
+        line = next(l for l in run_python(code, env=env).splitlines() if l.startswith("RESULTS "))
+    for name, error in json.loads(line[len("RESULTS "):]).items():
+        assert error <= 1e-6, (name, error)

@@ -1,0 +1,129 @@
+"""A loopback stand-in for the Hugging Face Hub: just enough of its HTTP API for ``push_to_hub`` (create a repo,
+pre-upload, commit files inline) and for downloads (``resolve``, model info). Files live in memory; no LFS.
+
+    with FakeHub() as hub:      # sets HF_ENDPOINT in the environment of child processes you start with hub.env
+        ...
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Repos:
+    def __init__(self):
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.commits: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def commit(self, repo: str, files: dict[str, bytes]) -> str:
+        with self.lock:
+            self.files.setdefault(repo, {}).update(files)
+            digest = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in
+                                                   self.files[repo].items())).encode()).hexdigest()
+            self.commits[repo] = digest
+            return digest
+
+
+def _handler(repos: _Repos, endpoint_ref: list):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _json(self, status: int, value) -> None:
+            self._send(status, json.dumps(value).encode(), {"Content-Type": "application/json"})
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def do_POST(self):
+            path = self.path.split("?")[0]
+            body = self._body()
+            if path == "/api/repos/create":
+                request = json.loads(body)
+                repo = f"{request.get('organization') or 'user'}/{request['name']}" if "/" not in request["name"] \
+                    else request["name"]
+                repos.files.setdefault(repo, {})
+                return self._json(200, {"url": f"{endpoint_ref[0]}/{repo}", "name": repo, "id": repo})
+            if path == "/api/validate-yaml":
+                return self._json(200, {})
+            match = re.fullmatch(r"/api/models/(.+)/preupload/([^/]+)", path)
+            if match:
+                files = json.loads(body)["files"]
+                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+            match = re.fullmatch(r"/api/models/(.+)/commit/([^/]+)", path)
+            if match:
+                repo, files = match.group(1), {}
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                sha = repos.commit(repo, files)
+                return self._json(200, {"commitUrl": f"{endpoint_ref[0]}/{repo}/commit/{sha}", "commitOid": sha,
+                                        "success": True})
+            return self._json(404, {"error": f"not faked: POST {path}"})
+
+        def _get(self, head: bool):
+            path = self.path.split("?")[0]
+            match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
+            if match and match.group(1) in repos.files:
+                repo = match.group(1)
+                return self._json(200, {"id": repo, "modelId": repo, "sha": repos.commits.get(repo, "0" * 40),
+                                        "siblings": [{"rfilename": name} for name in sorted(repos.files[repo])],
+                                        "private": False})
+            match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path)
+            if match and match.group(3) in repos.files.get(match.group(1), {}):
+                repo, name = match.group(1), match.group(3)
+                content = repos.files[repo][name]
+                etag = hashlib.sha1(content).hexdigest()
+                headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repos.commits[repo],
+                           "Content-Type": "application/octet-stream"}
+                return self._send(200, content, headers, head=head)
+            error = {"X-Error-Code": "EntryNotFound" if "/resolve/" in path else "RepoNotFound"}
+            return self._send(404, b"{}", {**error, "Content-Type": "application/json"}, head=head)
+
+        def do_GET(self):
+            self._get(head=False)
+
+        def do_HEAD(self):
+            self._get(head=True)
+
+    return Handler
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos = _Repos()
+        self._endpoint = [""]
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.repos, self._endpoint))
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._endpoint[0] = self.endpoint
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def env(self, base: dict) -> dict:
+        return {**base, "HF_ENDPOINT": self.endpoint, "HF_TOKEN": "hf_fake_token_for_tests", "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
