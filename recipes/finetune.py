@@ -6,7 +6,8 @@
 The YAML (recipes/configs/*.yaml) names the model, the data, the method and its config, the quantisation and the
 training arguments; ``--key value`` flags override it. Before and after training the recipe prints the held-out
 loss and the exact-match rate of greedy answers. The output folder gets the adapter (safetensors), checkpoints
-(``--resume true`` continues from the last one), ``loss.png`` and ``metrics.json``.
+(``--resume true`` continues from the last one), ``loss.png`` and ``metrics.json``; ``--push_to_hub user/repo``
+pushes the adapter with a model card (method, ranks, trainable parameters, training summary, loading code).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FinetuneRecipe:
     training: dict = field(default_factory=dict)
     output_dir: str = "runs/finetune"
     resume: bool = False
+    push_to_hub: Optional[str] = None  # a repo id: the adapter and a model card are pushed after training
     seed: int = 0
 
     def __post_init__(self):
@@ -248,6 +250,15 @@ def run(recipe: FinetuneRecipe) -> dict:
         save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
         with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2)
+        if recipe.push_to_hub:
+            import subspace_peft
+
+            summary = {"data": recipe.dataset, "steps": trainer.state.global_step,
+                       "learning rate": args.learning_rate, "batch size per device": args.per_device_train_batch_size,
+                       "quantization": recipe.quantization,
+                       "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
+                       "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}"}
+            print(f"pushed: {subspace_peft.push_adapter(model, recipe.push_to_hub, training_summary=summary)}")
     return metrics
 
 

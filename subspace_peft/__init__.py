@@ -10,7 +10,9 @@ from .registry import add_peft_type_member
 for _name in ("PISSA", "SVFIT", "EFFORT", "FLORA"):
     add_peft_type_member(_name)
 
+from . import merging  # noqa: E402
 from .export import export_lora  # noqa: E402
+from .hub import model_card, push_adapter  # noqa: E402
 from .registry import Method, register  # noqa: E402
 from .tuners.effort import EffortConfig, EffortModel  # noqa: E402
 from .tuners.flora import FLoRAConfig, FLoRAModel  # noqa: E402
@@ -24,6 +26,6 @@ register(Method("flora", FLoRAConfig, FLoRAModel))
 
 __version__ = "0.1.0"
 __all__ = [
-    "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig", "SVFitModel", "export_lora",
-    "__version__",
+    "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig", "SVFitModel",
+    "export_lora", "merging", "model_card", "push_adapter", "__version__",
 ]

@@ -139,3 +139,35 @@ def test_ddp_with_two_processes_gives_the_single_process_adapter(tiny_model, tmp
     assert moved > 1e-3, "training must have moved the adapter for the comparison to mean anything"
     for key in one:
         assert rel_err(two[key], one[key]) <= 1e-5, key
+
+
+def test_push_to_hub_writes_a_model_card_and_the_adapter_reloads_from_the_hub(tiny_model, tmp_path):
+    from fake_hub import FakeHub
+
+    from parity import run_python
+
+    with FakeHub() as hub:
+        env = hub.env(dict(os.environ, HF_HOME=str(tmp_path / "hf")))
+        args = recipe_args(tiny_model, tmp_path / "run", method="effort", method_config=METHOD_CONFIGS["effort"],
+                           push_to_hub="user/tiny-effort")
+        proc = subprocess.run([sys.executable, RECIPE, *args], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        files = hub.repos.files["user/tiny-effort"]
+        assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+        card = files["README.md"].decode()
+        for expected in ("library_name: peft", f"base_model: {tiny_model}", "- effort", "- subspace-peft",
+                         "residual_rank", f"trainable parameters: {2 * (33 + 25 + 25 + 33)} of", "eval loss before / after",
+                         "import subspace_peft", 'PeftModel.from_pretrained(base, "user/tiny-effort")'):
+            assert expected in card, expected
+        code = f"""
+import torch, subspace_peft
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+ids = torch.tensor([[101, 2054, 2003, 1015, 1009, 1015, 102]])
+hub = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model!r}), "user/tiny-effort")
+local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model!r}), {str(tmp_path / "run" / "adapter")!r})
+print("DIFF", float((hub(input_ids=ids).logits - local(input_ids=ids).logits).abs().max()))
+"""
+        out = run_python(code, env={k: v for k, v in env.items() if k.startswith("HF_")})
+    assert float(next(l for l in out.splitlines() if l.startswith("DIFF")).split()[1]) == 0.0
