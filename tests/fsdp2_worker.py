@@ -1,0 +1,48 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) training of a tiny Llama with one method, on CPU with gloo:
+
+    torchrun --nproc_per_node 2 tests/fsdp2_worker.py METHOD OUT_DIR
+
+Each decoder layer and the whole PeftModel are sharded; 3 AdamW steps on per-rank batches; rank 0 saves the adapter
+from the gathered full state dict. Run by tests/test_fsdp2.py.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+import subspace_peft  # noqa: E402
+from test_fsdp2 import tiny_llama  # noqa: E402
+
+method, out = sys.argv[1], sys.argv[2]
+rank = dist.get_rank()
+configs = {
+    "lora": LoraConfig(r=2, target_modules="all-linear"),
+    "pissa": subspace_peft.PiSSAConfig(r=2, target_modules="all-linear"),
+    "svfit": subspace_peft.SVFitConfig(r=2, target_modules="all-linear"),
+    "flora": subspace_peft.FLoRAConfig(r=2, target_modules="all-linear"),
+    "effort": subspace_peft.EffortConfig(target_modules="all-linear"),
+}
+model = get_peft_model(tiny_llama(), configs[method])
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+g = torch.Generator().manual_seed(rank)
+model.train()
+for step in range(3):
+    ids = torch.randint(0, 64, (2, 8), generator=g)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    model.save_pretrained(out, state_dict=sd)
+    print("SAVED", method, float(loss.detach()))
+dist.destroy_process_group()
