@@ -179,6 +179,26 @@ def exact_match(model, tokenizer, rows: list[dict]) -> float:
     return hits / len(rows)
 
 
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (which Trainer writes last) reads as JSON: a run
+    killed while saving leaves a newer, incomplete folder, and resuming from it would fail."""
+    import re
+
+    steps = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match:
+            steps.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(steps, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as handle:
+                json.load(handle)
+            return path
+        except (OSError, ValueError):
+            print(f"skipping incomplete checkpoint {path}", file=sys.stderr)
+    raise ValueError(f"resume: no complete checkpoint in {output_dir} to resume from")
+
+
 def save_loss_curve(log_history: list[dict], path: str) -> None:
     import matplotlib
 
@@ -239,7 +259,7 @@ def run(recipe: FinetuneRecipe) -> dict:
     before = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
               "exact_match": exact_match(model, tokenizer, eval_rows)}
     print(f"before: {json.dumps(before)}")
-    trainer.train(resume_from_checkpoint=True if recipe.resume else None)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(recipe.output_dir) if recipe.resume else None)
     after = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
              "exact_match": exact_match(model, tokenizer, eval_rows)}
     print(f"after: {json.dumps(after)}")

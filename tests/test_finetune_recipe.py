@@ -92,6 +92,8 @@ def test_bad_input_stops_before_training(tiny_model, tmp_path, values, message):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path):
+    """Killed after checkpoint-6; a kill while saving checkpoint-9 is simulated by a checkpoint-9 folder with half
+    its files and a truncated trainer_state.json. Resuming skips it and continues from checkpoint-6."""
     common = dict(method="pissa", method_config=METHOD_CONFIGS["pissa"],
                   training={"max_steps": 12, "save_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 4,
                             "disable_tqdm": True, "save_total_limit": None})
@@ -109,8 +111,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "adapter").exists()
+    broken = killed_dir / "checkpoint-9"
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_model.safetensors").write_bytes(
+        (killed_dir / "checkpoint-6" / "adapter_model.safetensors").read_bytes()[:100])
+    (broken / "trainer_state.json").write_text((killed_dir / "checkpoint-6" / "trainer_state.json").read_text()[:50])
     resumed = run_recipe(recipe_args(tiny_model, killed_dir, resume=True, **common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping incomplete checkpoint" in resumed.stderr
     expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     got = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
