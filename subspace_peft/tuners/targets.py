@@ -1,4 +1,4 @@
-"""Finding and checking the layers an SVD-initialised tuner adapts, before anything in the model changes.
+"""Finding and checking the layers a tuner adapts, before anything in the model changes.
 
 Every check here runs on the whole list of targets first, so that bad input raises a ValueError naming the layer
 and the fix while the user's model is still exactly as it was.
