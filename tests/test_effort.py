@@ -140,9 +140,9 @@ def test_training_forward_adds_the_weighted_subspace_loss_to_outputs_loss():
 def test_unloading_removes_the_loss_hook(how):
     base = build("gpt2")
     model = get_peft_model(base, EffortConfig(target_modules=["c_attn"]))
-    assert len(base._forward_hooks) == 1
+    assert len(base._forward_hooks) == 1 and len(base._forward_pre_hooks) == 1
     plain = getattr(model, how)()
-    assert plain is base and len(base._forward_hooks) == 0
+    assert plain is base and len(base._forward_hooks) == 0 and len(base._forward_pre_hooks) == 0
 
 
 def _train_with_trainer(tmp_path, orth_weight, norm_weight):

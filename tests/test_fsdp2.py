@@ -22,13 +22,7 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-EFFORT_FSDP2 = ("Effort's losses read each adapted weight after the forward pass, when FSDP2 has resharded it into "
-                "DTensors (aten.nll_loss_backward got mixed torch.Tensor and DTensor); they need computing inside each "
-                "layer's forward under FSDP2")
-
-
-@pytest.mark.parametrize("method", ["lora", "pissa", "svfit", "flora",
-                                    pytest.param("effort", marks=pytest.mark.xfail(strict=True, reason=EFFORT_FSDP2))])
+@pytest.mark.parametrize("method", ["lora", "pissa", "svfit", "flora", "effort"])
 def test_fsdp2_trains_and_saves_an_adapter_that_loads(method, tmp_path):
     from peft import PeftModel
 
@@ -36,10 +30,16 @@ def test_fsdp2_trains_and_saves_an_adapter_that_loads(method, tmp_path):
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", os.path.join(TESTS_DIR, "fsdp2_worker.py"), method,
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, "fsdp2_worker.py"), method,
                            str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"SAVED {method}" in proc.stdout
+    saved = f"SAVED {method}" in proc.stdout
+    # gloo's teardown on CPU aborted about 1 run in 10 after the work was done ("terminate called without an active
+    # exception" at process exit); what this test checks is the training and the saved adapter, below
+    teardown_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or (saved and teardown_abort), proc.stderr[-3000:]
+    assert saved, proc.stdout[-2000:]
+    if method == "effort":
+        assert "LOSSES_FROM_LAYERS True" in proc.stdout
     model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

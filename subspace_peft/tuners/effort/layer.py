@@ -35,6 +35,11 @@ class EffortLayer(FactorLayer):
         # SVD-free; the loss is invariant to the principal vectors' sign/rotation): (stamp, principal, initial thin),
         # the principal vectors of the shorter side for non-square W only.
         self.effort_derived: dict[str, tuple] = {}
+        # Under FSDP2 the weights are sharded outside each layer's own forward, so the model asks the layers to
+        # compute their loss terms during their forward (EffortModel switches this per forward pass).
+        self.collect_losses = False
+        self.collected_losses: list[tuple[str, dict]] = []
+        self.register_forward_hook(EffortLayer._collect_losses_hook)
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -107,6 +112,12 @@ class EffortLayer(FactorLayer):
         initial = self._triplet(adapter, initial=True)
         principal, initial_thin = self._derived(adapter, weight, initial)
         return LossInputs(weight, self._triplet(adapter), initial, principal, initial_thin)
+
+    def _collect_losses_hook(self, args, output):  # registered unbound: called as hook(module, args, output)
+        if self.collect_losses and self.training and torch.is_grad_enabled() and not self.disable_adapters:
+            for name in self.active_adapters:
+                if name in self.r:
+                    self.collected_losses.append((name, self.subspace_losses(name)))
 
     def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
         """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
@@ -28,7 +29,9 @@ class EffortModel(SVDTuner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._loss_hook = self.model.register_forward_hook(self._add_subspace_loss)
+        self._losses_from_layers = False
+        self._loss_hooks = [self.model.register_forward_pre_hook(self._choose_where_losses_are_computed),
+                            self.model.register_forward_hook(self._add_subspace_loss)]
 
     def _rank(self, target: Target, config: EffortConfig) -> int:
         return pattern_value(config.rank_pattern, target.key, config.residual_rank)
@@ -81,13 +84,39 @@ class EffortModel(SVDTuner):
             total = total + config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
         return total
 
+    def _effort_layers(self) -> list[EffortLayer]:
+        return [module for module in self.model.modules() if isinstance(module, EffortLayer)]
+
+    def _choose_where_losses_are_computed(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: with FSDP2-sharded weights (DTensors outside each layer's forward) the layers compute
+        their loss terms inside their own forward; otherwise the post hook computes them batched."""
+        layers = self._effort_layers()
+        training = module.training and torch.is_grad_enabled()
+        self._losses_from_layers = training and any(
+            isinstance(layer.get_base_layer().weight, DTensor) for layer in layers)
+        for layer in layers:
+            layer.collect_losses = self._losses_from_layers
+            layer.collected_losses = []
+
+    def _collected_loss(self) -> torch.Tensor:
+        total = None
+        for layer in self._effort_layers():
+            for name, losses in layer.collected_losses:
+                config = self.peft_config[name]
+                term = config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
+                total = term if total is None else total + term
+            layer.collected_losses = []
+        return total if total is not None else torch.zeros(())
+
     def _add_subspace_loss(self, module: nn.Module, args: Any, outputs: Any):
         """Forward hook on the wrapped model (so every PeftModel class, with or without task_type, goes through it)."""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if module.training and torch.is_grad_enabled() and isinstance(loss, torch.Tensor):
-            outputs["loss"] = loss + self.subspace_loss().to(loss.dtype)
+            extra = self._collected_loss() if self._losses_from_layers else self.subspace_loss()
+            outputs["loss"] = loss + extra.to(device=loss.device, dtype=loss.dtype)
         return outputs
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        self._loss_hook.remove()
+        for hook in self._loss_hooks:
+            hook.remove()
         return super()._unload_and_optionally_merge(*args, **kwargs)
