@@ -141,6 +141,24 @@ def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     return proc.stdout
 
 
+def assert_refused_unchanged(model, make_config, message: str) -> None:
+    """``get_peft_model(model, make_config())`` raises a ValueError matching ``message`` and leaves ``model`` exactly
+    as it was: the same modules and every tensor bit for bit (NaN where it was NaN)."""
+    import pytest
+    from peft import get_peft_model
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = repr(model)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, make_config())
+    assert repr(model) == structure
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key].nan_to_num(), after[key].nan_to_num()), key
+        assert torch.equal(before[key].isnan(), after[key].isnan()), key
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))

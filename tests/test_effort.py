@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import subspace_peft
-from parity import rel_err
+from parity import assert_refused_unchanged, rel_err
 from subspace_peft import EffortConfig
 from subspace_peft.tuners.effort.layer import EffortLayer
 from tiny_models import build, inputs
@@ -214,14 +214,7 @@ def test_no_frozen_tensor_of_the_weight_size_is_kept():
     ],
 )
 def test_bad_input_raises_before_anything_changes(kwargs, message):
-    model = build("mlp")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    structure = repr(model)
-    with pytest.raises(ValueError, match=message):
-        get_peft_model(model, EffortConfig(**kwargs))
-    assert repr(model) == structure
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert_refused_unchanged(build("mlp"), lambda: EffortConfig(**kwargs), message)
 
 
 def test_losses_of_a_merged_model_ask_to_unmerge_first():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import subspace_peft
-from parity import rel_err
+from parity import assert_refused_unchanged, rel_err
 from subspace_peft import FLoRAConfig
 from subspace_peft.linalg.tucker import tucker_to_tensor
 from subspace_peft.tuners.flora.layer import FLoRALayer
@@ -121,14 +121,7 @@ def test_export_refuses_a_grouped_convolution_and_writes_nothing(tmp_path):
     ],
 )
 def test_bad_input_on_linear_raises_before_anything_changes(kwargs, message):
-    model = build("mlp")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    structure = repr(model)
-    with pytest.raises(ValueError, match=message):
-        get_peft_model(model, FLoRAConfig(**kwargs))
-    assert repr(model) == structure
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert_refused_unchanged(build("mlp"), lambda: FLoRAConfig(**kwargs), message)
 
 
 @pytest.mark.parametrize(
@@ -141,10 +134,4 @@ def test_bad_input_on_linear_raises_before_anything_changes(kwargs, message):
     ],
 )
 def test_bad_conv_ranks_raise_before_anything_changes(kwargs, message):
-    model = Convs()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=message):
-        get_peft_model(model, FLoRAConfig(**kwargs))
-    assert not any(isinstance(m, FLoRALayer) for m in model.modules())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert_refused_unchanged(Convs(), lambda: FLoRAConfig(**kwargs), message)  # no FLoRA layer either: same repr

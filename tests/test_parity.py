@@ -306,7 +306,7 @@ results = {{}}
 for case_id, model_name, inits in {cases!r}:
     for init in inits:
         folder = {root!r} + f"/{{case_id}}-{{init}}"
-        model = PeftModel.from_pretrained(build(model_name), folder + "/{sub}")
+        model = PeftModel.from_pretrained(build(model_name), {source})
         with torch.no_grad():
             out = output_tensor(model(**inputs(model_name)))
         ref = load_file(folder + "/expected.safetensors")["out"]
@@ -318,7 +318,8 @@ print("RESULTS " + json.dumps(results))
 
 def _child_results(saved_cases, sub, imports, check="", cases=CASES):
     code = CHILD_RELOAD.format(
-        imports=imports, cases=[(c.id, c.model, c.inits) for c in cases], root=str(saved_cases), sub=sub, check=check
+        imports=imports, cases=[(c.id, c.model, c.inits) for c in cases], root=str(saved_cases), check=check,
+        source=f'folder + "/{sub}"',
     )
     line = next(l for l in run_python(code).splitlines() if l.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])
@@ -364,9 +365,8 @@ def test_push_to_hub_round_trip(saved_cases):
         env = hub.env({"HF_HOME": str(saved_cases / "hf_home")})
         run_python(CHILD_PUSH.format(cases=cases, root=str(saved_cases)), env=env)
         assert len(hub.repos.files) == sum(len(c.inits) for c in CASES)
-        code = CHILD_RELOAD.format(imports="import subspace_peft", cases=cases, root=str(saved_cases), sub="adapter",
-                                   check="")
-        code = code.replace('folder + "/adapter"', 'f"user/{case_id}-{init}"')
+        code = CHILD_RELOAD.format(imports="import subspace_peft", cases=cases, root=str(saved_cases), check="",
+                                   source='f"user/{case_id}-{init}"')
         line = next(l for l in run_python(code, env=env).splitlines() if l.startswith("RESULTS "))
     for name, error in json.loads(line[len("RESULTS "):]).items():
         assert error <= 1e-6, (name, error)

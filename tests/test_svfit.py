@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import subspace_peft
-from parity import rel_err
+from parity import assert_refused_unchanged, rel_err
 from subspace_peft import SVFitConfig
 from subspace_peft.tuners.svfit.layer import SVFitLayer
 from tiny_models import build, minilm
@@ -72,14 +72,7 @@ def test_export_is_exactly_rank_r(tmp_path):
     ],
 )
 def test_bad_input_raises_before_anything_changes(kwargs, message):
-    model = build("mlp")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    structure = repr(model)
-    with pytest.raises(ValueError, match=message):
-        get_peft_model(model, SVFitConfig(**kwargs))
-    assert repr(model) == structure
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert_refused_unchanged(build("mlp"), lambda: SVFitConfig(**kwargs), message)
 
 
 def test_minilm_parameter_count_and_adapter_size_against_lora_r8(tmp_path, capsys):
