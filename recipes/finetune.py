@@ -241,13 +241,18 @@ def load_model(recipe: FinetuneRecipe):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
 
 
-def run(recipe: FinetuneRecipe) -> dict:
+def checked_inputs(recipe: FinetuneRecipe) -> tuple:
+    """(method config, (train rows, eval rows), TrainingArguments): every check of the recipe's input, done before
+    any model is loaded or anything is written."""
+    return peft_config(recipe), load_rows(recipe), training_arguments(recipe)
+
+
+def run(recipe: FinetuneRecipe, inputs: Optional[tuple] = None) -> dict:
+    """Train and evaluate; ``inputs`` is :func:`checked_inputs` of ``recipe`` if the caller already has it."""
     from peft import get_peft_model
     from transformers import Trainer
 
-    config = peft_config(recipe)  # bad input fails here, before any model loads
-    train_rows, eval_rows = load_rows(recipe)
-    args = training_arguments(recipe)
+    config, (train_rows, eval_rows), args = inputs if inputs is not None else checked_inputs(recipe)
     model, tokenizer = load_model(recipe)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
@@ -288,12 +293,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         recipe = load_recipe(FinetuneRecipe, args.config, overrides)
-        peft_config(recipe)
-        training_arguments(recipe)
-        load_rows(recipe)
+        inputs = checked_inputs(recipe)
     except (ValueError, TypeError) as error:
         sys.exit(f"recipes/finetune.py: {error}")
-    run(recipe)
+    run(recipe, inputs)
 
 
 if __name__ == "__main__":
