@@ -53,8 +53,8 @@ class EffortModel(SVDTuner):
     def _adapter_losses(self) -> dict[str, dict[str, torch.Tensor]]:
         """Unweighted losses per active adapter; layers of one weight shape and rank are computed in one batch."""
         groups: dict[tuple, list] = {}
-        for module in self.model.modules():
-            if isinstance(module, EffortLayer) and not module.disable_adapters:
+        for module in self._effort_layers():
+            if not module.disable_adapters:
                 for name in module.active_adapters:
                     if name in module.r:
                         inputs = module.loss_inputs(name)
@@ -80,9 +80,12 @@ class EffortModel(SVDTuner):
         """``orth_weight * L_orth + norm_weight * L_norm`` summed over all adapted layers (zero at init)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
         for name, losses in self._adapter_losses().items():
-            config = self.peft_config[name]
-            total = total + config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
+            total = total + self._weighted(name, losses)
         return total
+
+    def _weighted(self, adapter: str, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.peft_config[adapter]
+        return config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
 
     def _effort_layers(self) -> list[EffortLayer]:
         return [module for module in self.model.modules() if isinstance(module, EffortLayer)]
@@ -90,8 +93,10 @@ class EffortModel(SVDTuner):
     def _choose_where_losses_are_computed(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: with FSDP2-sharded weights (DTensors outside each layer's forward) the layers compute
         their loss terms inside their own forward; otherwise the post hook computes them batched."""
-        layers = self._effort_layers()
         training = module.training and torch.is_grad_enabled()
+        if not training and not self._losses_from_layers:
+            return  # evaluation and generation: nothing to switch, no walk over the modules
+        layers = self._effort_layers()
         self._losses_from_layers = training and any(
             isinstance(layer.get_base_layer().weight, DTensor) for layer in layers)
         for layer in layers:
@@ -102,8 +107,7 @@ class EffortModel(SVDTuner):
         total = None
         for layer in self._effort_layers():
             for name, losses in layer.collected_losses:
-                config = self.peft_config[name]
-                term = config.orth_weight * losses["orth"] + config.norm_weight * losses["norm"]
+                term = self._weighted(name, losses)
                 total = term if total is None else total + term
             layer.collected_losses = []
         return total if total is not None else torch.zeros(())
