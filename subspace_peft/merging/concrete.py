@@ -128,7 +128,8 @@ def concrete_merge(
 
     Memory: the masked parameters (N of them) cost 16 bytes each for the duration of the merge (fp32 logits, their
     gradient and Adam's two moments) plus about 12 bytes each per step for the sampled mask, the merged weights and
-    their gradient; the task vectors hold 4 bytes per changed parameter and task. Restrict ``modules`` to bound N.
+    their gradient; the task vectors hold 4 bytes per changed parameter and task (Concrete TA 4 more per changed
+    parameter for the fixed lambda-weighted sum). Restrict ``modules`` to bound N.
     """
     params = check_vectors_fit(base, task_vectors)
     if len(unlabeled) != len(task_vectors) or any(len(batches) == 0 for batches in unlabeled):
@@ -210,6 +211,8 @@ class _Merger:
         shape = (len(vectors),) if method == "task_arithmetic" or granularity == "task" else (len(vectors), len(self.names))
         self.initial_lambdas = torch.full(shape, float(scaling))
         self.lambdas = self.initial_lambdas.clone().requires_grad_(method == "adamerging")
+        # Concrete TA never changes lambda, so each tensor's sum_i lambda_i tau_i is formed once, not every step
+        self.fixed_updates: Optional[dict[str, torch.Tensor]] = {} if method == "task_arithmetic" else None
 
     def sample(self, temperature: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {n: _normalised(concrete_sample(logit, temperature, generator)) for n, logit in self.logits.items()}
@@ -223,18 +226,27 @@ class _Merger:
             masks = {n: (logit > 0).float() for n, logit in self.logits.items()}
         return {n: _normalised(m.detach()) for n, m in masks.items()}
 
+    def _weighted_sum(self, index: int, name: str, lambdas: torch.Tensor) -> torch.Tensor:
+        """``sum_i lambda_i tau_i`` of one tensor (tasks whose vector lacks it contribute nothing)."""
+        update = None
+        for task, vector in enumerate(self.vectors):
+            if name in vector:
+                weight = lambdas[task] if lambdas.ndim == 1 else lambdas[task, index]
+                term = weight * vector[name]
+                update = term if update is None else update + term
+        return update
+
     def merged(self, masks: dict[str, torch.Tensor], lambdas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """``theta_0 + sum_i lambda_i (m * tau_i)`` for every changed tensor (unmasked ones: m = 1)."""
         lambdas = self.lambdas if lambdas is None else lambdas
         merged = {}
         for index, name in enumerate(self.names):
-            update = None
-            for task, vector in enumerate(self.vectors):
-                if name not in vector:
-                    continue
-                weight = lambdas[task] if lambdas.ndim == 1 else lambdas[task, index]
-                term = weight * vector[name]
-                update = term if update is None else update + term
+            if self.fixed_updates is None:
+                update = self._weighted_sum(index, name, lambdas)
+            else:
+                if name not in self.fixed_updates:
+                    self.fixed_updates[name] = self._weighted_sum(index, name, lambdas).detach()
+                update = self.fixed_updates[name]
             if name in masks:
                 update = masks[name] * update
             merged[name] = self.params[name].detach().float() + update
