@@ -45,10 +45,16 @@ def run_interleaved(script: str, methods: list[str], reps: int, child_args: list
             for method, results in runs.items()}
 
 
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def print_table(rows: dict[str, dict], reference: str) -> None:
     ref = rows.get(reference, next(iter(rows.values())))
-    print("| method | trainable params | step s | step / LoRA | peak RSS MiB | peak / LoRA |")
-    print("|---|---|---|---|---|---|")
-    for method, row in rows.items():
-        print(f"| {method} | {row['trainable']:,.0f} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.3f}x | "
-              f"{row['peak_mib']:.0f} | {row['peak_mib'] / ref['peak_mib']:.3f}x |")
+    print(markdown_table(
+        ["method", "trainable params", "step s", "step / LoRA", "peak RSS MiB", "peak / LoRA"],
+        [[method, f"{row['trainable']:,.0f}", f"{row['step_s']:.3f}", f"{row['step_s'] / ref['step_s']:.3f}x",
+          f"{row['peak_mib']:.0f}", f"{row['peak_mib'] / ref['peak_mib']:.3f}x"] for method, row in rows.items()],
+    ))
