@@ -23,6 +23,7 @@ from common import load_recipe
 
 METHODS = ("lora", "pissa", "svfit", "flora", "effort")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = ("float32", "bfloat16", "float16")
 TRAINING_DEFAULTS = dict(
     max_steps=120, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=2e-4,
     logging_steps=10, save_steps=40, save_total_limit=2, lr_scheduler_type="constant", report_to=[],
@@ -43,6 +44,7 @@ class FinetuneRecipe:
     method_config: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 8, "target_modules": "all-linear",
                                                           "init": "randomized", "niter": 4})
     quantization: str = "none"
+    dtype: str = "float32"  # the model's dtype; a 4-bit base is stored in it too (what FSDP shards)
     training: dict = field(default_factory=dict)
     output_dir: str = "runs/finetune"
     resume: bool = False
@@ -52,6 +54,8 @@ class FinetuneRecipe:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.quantization != "none" and self.method not in ("lora", "pissa"):
@@ -80,6 +84,8 @@ def peft_config(recipe: FinetuneRecipe):
     values = dict(recipe.method_config)
     if recipe.method == "pissa" and recipe.quantization != "none":
         values["residual_quantization"] = "nf4" if recipe.quantization == "4bit" else "int8"
+        if recipe.quantization == "4bit":  # stored in the dtype FSDP shards in, as for QLoRA below
+            values.setdefault("residual_quant_storage", recipe.dtype)
     return config_class(task_type=TaskType.CAUSAL_LM, **values)
 
 
@@ -220,9 +226,26 @@ def save_loss_curve(log_history: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def load_model(recipe: FinetuneRecipe):
+def load_model_kwargs(recipe: FinetuneRecipe) -> dict:
+    """from_pretrained's keyword arguments: the dtype, and for QLoRA the bitsandbytes config."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, recipe.dtype)
+    kwargs = dict(dtype=dtype, use_safetensors=True)
+    if recipe.quantization != "none" and recipe.method == "lora":  # QLoRA: quantise the base on load
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=recipe.quantization == "4bit", load_in_8bit=recipe.quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            # 4-bit data stored in the model's dtype: FSDP shards and all-gathers it with the other parameters (and
+            # casts nothing when mixed precision uses that dtype); a single process computes the same
+            bnb_4bit_quant_storage=dtype,
+        )
+    return kwargs
+
+
+def load_model(recipe: FinetuneRecipe):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from packaged_models import smollm2_path
 
@@ -232,13 +255,57 @@ def load_model(recipe: FinetuneRecipe):
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = dict(dtype=torch.float32, use_safetensors=True)
-    if recipe.quantization != "none" and recipe.method == "lora":  # QLoRA: quantise the base on load
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=recipe.quantization == "4bit", load_in_8bit=recipe.quantization == "8bit",
-            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+    return AutoModelForCausalLM.from_pretrained(path, **load_model_kwargs(recipe)), tokenizer
+
+
+def keep_4bit_layers_on_the_training_path(model) -> None:
+    """Stop bitsandbytes' CPU inference path for 4-bit layers, which evaluation would otherwise take.
+
+    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight on its first no-grad evaluation
+    forward, rounding the block scales to bf16, and ``state_dict()`` (every checkpoint save) unpacks it again without
+    restoring them. Measured: the same model's logits moved by 0.02 after a save, and under DDP the rank that saved
+    evaluated differently from the others. Kept on the training path, evaluation computes what training does.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def fsdp_storage_mismatch(recipe: FinetuneRecipe, mixed_precision: str) -> Optional[str]:
+    """Why FSDP with this mixed precision would corrupt the recipe's 4-bit base, or None.
+
+    FSDP casts every floating parameter to the mixed-precision dtype before gathering it, the 4-bit data stored as
+    floats included: the packed bytes are converted as if they were numbers. Measured (FSDP2 on CPU): float32
+    storage under bf16 mixed precision fails inside bitsandbytes with a shape error; bfloat16 storage works.
+    """
+    wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
+    if recipe.quantization != "4bit" or wanted is None or wanted == recipe.dtype:
+        return None
+    return (f"FSDP with mixed_precision {mixed_precision} would cast the 4-bit base, stored as {recipe.dtype}, to "
+            f"{wanted} and corrupt it: pass --dtype {wanted}")
+
+
+def check_distribution_took_effect(trainer, recipe: FinetuneRecipe) -> None:
+    """Stop a run whose distribution accelerate quietly changed.
+
+    accelerate 1.x falls back to no distribution when a config asks for FSDP without GPUs (each process then trains
+    its own copy) and to DDP when ACCELERATE_USE_CPU=true (measured with recipes/accelerate/fsdp.yaml).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    asked = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
+    got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    if trainer.is_fsdp_enabled and fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision)):
+        sys.exit(f"recipes/finetune.py: {fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision))}")
+    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
+        # FSDP1 inserts wrapper modules, and peft then finds no adapter under their names: it saves an empty adapter
+        sys.exit("recipes/finetune.py: FSDP1 is not supported; set fsdp_version: 2 (recipes/accelerate/fsdp.yaml)")
+    if (world_size > 1 and trainer.accelerator.num_processes != world_size) or (asked and asked[0] != got):
+        sys.exit(
+            f"recipes/finetune.py: the launch asked for {asked[0] if asked else 'distribution'} over {world_size} "
+            f"process(es) but accelerate set up {got} with {trainer.accelerator.num_processes}. FSDP and DeepSpeed "
+            "need GPUs; on CPU use DDP: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+            "recipes/finetune.py"
         )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
 
 
 def checked_inputs(recipe: FinetuneRecipe) -> tuple:
@@ -255,10 +322,12 @@ def run(recipe: FinetuneRecipe, inputs: Optional[tuple] = None) -> dict:
     config, (train_rows, eval_rows), args = inputs if inputs is not None else checked_inputs(recipe)
     model, tokenizer = load_model(recipe)
     model = get_peft_model(model, config)
+    keep_4bit_layers_on_the_training_path(model)
     model.print_trainable_parameters()
     trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_rows, tokenizer, recipe.max_length),
                       eval_dataset=tokenize(eval_rows, tokenizer, recipe.max_length),
                       data_collator=collate(tokenizer.pad_token_id))
+    check_distribution_took_effect(trainer, recipe)
     # Not trainer.evaluate() before trainer.train(): accelerate then marks the model as prepared for evaluation and a
     # distributed run trains without DDP's gradient all-reduce (transformers 5.x, measured).
     before = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
@@ -270,8 +339,10 @@ def run(recipe: FinetuneRecipe, inputs: Optional[tuple] = None) -> dict:
     print(f"after: {json.dumps(after)}")
     metrics = {"before": before, "after": after, "method": recipe.method,
                "trainable_parameters": model.get_nb_trainable_parameters()[0]}
+    # under FSDP every rank takes part in gathering the sharded adapter (FSDP2: get_model_state_dict, full)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        model.save_pretrained(os.path.join(recipe.output_dir, "adapter"))
+        model.save_pretrained(os.path.join(recipe.output_dir, "adapter"), state_dict=state_dict)
         save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
         with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2)

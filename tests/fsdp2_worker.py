@@ -12,23 +12,15 @@ import torch
 import torch.distributed as dist
 
 dist.init_process_group("gloo")
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-import subspace_peft  # noqa: E402
-from test_fsdp2 import tiny_llama  # noqa: E402
+from test_fsdp2 import method_config, tiny_llama  # noqa: E402
 
 method, out = sys.argv[1], sys.argv[2]
 rank = dist.get_rank()
-configs = {
-    "lora": LoraConfig(r=2, target_modules="all-linear"),
-    "pissa": subspace_peft.PiSSAConfig(r=2, target_modules="all-linear"),
-    "svfit": subspace_peft.SVFitConfig(r=2, target_modules="all-linear"),
-    "flora": subspace_peft.FLoRAConfig(r=2, target_modules="all-linear"),
-    "effort": subspace_peft.EffortConfig(target_modules="all-linear"),
-}
-model = get_peft_model(tiny_llama(), configs[method])
+model = get_peft_model(tiny_llama(), method_config(method))
 for layer in model.base_model.model.model.layers:
     fully_shard(layer)
 fully_shard(model)

@@ -179,3 +179,49 @@ print("DIFF", float((hub(input_ids=ids).logits - local(input_ids=ids).logits).ab
 """
         out = run_python(code, env={k: v for k, v in env.items() if k.startswith("HF_")})
     assert float(next(l for l in out.splitlines() if l.startswith("DIFF")).split()[1]) == 0.0
+
+
+def test_an_fsdp_launch_that_accelerate_cannot_honour_stops_before_training(tiny_model, tmp_path):
+    # without GPUs accelerate turns recipes/accelerate/fsdp.yaml into two undistributed processes, each of which
+    # would train its own copy; the recipe stops them before anything is written
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    config = os.path.join(ROOT, "recipes", "accelerate", "fsdp.yaml")
+    args = recipe_args(tiny_model, tmp_path / "run", method="lora", method_config=METHOD_CONFIGS["lora"])
+    proc = subprocess.run([accelerate, "launch", "--config_file", config, "--num_processes", "2", RECIPE, *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "the launch asked for FSDP over 2 process(es)" in proc.stderr and "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be written"
+
+
+def test_4bit_layers_evaluate_the_same_after_a_checkpoint_save(tmp_path):
+    # bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a 4-bit weight on its first no-grad evaluation forward and
+    # state_dict() unpacks it with bf16-rounded block scales; the recipe keeps 4-bit layers on the training path
+    import bitsandbytes.functional as bnb_functional
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # widths divisible by 32: the repacking path takes only those
+    tiny_model = str(tmp_path / "llama64")
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tiny_model)
+
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model_kwargs, peft_config
+
+    recipe = FinetuneRecipe(model=tiny_model, method="lora", quantization="4bit", method_config=METHOD_CONFIGS["lora"])
+    ids = torch.arange(1, 9).reshape(1, 8)
+    moved = {}
+    for keep in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, **load_model_kwargs(recipe))
+        model = get_peft_model(base, peft_config(recipe))
+        if keep:
+            keep_4bit_layers_on_the_training_path(model)
+        model.eval()
+        with torch.no_grad():
+            first = model(input_ids=ids).logits
+            model.state_dict()  # what every checkpoint save does
+            moved[keep] = float((model(input_ids=ids).logits - first).abs().max())
+    assert moved[True] == 0.0
+    if bnb_functional.has_avx512bf16():  # the repacking path exists on this CPU: without the fix, outputs move
+        assert moved[False] > 1e-4

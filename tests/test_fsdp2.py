@@ -22,7 +22,24 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "svfit", "flora", "effort"])
+METHODS = ["lora", "pissa", "svfit", "flora", "effort"]
+
+
+def method_config(method: str):
+    from peft import LoraConfig
+
+    import subspace_peft
+
+    return {
+        "lora": lambda: LoraConfig(r=2, target_modules="all-linear"),
+        "pissa": lambda: subspace_peft.PiSSAConfig(r=2, target_modules="all-linear"),
+        "svfit": lambda: subspace_peft.SVFitConfig(r=2, target_modules="all-linear"),
+        "flora": lambda: subspace_peft.FLoRAConfig(r=2, target_modules="all-linear"),
+        "effort": lambda: subspace_peft.EffortConfig(target_modules="all-linear"),
+    }[method]()
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_fsdp2_trains_and_saves_an_adapter_that_loads(method, tmp_path):
     from peft import PeftModel
 

@@ -207,6 +207,33 @@ def test_qpissa_trains_and_disable_adds_the_principal_part_back(tmp_path):
         model.merge_and_unload()
 
 
+def test_qpissa_quant_storage_sets_the_storage_dtype_and_keeps_the_outputs():
+    batch = inputs("minilm")
+    outputs = {}
+    for storage in (None, "float32", "bfloat16"):
+        config = PiSSAConfig(r=16, target_modules=["query", "value"], residual_quantization="nf4",
+                             residual_quant_storage=storage)
+        model = get_peft_model(build("minilm"), config)
+        bases = [layer.get_base_layer() for layer in pissa_layers(model).values()]
+        assert {b.weight.dtype for b in bases} == {getattr(torch, storage or "uint8")}
+        # the layer keeps the quant state too: bitsandbytes restores it from there when FSDP replaced the weight
+        assert all(b.quant_state is b.weight.quant_state for b in bases)
+        with torch.no_grad():
+            outputs[storage] = output_tensor(model(**batch))
+    # the storage dtype is a view of the same packed bytes: the computation is unchanged
+    assert torch.equal(outputs[None], outputs["float32"]) and torch.equal(outputs[None], outputs["bfloat16"])
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(residual_quant_storage="int4"), "residual_quant_storage must be"),
+    (dict(residual_quant_storage="float32"), "4-bit residuals only"),
+    (dict(residual_quantization="int8", residual_quant_storage="float32"), "4-bit residuals only"),
+])
+def test_qpissa_quant_storage_bad_values(values, message):
+    with pytest.raises(ValueError, match=message):
+        PiSSAConfig(r=2, **values)
+
+
 def test_second_adapter_on_qpissa_is_refused():
     model = get_peft_model(build("mlp"), PiSSAConfig(r=2, target_modules=["lin1"], residual_quantization="nf4"))
     with pytest.raises(ValueError, match="QPiSSA"):

@@ -17,18 +17,25 @@ def require_bitsandbytes() -> None:
         ) from error
 
 
-def quantize_residual(linear: nn.Linear, residual: torch.Tensor, kind: str) -> nn.Module:
-    """A bitsandbytes Linear holding ``Q(residual)`` and sharing ``linear``'s bias; ``linear`` is left untouched."""
+def quantize_residual(linear: nn.Linear, residual: torch.Tensor, kind: str, storage: str | None = None) -> nn.Module:
+    """A bitsandbytes Linear holding ``Q(residual)`` and sharing ``linear``'s bias; ``linear`` is left untouched.
+    ``storage`` names the dtype 4-bit data is stored in (None: uint8)."""
     import bitsandbytes as bnb
 
     device, dtype = linear.weight.device, linear.weight.dtype
     has_bias = linear.bias is not None
     residual = residual.to(dtype).contiguous()
     if kind in ("nf4", "fp4"):
+        quant_storage = getattr(torch, storage or "uint8")
         quantized = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype, quant_type=kind, device="meta"
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype, quant_type=kind,
+            quant_storage=quant_storage, device="meta",
         )
-        quantized.weight = bnb.nn.Params4bit(residual.cpu(), requires_grad=False, quant_type=kind)
+        # module=: bitsandbytes then keeps the quant state on the layer too, and restores it from there when FSDP
+        # has replaced the weight by a plain tensor view
+        quantized.weight = bnb.nn.Params4bit(
+            residual.cpu(), requires_grad=False, quant_type=kind, quant_storage=quant_storage, module=quantized
+        )
     elif kind == "int8":
         quantized = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0,

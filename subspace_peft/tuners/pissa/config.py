@@ -31,6 +31,9 @@ class PiSSAConfig(SVDInitConfig):
         residual_quantization: ``None``, ``"nf4"``, ``"fp4"`` or ``"int8"``. With it set, the base weight of each
             adapted nn.Linear is replaced by the bitsandbytes-quantised residual ``Q(W - s B_0 A_0)`` (QPiSSA). The
             base must be loaded in full precision: the residual is computed before quantisation.
+        residual_quant_storage: the dtype nf4/fp4 residuals are stored in: ``None`` (uint8, bitsandbytes' default) or
+            ``"float32"``, ``"bfloat16"``, ``"float16"``. FSDP over a QPiSSA model needs the dtype FSDP shards the
+            other parameters in (the same as ``BitsAndBytesConfig(bnb_4bit_quant_storage=...)`` for QLoRA).
     """
 
     r: int = field(default=8)
@@ -41,6 +44,7 @@ class PiSSAConfig(SVDInitConfig):
     rank_pattern: Optional[dict] = field(default_factory=dict)
     alpha_pattern: Optional[dict] = field(default_factory=dict)
     residual_quantization: Optional[Literal["nf4", "fp4", "int8"]] = field(default=None)
+    residual_quant_storage: Optional[Literal["uint8", "float32", "bfloat16", "float16"]] = field(default=None)
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +54,16 @@ class PiSSAConfig(SVDInitConfig):
         if self.residual_quantization not in (None, "nf4", "fp4", "int8"):
             raise ValueError(
                 f"residual_quantization must be None, 'nf4', 'fp4' or 'int8', got {self.residual_quantization!r}"
+            )
+        if self.residual_quant_storage not in (None, "uint8", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                "residual_quant_storage must be None, 'uint8', 'float32', 'bfloat16' or 'float16', got "
+                f"{self.residual_quant_storage!r}"
+            )
+        if self.residual_quant_storage is not None and self.residual_quantization not in ("nf4", "fp4"):
+            raise ValueError(
+                "residual_quant_storage applies to 4-bit residuals only: set residual_quantization='nf4' or 'fp4', "
+                "or drop residual_quant_storage"
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")

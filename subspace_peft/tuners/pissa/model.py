@@ -79,5 +79,7 @@ class PiSSAModel(SVDTuner):
                 )
             a, b = factors
             residual = target.weight.float() - (layer_kwargs["lora_alpha"] / planned.r) * (b @ a)
-            target = quantize_residual(target, residual, config.residual_quantization)
+            target = quantize_residual(
+                target, residual, config.residual_quantization, config.residual_quant_storage
+            )
         return create_layer(target, adapter_name, **layer_kwargs), target
