@@ -14,6 +14,7 @@ from . import merging  # noqa: E402
 from .export import export_lora  # noqa: E402
 from .hub import model_card, push_adapter  # noqa: E402
 from .registry import Method, register  # noqa: E402
+from .spectrum import LayerSpectrum, Spectrum, spectrum  # noqa: E402
 from .tuners.effort import EffortConfig, EffortModel  # noqa: E402
 from .tuners.flora import FLoRAConfig, FLoRAModel  # noqa: E402
 from .tuners.pissa import PiSSAConfig, PiSSAModel  # noqa: E402
@@ -27,5 +28,5 @@ register(Method("flora", FLoRAConfig, FLoRAModel))
 __version__ = "0.1.0"
 __all__ = [
     "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig", "SVFitModel",
-    "export_lora", "merging", "model_card", "push_adapter", "__version__",
+    "LayerSpectrum", "Spectrum", "export_lora", "merging", "model_card", "push_adapter", "spectrum", "__version__",
 ]

@@ -1,0 +1,160 @@
+"""Singular-value spectra of a model's weights: how much of each weight the top-r singular subspace holds.
+
+``spectrum(model, target_modules)`` answers "which rank keeps 90% of this layer?" before choosing a PiSSA or SVFit
+rank (or an Effort ``residual_rank``), and draws every layer's energy curve into one PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .linalg.svd import energy_rank
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """The singular values of one weight, as the (d_out, d_in) matrix an adapter factorises."""
+
+    name: str
+    shape: tuple[int, int]
+    singular_values: torch.Tensor  # descending, float32, on the CPU
+
+    @property
+    def energy(self) -> torch.Tensor:
+        """Share of sum(sigma^2) (the squared Frobenius norm) kept by the top r, for r = 1 .. min(shape)."""
+        power = self.singular_values.double().pow(2)
+        return power.cumsum(0) / power.sum()
+
+    def rank_for(self, energy: float) -> int:
+        """The smallest rank whose top singular values hold at least ``energy`` of sum(sigma^2)."""
+        return energy_rank(self.singular_values, energy)
+
+    def energy_at(self, rank: int) -> float:
+        """Share of sum(sigma^2) in the top ``rank`` singular values."""
+        if not 1 <= rank <= len(self.singular_values):
+            raise ValueError(f"rank must lie in [1, {len(self.singular_values)}] for layer '{self.name}', got {rank}")
+        return float(self.energy[rank - 1])
+
+    @property
+    def kind(self) -> str:
+        """The last part of the module name (``q_proj``, ``query``, ...): layers of one kind are drawn alike."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Spectrum:
+    layers: dict[str, LayerSpectrum]
+
+    def ranks_for(self, energy: float) -> dict[str, int]:
+        return {name: layer.rank_for(energy) for name, layer in self.layers.items()}
+
+    def energy_at(self, rank: int) -> dict[str, float]:
+        """Share of each layer's energy in its top ``rank`` (capped at the layer's min(d_out, d_in))."""
+        return {name: layer.energy_at(min(rank, len(layer.singular_values))) for name, layer in self.layers.items()}
+
+    def by_kind(self) -> dict[str, list[LayerSpectrum]]:
+        kinds: dict[str, list[LayerSpectrum]] = {}
+        for layer in self.layers.values():
+            kinds.setdefault(layer.kind, []).append(layer)
+        return kinds
+
+    def summary(self, energy: float = 0.9, rank: int = 16) -> str:
+        """A markdown table per layer kind: shape, median rank keeping ``energy``, median energy in the top ``rank``."""
+        lines = [f"| layers | count | shape | median rank for {energy:.0%} energy | median energy in top {rank} |",
+                 "|---|---|---|---|---|"]
+        for kind, layers in self.by_kind().items():
+            ranks = torch.tensor([layer.rank_for(energy) for layer in layers], dtype=torch.float64)
+            kept = torch.tensor([layer.energy_at(min(rank, len(layer.singular_values))) for layer in layers])
+            shapes = sorted({layer.shape for layer in layers})
+            shape = " ".join(f"{a}x{b}" for a, b in shapes)
+            lines.append(f"| {kind} | {len(layers)} | {shape} | {ranks.median().item():.0f} of "
+                         f"{min(layers[0].shape)} | {kept.median().item():.3f} |")
+        return "\n".join(lines)
+
+    def plot(self, path: Union[str, os.PathLike], energy: float = 0.9, title: Optional[str] = None) -> str:
+        """Save a PNG: left, every layer's cumulative energy against rank (one colour per layer kind); right, the
+        rank keeping ``energy`` per layer, in model order. Returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (curves, ranks) = plt.subplots(1, 2, figsize=(12, 4.5))
+        colours = plt.get_cmap("tab10")
+        for index, (kind, layers) in enumerate(self.by_kind().items()):
+            colour = colours(index % 10)
+            for number, layer in enumerate(layers):
+                steps = torch.arange(1, len(layer.singular_values) + 1)
+                curves.plot(steps.numpy(), layer.energy.numpy(), color=colour, alpha=0.35, linewidth=0.8,
+                            label=kind if number == 0 else None)
+            positions = [list(self.layers).index(layer.name) for layer in layers]
+            ranks.scatter(positions, [layer.rank_for(energy) for layer in layers], color=colour, s=10, label=kind)
+        curves.axhline(energy, color="grey", linestyle="--", linewidth=0.8)
+        curves.set(xscale="log", xlabel="rank r", ylabel="share of sum(sigma^2) in the top r",
+                   title="energy curves")
+        curves.legend(fontsize=7)
+        ranks.set(xlabel="layer (model order)", ylabel=f"rank for {energy:.0%} energy",
+                  title=f"rank keeping {energy:.0%} of each layer")
+        ranks.legend(fontsize=7)
+        if title:
+            figure.suptitle(title)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return os.fspath(path)
+
+
+def spectrum(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str]] = "all-linear",
+    exclude_modules: Union[str, Sequence[str], None] = None,
+    show_progress: bool = True,
+) -> Spectrum:
+    """Singular values of every weight ``target_modules`` selects (peft's matching rules, "all-linear" included).
+
+    Works on a transformers model, any nn.Module (with explicit names) or a PeftModel (the base weights are read).
+    Weights are decomposed in fp32 on their own device. A selected layer that is not a Linear, Conv1D, ConvNd or
+    Embedding, or whose weight is not floating point, is a ValueError naming it.
+
+    >>> report = spectrum(model, "all-linear")
+    >>> report.ranks_for(0.9)          # {"model.layers.0.self_attn.q_proj": 301, ...}
+    >>> report.plot("spectrum.png")
+    """
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from tqdm.auto import tqdm
+
+    from .tuners.targets import SUPPORTED_NAMES, SUPPORTED_TYPES, base_layer_of, weight_matrix
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    config = _maybe_include_all_linear_layers(
+        LoraConfig(target_modules=target_modules, exclude_modules=exclude_modules), model)
+    selected = []
+    for name, module in model.named_modules():
+        matched = check_target_module_exists(config, name) if name else None
+        if not matched or type(matched).__name__ == "_ExcludedModule":
+            continue
+        base = base_layer_of(module)
+        if not isinstance(base, SUPPORTED_TYPES):
+            raise ValueError(f"layer '{name}' is {type(base).__name__}; spectrum reads {SUPPORTED_NAMES}: narrow "
+                             "target_modules")
+        if not base.weight.dtype.is_floating_point:
+            raise ValueError(f"layer '{name}' holds a {base.weight.dtype} (quantised) weight: load the model in "
+                             "full precision to read its spectrum")
+        selected.append((name, base))
+    if not selected:
+        raise ValueError(f"target_modules={target_modules!r} matched no module; module names look like "
+                         f"{[n for n, _ in list(model.named_modules())[1:4]]}")
+    layers = {}
+    with torch.no_grad():
+        for name, base in tqdm(selected, desc="spectrum", disable=not show_progress or len(selected) < 8, leave=False):
+            matrix = weight_matrix(base).float()
+            values = torch.linalg.svdvals(matrix).cpu()
+            layers[name] = LayerSpectrum(name=name, shape=tuple(matrix.shape), singular_values=values)
+    return Spectrum(layers)
