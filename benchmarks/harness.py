@@ -53,8 +53,15 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def print_table(rows: dict[str, dict], reference: str) -> None:
     ref = rows.get(reference, next(iter(rows.values())))
-    print(markdown_table(
-        ["method", "trainable params", "step s", "step / LoRA", "peak RSS MiB", "peak / LoRA"],
-        [[method, f"{row['trainable']:,.0f}", f"{row['step_s']:.3f}", f"{row['step_s'] / ref['step_s']:.3f}x",
-          f"{row['peak_mib']:.0f}", f"{row['peak_mib'] / ref['peak_mib']:.3f}x"] for method, row in rows.items()],
-    ))
+    headers = ["method", "trainable params", "step s", "step / LoRA", "peak RSS MiB", "peak / LoRA"]
+    extra = "init_s" in ref  # newer children also time the init and measure the saved adapter
+    if extra:
+        headers += ["init s", "adapter MiB"]
+    table = []
+    for method, row in rows.items():
+        cells = [method, f"{row['trainable']:,.0f}", f"{row['step_s']:.3f}", f"{row['step_s'] / ref['step_s']:.3f}x",
+                 f"{row['peak_mib']:.0f}", f"{row['peak_mib'] / ref['peak_mib']:.3f}x"]
+        if extra:
+            cells += [f"{row['init_s']:.2f}", f"{row['adapter_mib']:.2f}"]
+        table.append(cells)
+    print(markdown_table(headers, table))

@@ -126,13 +126,15 @@ def training_arguments(recipe: FinetuneRecipe):
 
 
 def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """input_ids of prompt + answer + eos, with labels only on the answer (the prompt is masked with -100)."""
+    """input_ids of prompt + answer + eos, with labels only on the answer (the prompt is masked with -100);
+    ``answer_length`` counts the answer's tokens without the eos."""
     examples = []
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + answer)[:max_length]
-        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + answer)[:max_length]})
+        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + answer)[:max_length],
+                         "answer_length": max(0, min(len(answer) - 1, max_length - len(prompt)))})
     return examples
 
 
@@ -153,36 +155,34 @@ def collate(pad_id: int):
     return pad
 
 
-def eval_loss(model, examples: list[dict], collator, batch_size: int = 16) -> float:
-    """Mean loss per answer token over ``examples`` (the same on every process)."""
+def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
+    """``eval_loss``: mean loss per answer token over ``examples`` (from :func:`tokenize`); ``exact_match``: share of
+    examples whose greedy continuation starts with the answer. One forward pass per batch gives both (the same on
+    every process).
+
+    Exact match is teacher-forced: greedy decoding produces the answer exactly when each answer token is the argmax
+    given the prompt and the answer tokens before it, which is what is checked (ties aside).
+    """
     import torch
 
     model.eval()
     total = count = 0.0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(model.device) for k, v in collator(examples[start:start + batch_size]).items()}
-            tokens = float((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * tokens
-            count += tokens
-    return total / count
-
-
-def exact_match(model, tokenizer, rows: list[dict]) -> float:
-    """Share of rows whose greedy continuation starts with the answer."""
-    import torch
-
-    model.eval()
     hits = 0
     with torch.no_grad():
-        for row in rows:
-            ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)
-            ids = {k: v.to(model.device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
-            target = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
-            out = model.generate(**ids, max_new_tokens=len(target) + 1, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-            hits += out[0, ids["input_ids"].shape[1]:].tolist()[: len(target)] == target
-    return hits / len(rows)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
+            outputs = model(**batch)
+            tokens = float((batch["labels"][:, 1:] != -100).sum())
+            total += float(outputs.loss) * tokens
+            count += tokens
+            predicted = outputs.logits.argmax(-1)
+            for row, example in enumerate(chunk):
+                # labels[t] is predicted at position t - 1; the answer's first token follows the prompt's last
+                positions = (batch["labels"][row] != -100).nonzero().flatten()[: example["answer_length"]]
+                if len(positions):
+                    hits += bool((predicted[row, positions - 1] == batch["labels"][row, positions]).all())
+    return {"eval_loss": total / count, "exact_match": hits / len(examples)}
 
 
 def last_complete_checkpoint(output_dir: str) -> str:
@@ -330,12 +330,10 @@ def run(recipe: FinetuneRecipe, inputs: Optional[tuple] = None) -> dict:
     check_distribution_took_effect(trainer, recipe)
     # Not trainer.evaluate() before trainer.train(): accelerate then marks the model as prepared for evaluation and a
     # distributed run trains without DDP's gradient all-reduce (transformers 5.x, measured).
-    before = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
-              "exact_match": exact_match(model, tokenizer, eval_rows)}
+    before = answer_metrics(model, trainer.eval_dataset, trainer.data_collator)
     print(f"before: {json.dumps(before)}")
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(recipe.output_dir) if recipe.resume else None)
-    after = {"eval_loss": eval_loss(model, trainer.eval_dataset, trainer.data_collator),
-             "exact_match": exact_match(model, tokenizer, eval_rows)}
+    after = answer_metrics(model, trainer.eval_dataset, trainer.data_collator)
     print(f"after: {json.dumps(after)}")
     metrics = {"before": before, "after": after, "method": recipe.method,
                "trainable_parameters": model.get_nb_trainable_parameters()[0]}

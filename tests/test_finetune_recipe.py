@@ -225,3 +225,28 @@ def test_4bit_layers_evaluate_the_same_after_a_checkpoint_save(tmp_path):
     assert moved[True] == 0.0
     if bnb_functional.has_avx512bf16():  # the repacking path exists on this CPU: without the fix, outputs move
         assert moved[False] > 1e-4
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(tiny_model):
+    # the recipe scores exact match in one forward pass; it must agree with what model.generate produces greedily
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from finetune import answer_metrics, collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    eos = tokenizer.sep_token_id  # a BERT tokenizer, as the recipe uses it
+    examples, generator = [], torch.Generator().manual_seed(0)
+    for length in (3, 5, 7, 4, 6, 3, 8, 5):
+        prompt = torch.randint(5, 1000, (1, length), generator=generator)
+        greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)[0, length:].tolist()
+        ids = prompt[0].tolist() + greedy + [eos]
+        examples.append({"input_ids": ids, "labels": [-100] * length + greedy + [eos],
+                         "answer_length": len(greedy)})
+    collator = collate(tokenizer.pad_token_id)
+    assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 1.0  # batches mix lengths: padding is ignored
+    for example in examples[::2]:  # a wrong second answer token in half of them
+        example["input_ids"][-3] = example["labels"][-3] = (example["labels"][-3] + 1) % 1000
+    assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 0.5

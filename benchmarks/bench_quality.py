@@ -1,0 +1,312 @@
+"""Fine-tuning quality on SmolLM2-135M: every method on the same data for the same steps, each at the best learning
+rate of a small sweep; QPiSSA against QLoRA; forgetting of pretraining-like text.
+
+    pip install -e ".[bench]"; python benchmarks/bench_quality.py [--steps 80] [--out benchmarks/results]
+
+Data: the AFINN-en-165 valence lexicon (3,382 English words, each rated -5..+5 by hand by Finn Arup Nielsen), which
+the PyPI package ``afinn`` ships. It is a real, human-labelled dataset that installs offline, its prompts are a few
+tokens (so a CPU run stays short), and the answer is one integer, so exact match is unambiguous. Prompt
+``Sentiment of "abandon" from -5 to 5:``, answer `` -2``; shuffled once (seed 0) into 400 test, 200 validation and
+2,782 training words. Loss on the answer tokens only.
+
+Every run: SmolLM2-135M-Instruct in fp32, all linear layers adapted (r=16; SVFit its top 16 singular values, Effort
+16 minor components, so LoRA, PiSSA, FLoRA and Effort train about the same number of parameters), AdamW at a
+constant learning rate, batch 8, ``--steps`` steps, the same batches in the same order. The learning rate of each
+method is the one with the lowest validation loss among its grid (LRS); its adapter is then evaluated on the test
+words (loss per answer token and exact match of the greedy answer) and on pretraining-like text (loss per token on
+128-token chunks of Python standard-library source, code and docstrings like the corpora SmolLM2 was trained on):
+the rise of that loss over the base model's is the forgetting. QLoRA (nf4 base) and QPiSSA (nf4 residual) train at
+the best learning rate of LoRA and PiSSA; their quantisation error (nuclear norm of W minus what the model computes
+with, summed over layers, at init) is measured on the same layers. Writes quality.md, quality.json and
+loss_curves.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+RANK = 16
+LRS = {
+    "full": [1e-5, 3e-5, 1e-4],
+    "lora": [1e-4, 3e-4, 1e-3],
+    "pissa": [3e-5, 1e-4, 3e-4],
+    "svfit": [1e-3, 3e-3, 1e-2],
+    "flora": [1e-4, 3e-4, 1e-3],
+    "effort": [1e-4, 3e-4, 1e-3],
+}
+LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft)", "pissa": "PiSSA", "svfit": "SVFit", "flora": "FLoRA",
+          "effort": "Effort", "qlora": "QLoRA (peft, nf4 base)", "qpissa": "QPiSSA (nf4 residual)"}
+BATCH = 8
+PRETRAIN_MODULES = ["json.decoder", "argparse", "textwrap", "functools", "pathlib", "csv", "statistics", "shutil"]
+
+
+def afinn_splits() -> dict[str, list[dict]]:
+    import afinn
+
+    path = os.path.join(os.path.dirname(afinn.__file__), "data", "AFINN-en-165.txt")
+    with open(path, encoding="utf-8") as handle:
+        pairs = [line.rstrip("\n").rsplit("\t", 1) for line in handle if line.strip()]
+    rows = [{"prompt": f'Sentiment of "{word}" from -5 to 5:', "answer": f" {int(score)}"} for word, score in pairs]
+    random.Random(0).shuffle(rows)
+    return {"test": rows[:400], "validation": rows[400:600], "train": rows[600:]}
+
+
+def pretraining_like_chunks(tokenizer, count: int = 32, length: int = 128) -> list[list[int]]:
+    import importlib
+    import inspect
+
+    ids: list[int] = []
+    for name in PRETRAIN_MODULES:
+        ids += tokenizer(inspect.getsource(importlib.import_module(name)), add_special_tokens=False)["input_ids"]
+    chunks = [ids[start:start + length] for start in range(0, len(ids) - length, length)]
+    return chunks[:: max(1, len(chunks) // count)][:count]
+
+
+def method_recipe(method: str):
+    from finetune import FinetuneRecipe
+
+    quantization = "4bit" if method in ("qlora", "qpissa") else "none"
+    base = {"qlora": "lora", "qpissa": "pissa"}.get(method, method)
+    configs = {
+        "lora": {"r": RANK, "lora_alpha": RANK, "target_modules": "all-linear"},
+        "pissa": {"r": RANK, "lora_alpha": RANK, "target_modules": "all-linear", "init": "randomized", "niter": 4},
+        "svfit": {"r": RANK, "target_modules": "all-linear", "init": "randomized", "niter": 4},
+        "flora": {"r": RANK, "target_modules": "all-linear"},
+        "effort": {"residual_rank": RANK, "target_modules": "all-linear"},
+    }
+    return FinetuneRecipe(method=base if base != "full" else "lora", method_config=configs.get(base, {}),
+                          quantization=quantization)
+
+
+def build(method: str):
+    """(model, tokenizer) ready to train: the base for full fine-tuning, else the wrapped model."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import keep_4bit_layers_on_the_training_path, load_model_kwargs, peft_config
+    from models import smollm2_path
+
+    torch.manual_seed(0)
+    recipe = method_recipe(method)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), **load_model_kwargs(recipe))
+    if method != "full":
+        model = get_peft_model(model, peft_config(recipe))
+        keep_4bit_layers_on_the_training_path(model)
+    return model, tokenizer
+
+
+def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
+    import torch
+
+    from finetune import answer_metrics, collate, tokenize
+
+    model, tokenizer = build(method)
+    splits = afinn_splits()
+    train_set = tokenize(splits["train"], tokenizer, 64)
+    collator = collate(tokenizer.pad_token_id)
+    order = random.Random(1).sample(range(len(train_set)), len(train_set))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    losses, start = [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        picks = [order[(step * BATCH + i) % len(order)] for i in range(BATCH)]
+        loss = model(**collator([train_set[i] for i in picks])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    seconds = time.perf_counter() - start
+    validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
+    model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
+    return {"method": method, "lr": lr, "train_losses": losses, "validation_loss": validation["eval_loss"],
+            "validation_exact_match": validation["exact_match"],
+            "train_seconds": seconds, "trainable": sum(p.numel() for p in trainable)}
+
+
+def evaluate(method: str, run_dir: str | None) -> dict:
+    """Test loss, test exact match and pretraining-like loss of a trained run (``run_dir``) or of the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import answer_metrics, collate, keep_4bit_layers_on_the_training_path, load_model_kwargs, tokenize
+    from models import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    if method == "full" and run_dir:
+        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), **load_model_kwargs(method_recipe(method)))
+        if run_dir:
+            import subspace_peft  # noqa: F401  (our adapter types)
+
+            model = PeftModel.from_pretrained(model, run_dir)
+            keep_4bit_layers_on_the_training_path(model)
+    test = afinn_splits()["test"]
+    collator = collate(tokenizer.pad_token_id)
+    chunks = pretraining_like_chunks(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        pretrain = statistics.mean(
+            float(model(input_ids=torch.tensor([chunk]), labels=torch.tensor([chunk])).loss) for chunk in chunks)
+    metrics = answer_metrics(model, tokenize(test, tokenizer, 64), collator)
+    return {"test_loss": metrics["eval_loss"], "exact_match": metrics["exact_match"], "pretrain_loss": pretrain}
+
+
+def quantisation_errors() -> dict:
+    """Nuclear-norm error of QLoRA (W - deq(Q(W))) and QPiSSA (W - deq(Q(W - BA)) - BA) at init, summed over the
+    all-linear layers of SmolLM2 at r=16, nf4."""
+    import torch
+    from torch import nn
+
+    from models import smollm2_path
+    from safetensors.torch import load_file
+    from subspace_peft.linalg import truncated_svd
+    from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
+
+    weights = load_file(os.path.join(smollm2_path(), "model.safetensors"))
+    qlora = qpissa = 0.0
+    for key, weight in weights.items():
+        if weight.ndim != 2 or "embed" in key:
+            continue
+        weight = weight.float()
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        qlora += torch.linalg.matrix_norm(weight - dequantized_weight(quantize_residual(plain, weight, "nf4")), ord="nuc").item()
+        u, s, vh = truncated_svd(weight, RANK)
+        principal = (u * s) @ vh
+        residual = dequantized_weight(quantize_residual(plain, weight - principal, "nf4"))
+        qpissa += torch.linalg.matrix_norm(weight - residual - principal, ord="nuc").item()
+    return {"qlora": qlora, "qpissa": qpissa, "ratio": qpissa / qlora}
+
+
+def child_call(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def plot_curves(best: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for method, run in best.items():
+        losses = run["train_losses"]
+        window = 10  # moving average over 10 steps (80 examples): single batches of 8 words are noisy
+        smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+        axis.plot(range(1, len(losses) + 1), smooth, label=f"{LABELS[method]} (lr {run['lr']:g})")
+    axis.set(xlabel="step (batch 8)", ylabel="training loss per answer token (10-step mean)", yscale="log",
+             title="SmolLM2-135M on AFINN-165 word valence, each method at its best learning rate")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--methods", nargs="+", default=list(LRS))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--train", nargs=2, metavar=("METHOD", "LR"))
+    parser.add_argument("--evaluate", nargs="+", metavar=("METHOD", "RUN_DIR"))
+    parser.add_argument("--run-dir")
+    parser.add_argument("--quant-errors", action="store_true")
+    args = parser.parse_args()
+    if args.train:
+        print("RESULT " + json.dumps(train(args.train[0], float(args.train[1]), args.steps, args.run_dir)))
+        return
+    if args.evaluate:
+        print("RESULT " + json.dumps(evaluate(args.evaluate[0], args.evaluate[1] if len(args.evaluate) > 1 else None)))
+        return
+    if args.quant_errors:
+        print("RESULT " + json.dumps(quantisation_errors()))
+        return
+
+    from harness import markdown_table
+
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    runs_root = tempfile.mkdtemp(prefix="bench_quality_")
+    sweep: dict[str, list[dict]] = {}
+    best: dict[str, dict] = {}
+    for method in args.methods:
+        for lr in LRS[method]:
+            run_dir = os.path.join(runs_root, f"{method}-{lr:g}")
+            result = child_call(["--train", method, str(lr), "--steps", str(args.steps), "--run-dir", run_dir])
+            result["run_dir"] = run_dir
+            sweep.setdefault(method, []).append(result)
+            print(f"{method} lr {lr:g}: validation loss {result['validation_loss']:.4f} "
+                  f"({result['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
+        best[method] = min(sweep[method], key=lambda r: r["validation_loss"])
+        for run in sweep[method]:
+            if run is not best[method]:
+                shutil.rmtree(run["run_dir"], ignore_errors=True)
+    for quantised, full_precision in (("qlora", "lora"), ("qpissa", "pissa")):
+        if full_precision in best:
+            lr = best[full_precision]["lr"]
+            run_dir = os.path.join(runs_root, f"{quantised}-{lr:g}")
+            best[quantised] = child_call(["--train", quantised, str(lr), "--steps", str(args.steps), "--run-dir", run_dir])
+            best[quantised]["run_dir"] = run_dir
+            print(f"{quantised} lr {lr:g}: validation loss {best[quantised]['validation_loss']:.4f}", file=sys.stderr)
+    base = child_call(["--evaluate", "lora"])
+    for method, run in best.items():
+        run.update(child_call(["--evaluate", method, run["run_dir"]]))
+        print(f"{method}: {run['test_loss']:.4f} / {run['exact_match']:.3f}", file=sys.stderr, flush=True)
+    errors = child_call(["--quant-errors"])
+
+    plot_curves(best, os.path.join(args.out, "loss_curves.png"))
+    sweep_table = markdown_table(
+        ["method", *[f"lr {i + 1}" for i in range(3)]],
+        [[LABELS[m], *[f"{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}" for r in runs]]
+         for m, runs in sweep.items()])
+    result_rows = [["base model (no fine-tuning)", "-", "-", f"{base['test_loss']:.4f}", f"{base['exact_match']:.3f}",
+                    f"{base['pretrain_loss']:.4f}", "-"]]
+    for method, run in best.items():
+        result_rows.append([LABELS[method], f"{run['trainable']:,}", f"{run['lr']:g}", f"{run['test_loss']:.4f}",
+                            f"{run['exact_match']:.3f}", f"{run['pretrain_loss']:.4f}",
+                            f"{run['pretrain_loss'] - base['pretrain_loss']:+.4f}"])
+    results_table = markdown_table(
+        ["method", "trainable params", "best lr", "test loss", "test exact match", "pretraining-like loss",
+         "forgetting (rise)"], result_rows)
+    quant_table = markdown_table(
+        ["", "QLoRA", "QPiSSA", "QPiSSA / QLoRA"],
+        [["nuclear-norm quantisation error at init (sum over layers)", f"{errors['qlora']:.1f}",
+          f"{errors['qpissa']:.1f}", f"{errors['ratio']:.3f}"],
+         ["test loss after the same steps", f"{best['qlora']['test_loss']:.4f}" if "qlora" in best else "-",
+          f"{best['qpissa']['test_loss']:.4f}" if "qpissa" in best else "-", ""]])
+    report = (f"SmolLM2-135M-Instruct, AFINN-165 word valence, {args.steps} steps of batch 8, all linear layers, "
+              f"r={RANK}. Wall time {time.perf_counter() - started:.0f} s.\n\n"
+              f"Validation loss / exact match per learning rate (the sweep; the lowest loss picks the rate):\n\n{sweep_table}\n\n"
+              f"Each method at its best learning rate (400 test words; pretraining-like text: 32 chunks of 128 "
+              f"tokens of Python standard-library source):\n\n{results_table}\n\n"
+              f"QPiSSA against QLoRA (nf4, r={RANK}):\n\n{quant_table}\n")
+    with open(os.path.join(args.out, "quality.md"), "w") as handle:
+        handle.write(report)
+    with open(os.path.join(args.out, "quality.json"), "w") as handle:
+        json.dump({"sweep": sweep, "best": best, "base": base, "quantisation_errors": errors}, handle, indent=1)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
