@@ -125,19 +125,23 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
     order = random.Random(1).sample(range(len(train_set)), len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    losses, start = [], time.perf_counter()
+    losses, regularisers, start = [], [], time.perf_counter()
     model.train()
     for step in range(steps):
         picks = [order[(step * BATCH + i) % len(order)] for i in range(BATCH)]
         loss = model(**collator([train_set[i] for i in picks])).loss
+        # Effort's forward hook added its weighted losses; the curves compare the task loss
+        regulariser = float(model.base_model.subspace_loss()) if method == "effort" else 0.0
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss) - regulariser)
+        regularisers.append(regulariser)
     seconds = time.perf_counter() - start
     validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
     model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
-    return {"method": method, "lr": lr, "train_losses": losses, "validation_loss": validation["eval_loss"],
+    return {"method": method, "lr": lr, "train_losses": losses, "regulariser": regularisers,
+            "validation_loss": validation["eval_loss"],
             "validation_exact_match": validation["exact_match"],
             "train_seconds": seconds, "trainable": sum(p.numel() for p in trainable)}
 
@@ -217,7 +221,7 @@ def plot_curves(best: dict[str, dict], path: str) -> None:
         window = 10  # moving average over 10 steps (80 examples): single batches of 8 words are noisy
         smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
         axis.plot(range(1, len(losses) + 1), smooth, label=f"{LABELS[method]} (lr {run['lr']:g})")
-    axis.set(xlabel="step (batch 8)", ylabel="training loss per answer token (10-step mean)", yscale="log",
+    axis.set(xlabel="step (batch 8)", ylabel="task loss per answer token (10-step mean)", yscale="log",
              title="SmolLM2-135M on AFINN-165 word valence, each method at its best learning rate")
     axis.legend(fontsize=8)
     figure.tight_layout()
