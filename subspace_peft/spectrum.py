@@ -86,14 +86,14 @@ class Spectrum:
 
         figure, (curves, ranks) = plt.subplots(1, 2, figsize=(12, 4.5))
         colours = plt.get_cmap("tab10")
+        order = {name: position for position, name in enumerate(self.layers)}
         for index, (kind, layers) in enumerate(self.by_kind().items()):
             colour = colours(index % 10)
             for number, layer in enumerate(layers):
                 steps = torch.arange(1, len(layer.singular_values) + 1)
                 curves.plot(steps.numpy(), layer.energy.numpy(), color=colour, alpha=0.35, linewidth=0.8,
                             label=kind if number == 0 else None)
-            positions = [list(self.layers).index(layer.name) for layer in layers]
-            ranks.scatter(positions, [layer.rank_for(energy) for layer in layers], color=colour, s=10, label=kind)
+            ranks.scatter([order[layer.name] for layer in layers], [layer.rank_for(energy) for layer in layers], color=colour, s=10, label=kind)
         curves.axhline(energy, color="grey", linestyle="--", linewidth=0.8)
         curves.set(xscale="log", xlabel="rank r", ylabel="share of sum(sigma^2) in the top r",
                    title="energy curves")
