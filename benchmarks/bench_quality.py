@@ -98,15 +98,12 @@ def build(method: str):
     """(model, tokenizer) ready to train: the base for full fine-tuning, else the wrapped model."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import keep_4bit_layers_on_the_training_path, load_model_kwargs, peft_config
-    from models import smollm2_path
+    from finetune import keep_4bit_layers_on_the_training_path, load_model, peft_config
 
     torch.manual_seed(0)
     recipe = method_recipe(method)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), **load_model_kwargs(recipe))
+    model, tokenizer = load_model(recipe)
     if method != "full":
         model = get_peft_model(model, peft_config(recipe))
         keep_4bit_layers_on_the_training_path(model)
@@ -152,14 +149,14 @@ def evaluate(method: str, run_dir: str | None) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import answer_metrics, collate, keep_4bit_layers_on_the_training_path, load_model_kwargs, tokenize
+    from finetune import answer_metrics, collate, keep_4bit_layers_on_the_training_path, load_model, tokenize
     from models import smollm2_path
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     if method == "full" and run_dir:
         model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     else:
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), **load_model_kwargs(method_recipe(method)))
+        model, tokenizer = load_model(method_recipe(method))
         if run_dir:
             import subspace_peft  # noqa: F401  (our adapter types)
 

@@ -294,8 +294,9 @@ def check_distribution_took_effect(trainer, recipe: FinetuneRecipe) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     asked = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    if trainer.is_fsdp_enabled and fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision)):
-        sys.exit(f"recipes/finetune.py: {fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision))}")
+    mismatch = trainer.is_fsdp_enabled and fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision))
+    if mismatch:
+        sys.exit(f"recipes/finetune.py: {mismatch}")
     if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
         # FSDP1 inserts wrapper modules, and peft then finds no adapter under their names: it saves an empty adapter
         sys.exit("recipes/finetune.py: FSDP1 is not supported; set fsdp_version: 2 (recipes/accelerate/fsdp.yaml)")

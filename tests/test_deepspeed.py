@@ -3,15 +3,11 @@ adapter equals the one trained in a single process on the same global batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from parity import rel_err
-from test_fsdp2 import METHODS, TESTS_DIR, method_config, tiny_llama
+from test_fsdp2 import METHODS, method_config, run_two_ranks, tiny_llama
 
 pytest.importorskip("deepspeed")
 LR, STEPS = 0.5, 3
@@ -39,14 +35,8 @@ def single_process_adapter(method: str) -> dict[str, torch.Tensor]:
 def test_zero3_trains_every_method_like_one_process(method, tmp_path):
     from safetensors.torch import load_file
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, "deepspeed_worker.py"),
-                           method, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
-    saved = f"SAVED {method}" in proc.stdout
-    teardown_abort = "terminate called without an active exception" in proc.stderr  # see test_fsdp2.py
-    assert proc.returncode == 0 or (saved and teardown_abort), proc.stderr[-3000:]
-    assert saved and "PARTITIONED True" in proc.stdout, proc.stdout[-2000:]
+    proc = run_two_ranks("deepspeed_worker.py", method, str(tmp_path))
+    assert "PARTITIONED True" in proc.stdout, proc.stdout[-2000:]
     zero3 = load_file(tmp_path / "adapter_model.safetensors")
     single = single_process_adapter(method)
     assert set(zero3) == set(single)

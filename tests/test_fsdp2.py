@@ -39,22 +39,29 @@ def method_config(method: str):
     }[method]()
 
 
+def run_two_ranks(worker: str, method: str, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 tests/WORKER METHOD ARGS...``; asserts rank 0 printed
+    ``SAVED METHOD`` and the run ended cleanly."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, worker), method,
+                           *args], capture_output=True, text=True, timeout=600, env=env)
+    saved = f"SAVED {method}" in proc.stdout
+    # gloo's teardown on CPU aborted about 1 run in 10 after the work was done ("terminate called without an active
+    # exception" at process exit); what the tests check is the training and the saved adapter
+    teardown_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or (saved and teardown_abort), proc.stderr[-3000:]
+    assert saved, proc.stdout[-2000:]
+    return proc
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp2_trains_and_saves_an_adapter_that_loads(method, tmp_path):
     from peft import PeftModel
 
     import subspace_peft  # noqa: F401
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, "fsdp2_worker.py"), method,
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
-    saved = f"SAVED {method}" in proc.stdout
-    # gloo's teardown on CPU aborted about 1 run in 10 after the work was done ("terminate called without an active
-    # exception" at process exit); what this test checks is the training and the saved adapter, below
-    teardown_abort = "terminate called without an active exception" in proc.stderr
-    assert proc.returncode == 0 or (saved and teardown_abort), proc.stderr[-3000:]
-    assert saved, proc.stdout[-2000:]
+    proc = run_two_ranks("fsdp2_worker.py", method, str(tmp_path))
     if method == "effort":
         assert "LOSSES_FROM_LAYERS True" in proc.stdout
     model = PeftModel.from_pretrained(tiny_llama(), tmp_path)

@@ -4,13 +4,13 @@ weights are sharded, training runs, and the saved adapter reloaded in one proces
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from test_finetune_recipe import tiny_model  # noqa: F401  (fixture)
+from test_fsdp2 import run_two_ranks
 
 pytest.importorskip("bitsandbytes")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -27,15 +27,7 @@ def test_fsdp2_over_a_4bit_base_trains_and_its_adapter_reloads(method, dtype, mi
     from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model
     from peft import PeftModel
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
-                           os.path.join(TESTS_DIR, "fsdp_quantized_worker.py"), method, tiny_model, str(tmp_path), dtype,
-                           mixed_precision],
-                          capture_output=True, text=True, timeout=600)
-    saved = f"SAVED {method}" in proc.stdout
-    teardown_abort = "terminate called without an active exception" in proc.stderr  # see test_fsdp2.py
-    assert proc.returncode == 0 or (saved and teardown_abort), proc.stderr[-3000:]
-    assert saved, proc.stdout[-2000:]
+    proc = run_two_ranks("fsdp_quantized_worker.py", method, tiny_model, str(tmp_path), dtype, mixed_precision)
     for rank in (0, 1):  # each rank holds half of the quantised base
         assert f"RANK {rank} HOLDS 0.500 OF THE 4-BIT WEIGHTS" in proc.stdout, proc.stdout[-2000:]
 
