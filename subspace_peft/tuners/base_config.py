@@ -1,13 +1,61 @@
-"""Fields our methods share: which layers to adapt (every method) and how the SVD is computed (SVD-initialised ones)."""
+"""Fields our methods share: which layers to adapt (every method) and how the SVD is computed (SVD-initialised ones).
+
+A config read from a saved adapter (``adapter_config.json``, from disk or the Hub) is untrusted data. Every numeric
+field is checked and bounded when the config is built, and a config loaded through ``from_pretrained`` (what
+``PeftModel.from_pretrained`` and ``load_adapter`` call) is marked: its tuner builds empty layers that the checkpoint
+fills in, with no SVD, no cache and no file written.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
 from ..linalg.svd import SVDSettings
+
+# Compute bounds for values a config file can set (a randomized SVD costs (2 niter + 2) passes over the weight).
+MAX_NITER = 64
+MAX_OVERSAMPLE = 4096
+
+
+def check_positive_int(value, name: str, fix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{fix}")
+
+
+def check_int_in(value, name: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_finite(value, name: str, low: float | None = None, low_open: bool = False, high: float | None = None,
+                 high_open: bool = False, fix: str = "") -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite real number in the given range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        right = "" if high is None else f"{high}" + (")" if high_open else "]")
+        where = f" in {left or '(-inf, '}{right or 'inf)'}" if low is not None or high is not None else ""
+        raise ValueError(f"{name} must be a finite number{where}, got {value!r}{fix}")
+
+
+def is_saved_adapter_config(config) -> bool:
+    """Whether ``config`` was read from a saved adapter by ``from_pretrained`` and its weights are still to be loaded
+    from that adapter's checkpoint."""
+    return getattr(config, "_weights_from_checkpoint", False)
+
+
+def mark_checkpoint_loaded(config) -> None:
+    """The checkpoint of a saved-adapter config has been loaded: a later ``get_peft_model`` with it initialises."""
+    config._weights_from_checkpoint = False
 
 
 @dataclass
@@ -22,11 +70,16 @@ class TargetConfig(PeftConfig):
         modules_to_save: extra modules trained in full and saved with the adapter.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "module names (exact or suffix), a regex, or 'all-linear'"})
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "module names or regex never adapted"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "only adapt these layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "name of the model's layer list, with layers_to_transform"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "extra modules trained in full and saved with the adapter"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -38,6 +91,19 @@ class TargetConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        layers = self.layers_to_transform
+        for index in [layers] if isinstance(layers, int) else layers or []:
+            check_int_in(index, "layers_to_transform", 0, 2**31 - 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Read a saved adapter's config. The returned config builds its adapter with empty weights for the
+        checkpoint to fill in (what ``PeftModel.from_pretrained`` / ``load_adapter`` do next): no SVD runs. Once that
+        checkpoint is loaded, the config initialises like a new one again."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, TargetConfig):
+            config._weights_from_checkpoint = True
+        return config
 
 
 @dataclass
@@ -49,21 +115,44 @@ class SVDInitConfig(TargetConfig):
         init: ``"svd"`` for an exact SVD, ``"randomized"`` for a seeded randomized SVD (``niter`` power iterations,
             ``oversample`` extra columns, ``seed``). Randomized init is reproducible: the same seed gives the same
             factors whatever the global RNG state, and the saved adapter holds every tensor that reload needs.
+        niter: power iterations of the randomized SVD, at most 64.
+        oversample: extra columns of the randomized SVD's test matrix, at most 4096.
         svd_cache: ``None`` (no cache), ``True`` (the default folder, ``$SUBSPACE_PEFT_CACHE`` or
-            ``~/.cache/subspace_peft/svd``) or a folder path. Cached factors are keyed by the weight's bytes.
+            ``~/.cache/subspace_peft/svd``) or a folder path. Cached factors are keyed by the weight's bytes. A
+            setting of this machine, not of the adapter: it is not saved with the adapter, and a value found in a saved
+            config is ignored (a downloaded file never chooses where this package writes).
     """
 
-    init: Literal["svd", "randomized"] = field(default="svd")
-    niter: int = field(default=2)
-    oversample: int = field(default=16)
-    seed: int = field(default=0)
-    svd_cache: Optional[Union[bool, str]] = field(default=None)
+    init: Literal["svd", "randomized"] = field(
+        default="svd", metadata={"help": "'svd' (exact) or 'randomized' (seeded range finder)"})
+    niter: int = field(default=2, metadata={"help": f"power iterations of the randomized SVD (0-{MAX_NITER})"})
+    oversample: int = field(
+        default=16, metadata={"help": f"extra columns of the randomized SVD (0-{MAX_OVERSAMPLE})"})
+    seed: int = field(default=0, metadata={"help": "seed of the randomized SVD's test matrix"})
+    svd_cache: Optional[Union[bool, str]] = field(
+        default=None, metadata={"help": "None, True (default folder) or a folder for cached SVD factors; not saved"})
 
     def __post_init__(self):
+        from_saved_dict = self.peft_type is not None  # only a saved config's dict passes peft_type
         super().__post_init__()
+        if from_saved_dict and self.svd_cache:
+            warnings.warn(
+                f"svd_cache={self.svd_cache!r} in a saved adapter config is ignored: the cache folder is a setting of "
+                "this machine; pass svd_cache=... in code to use one"
+            )
+            self.svd_cache = None
+        if self.svd_cache is not None and not isinstance(self.svd_cache, (bool, str)):
+            raise ValueError(f"svd_cache must be None, True or a folder path (str), got {self.svd_cache!r}")
         if self.init not in ("svd", "randomized"):
             raise ValueError(f"init must be 'svd' or 'randomized', got {self.init!r}")
-        self.svd_settings()  # validates niter / oversample
+        check_int_in(self.niter, "niter", 0, MAX_NITER)
+        check_int_in(self.oversample, "oversample", 0, MAX_OVERSAMPLE)
+        check_int_in(self.seed, "seed", 0, 2**63 - 1)
+
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        values.pop("svd_cache", None)  # a local setting, never part of a saved adapter
+        return values
 
     def svd_settings(self) -> SVDSettings:
         method = "exact" if self.init == "svd" else "randomized"

@@ -70,17 +70,41 @@ class FactorLayer(BaseTunerLayer):
     def _new_factors(self, r: int, factors: Optional[tuple], trainable: bool) -> tuple[nn.Module, nn.Module]:
         """(A, B) modules holding the ``factors`` matrices (A (r, d_in), B (d_out, r)) on the base layer's device.
 
-        Built on the meta device (no random init to throw away); with ``factors=None`` (``low_cpu_mem_usage``
-        loading) they stay there until the checkpoint is assigned.
+        Built on the meta device (no random init to throw away). ``factors=None`` (a saved adapter being loaded) gives
+        empty tensors for the checkpoint to fill in (left on the meta device under ``low_cpu_mem_usage``).
         """
         modules = self._make_factors(r)
-        if factors is not None:
-            device = self.get_base_layer().weight.device
+        device = self.get_base_layer().weight.device
+        if factors is None:
+            for module in modules:
+                module.weight = nn.Parameter(torch.empty_like(module.weight, device=device))
+        else:
             for module, value in zip(modules, self._factor_weights(*factors)):
                 module.weight = nn.Parameter(value.to(device).clone(memory_format=torch.contiguous_format))
         for module in modules:
             module.requires_grad_(trainable)
         return modules
+
+    def adapter_tensors(self, adapter: Optional[str] = None):
+        """(key relative to this layer, adapter name, tensor) of every tensor an adapter keeps on this layer (what its
+        checkpoint holds), for one adapter or all."""
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, nn.ModuleDict):
+                continue
+            for name, module in container.items():
+                if adapter is None or name == adapter:
+                    for key, tensor in module.state_dict(keep_vars=True).items():
+                        yield f"{attr}.{name}.{key}", name, tensor
+
+    def _check_loaded(self, adapter: str) -> None:
+        if adapter in self.awaiting_checkpoint:
+            raise ValueError(
+                f"adapter '{adapter}' was built from a saved adapter's config and its weights have not been loaded: "
+                "load the adapter with PeftModel.from_pretrained(base, path) or model.load_adapter(path, name); to "
+                "start a new adapter with the same settings, build the config again (e.g. "
+                "type(config)(**config.to_dict()))"
+            )
 
     def _check_merge_possible(self) -> None:
         if not self.get_base_layer().weight.dtype.is_floating_point:
@@ -98,6 +122,7 @@ class FactorLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.r:
                 continue
+            self._check_loaded(name)
             delta = self.get_delta_weight(name).to(base.weight.dtype)
             if safe_merge:
                 merged = base.weight.data + delta
@@ -128,6 +153,7 @@ class FactorLayer(BaseTunerLayer):
             return result
         for name in self.active_adapters:
             if name in self.r:
+                self._check_loaded(name)
                 result = result + self._adapter_output(x, name).to(result.dtype)
         return result
 
@@ -141,6 +167,7 @@ class FactorModule(nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         super().__init__()
+        self.awaiting_checkpoint: set[str] = set()  # adapters built empty, whose checkpoint has not been loaded yet
         self._init_layer(base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)

@@ -1,14 +1,22 @@
 """The model side all our tuners share: plan and check every target, prepare every layer's initial tensors, then
-inject.
+inject; or, for a saved adapter, build empty layers and fill them from its checkpoint.
 
 Subclasses say how a layer's rank is chosen and checked (``_rank``, ``_check_rank``, ``_check_plan``), which
-initial tensors it starts from (``_initial_factors``: SVD factors for the SVD-initialised methods) and how a layer is
-built (``_layer_kwargs`` and ``_new_module``). Everything that can fail runs before the first module is replaced, so a
-ValueError leaves the user's model exactly as it was.
+initial tensors it starts from (``_initial_factors``: SVD factors for the SVD-initialised methods), how a layer is
+built (``_layer_kwargs`` and ``_new_module``) and what completes a layer once its tensors hold values
+(``_finish_layer``, e.g. QPiSSA's quantised residual). Everything that can fail runs before the first module is
+replaced, so a ValueError leaves the user's model exactly as it was.
+
+Loading a saved adapter (``PeftModel.from_pretrained``, ``load_adapter``, ``AutoPeftModelFor*``) never initialises:
+the config read by ``from_pretrained`` is marked (see ``base_config``), its layers are built empty, and the
+checkpoint is checked as a whole before a single tensor is copied: every tensor the layers need must be in the file
+with the layer's shape (``ignore_mismatched_sizes=True`` drops the mismatched ones, and only those layers are
+initialised afresh, as peft does for LoRA).
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +25,9 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .targets import Target, check_checkpoint_shapes, check_target, find_targets
+from .base_config import is_saved_adapter_config, mark_checkpoint_loaded
+from .factor_layers import FactorLayer
+from .targets import Target, check_target, find_targets
 
 
 @dataclass
@@ -31,14 +41,20 @@ class PlannedTuner(BaseTuner):
     supports_grouped_conv = False
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(_check_checkpoint_before_load)
+        self.register_load_state_dict_post_hook(_complete_layers_after_load)
+
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
         state_dict=None,
     ) -> None:
         config = self.peft_config[adapter_name]
         plan = self._plan(model, config)
-        factors = None if low_cpu_mem_usage else self._initial_factors(plan, config)
-        self._pending = {"plan": plan, "factors": factors, "low_cpu_mem_usage": low_cpu_mem_usage}
+        from_checkpoint = low_cpu_mem_usage or is_saved_adapter_config(config)
+        factors = {} if from_checkpoint else self._initial_factors(plan, config)
+        self._pending = {"plan": plan, "factors": factors, "from_checkpoint": from_checkpoint}
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -57,17 +73,21 @@ class PlannedTuner(BaseTuner):
     def _check_plan(self, model: nn.Module, config, plan: dict) -> None:
         """Method-specific checks of the whole plan (raise ValueError)."""
 
+    @abstractmethod
     def _initial_factors(self, plan: dict, config) -> dict:
-        """Per planned layer, the tensors it starts from; by default none (the layer initialises itself)."""
-        return {key: None for key in plan}
+        """Per planned layer, what it starts from (passed to ``_layer_kwargs``; None is kept for empty layers)."""
 
     def _layer_kwargs(self, config, planned: PlannedLayer, factors) -> dict:
-        """Keyword arguments of the layer's ``update_layer``; by default the rank and the initial tensors."""
+        """Keyword arguments of the layer's ``update_layer``; by default the rank and the initial tensors (None: empty
+        tensors for a checkpoint to fill in)."""
         return dict(r=planned.r, factors=factors)
 
     @abstractmethod
-    def _new_module(self, config, adapter_name: str, target: nn.Module, planned: PlannedLayer, factors, layer_kwargs):
-        """(new tuner layer wrapping ``target``, the module it replaces in the model)."""
+    def _new_module(self, config, adapter_name: str, target: nn.Module, planned: PlannedLayer, layer_kwargs):
+        """A new tuner layer wrapping ``target``."""
+
+    def _finish_layer(self, layer: FactorLayer, adapter_name: str, config) -> None:
+        """Complete ``layer`` once ``adapter_name``'s tensors hold their values (after init, or after loading)."""
 
     def _plan(self, model: nn.Module, config) -> dict[str, PlannedLayer]:
         plan = {}
@@ -81,17 +101,112 @@ class PlannedTuner(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint_shapes(model, remapped, cls.method_name)
+        check_checkpoint_holds_every_tensor(model, remapped, adapter_name, cls.method_name)
         return remapped
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         planned = self._pending["plan"][current_key]
-        factors = None if self._pending["factors"] is None else self._pending["factors"].pop(current_key)
+        from_checkpoint = self._pending["from_checkpoint"]
+        factors = self._pending["factors"].pop(current_key, None)
         layer_kwargs = self._layer_kwargs(config, planned, factors)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, **layer_kwargs)
-            return
-        new_module, replaced = self._new_module(config, adapter_name, target, planned, factors, layer_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, replaced)
+            layer = target
+        else:
+            layer = self._new_module(config, adapter_name, target, planned, layer_kwargs)
+        if from_checkpoint:
+            layer.awaiting_checkpoint.add(adapter_name)
+        else:
+            self._finish_layer(layer, adapter_name, config)
+        if layer is not target:
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, layer.get_base_layer())
+
+    def _initialise_afresh(self, key: str, layer: FactorLayer, adapter_name: str) -> None:
+        """Initialise one layer's adapter as a new one would be (its checkpoint tensors were dropped as mismatched)."""
+        config = self.peft_config[adapter_name]
+        planned = PlannedLayer(Target(key, layer.get_base_layer()), layer.r[adapter_name])
+        factors = self._initial_factors({key: planned}, config)[key]
+        trainable = {name: p.requires_grad for name, p in layer.named_parameters() if f".{adapter_name}." in name}
+        layer.update_layer(adapter_name, **self._layer_kwargs(config, planned, factors))
+        for name, parameter in layer.named_parameters():
+            if name in trainable:
+                parameter.requires_grad_(trainable[name])
+        self._finish_layer(layer, adapter_name, config)
+
+
+def _layers(tuner: PlannedTuner):
+    return [(key, module) for key, module in tuner.model.named_modules() if isinstance(module, FactorLayer)]
+
+
+def check_checkpoint_holds_every_tensor(model: nn.Module, state_dict: dict, adapter_name: str, method: str) -> None:
+    """Raise a ValueError naming the first missing tensor when a checkpoint lacks one that ``adapter_name``'s layers
+    need (a file of another method, or a truncated or edited one): peft would only warn and leave it uninitialised."""
+    missing = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorLayer) and adapter_name in module.r:
+            missing += [f"{name}.{key}" for key, _, _ in module.adapter_tensors(adapter_name)
+                        if f"{name}.{key}" not in state_dict]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(
+            f"this {method} checkpoint lacks '{missing[0]}'{more}, which adapter '{adapter_name}' needs: the file is "
+            "incomplete or holds another method's adapter (check peft_type in adapter_config.json against the tensor "
+            "names in adapter_model.safetensors, or save the adapter again)"
+        )
+
+
+def _check_checkpoint_before_load(tuner, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook on the tuner: runs before any tensor below it is copied. A tensor of the wrong shape
+    is a ValueError naming it (peft has already dropped them under ``ignore_mismatched_sizes=True``); empty layers whose
+    adapter this checkpoint holds are listed for the post-hook, split into loaded and dropped."""
+    loading = set()
+    expected = []
+    for key, layer in _layers(tuner):
+        for rel, adapter, tensor in layer.adapter_tensors():
+            full = f"{prefix}model.{key}.{rel}"
+            value = state_dict.get(full)
+            if value is not None:
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"the checkpoint's '{full}' has shape {tuple(value.shape)} but layer '{key}' of this model "
+                        f"needs {tuple(tensor.shape)}: load the adapter onto the base model it was trained on (see "
+                        "base_model_name_or_path in adapter_config.json), or pass ignore_mismatched_sizes=True to "
+                        "initialise the layers that differ afresh"
+                    )
+                loading.add(adapter)
+            if adapter in layer.awaiting_checkpoint:
+                expected.append((key, layer, adapter, value is not None))
+    complete: dict[tuple, bool] = {}
+    for key, layer, adapter, present in expected:
+        if adapter in loading:
+            complete[(key, adapter)] = complete.get((key, adapter), True) and present
+    tuner._checkpoint_load = {
+        "layers": {(key, adapter): layer for key, layer, adapter, _ in expected if adapter in loading},
+        "complete": complete,
+    }
+
+
+def _complete_layers_after_load(tuner, incompatible_keys) -> None:
+    """load_state_dict post-hook on the tuner: layers whose tensors were loaded are finished (e.g. QPiSSA quantises
+    its residual); layers whose tensors were dropped as mismatched are initialised afresh, with a warning."""
+    load = tuner.__dict__.pop("_checkpoint_load", None)
+    if not load:
+        return
+    dropped = []
+    for (key, adapter), layer in load["layers"].items():
+        if load["complete"][(key, adapter)]:
+            tuner._finish_layer(layer, adapter, tuner.peft_config[adapter])
+        else:
+            tuner._initialise_afresh(key, layer, adapter)
+            dropped.append(key)
+        layer.awaiting_checkpoint.discard(adapter)
+    if dropped:
+        warnings.warn(
+            f"{tuner.method_name}: the checkpoint's tensors for {sorted(set(dropped))} did not fit this model and were "
+            "ignored (ignore_mismatched_sizes=True); those layers start from a fresh initialisation"
+        )
+    for adapter in {adapter for _, adapter in load["layers"]}:
+        if not any(adapter in layer.awaiting_checkpoint for _, layer in _layers(tuner)):
+            mark_checkpoint_loaded(tuner.peft_config[adapter])

@@ -118,16 +118,3 @@ def check_rank(target: Target, rank: int, method: str) -> None:
             f"{method} rank r={rank} is larger than min(d_out, d_in) = {max_rank} of layer '{target.key}' "
             f"(weight {tuple(weight.shape)}): choose r <= {max_rank} (set rank_pattern for this layer)."
         )
-
-
-def check_checkpoint_shapes(model: nn.Module, state_dict: dict, method: str) -> None:
-    """Raise a ValueError naming the layer when a saved adapter was made for a base with other shapes."""
-    own = model.state_dict()
-    for key, value in state_dict.items():
-        if key in own and own[key].shape != value.shape:
-            layer = key.split(f".{method.lower()}_")[0].removeprefix("base_model.model.")
-            raise ValueError(
-                f"this {method} adapter does not fit layer '{layer}': the checkpoint holds '{key}' with shape "
-                f"{tuple(value.shape)} but this base model needs {tuple(own[key].shape)}. Load the adapter onto the "
-                "base model it was trained on (see base_model_name_or_path in adapter_config.json)."
-            )

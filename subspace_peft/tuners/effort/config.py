@@ -6,7 +6,7 @@ from typing import Literal, Optional
 from peft.utils.peft_types import PeftType
 
 from ...linalg.svd import SVDSettings
-from ..base_config import SVDInitConfig
+from ..base_config import SVDInitConfig, check_finite, check_positive_int
 
 
 @dataclass
@@ -48,11 +48,11 @@ class EffortConfig(SVDInitConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.EFFORT
-        if not isinstance(self.residual_rank, int) or self.residual_rank <= 0:
-            raise ValueError(f"residual_rank must be a positive integer (the paper uses 1), got {self.residual_rank!r}")
+        check_positive_int(self.residual_rank, "residual_rank", " (the paper uses 1)")
+        for pattern, rank in (self.rank_pattern or {}).items():
+            check_positive_int(rank, f"rank_pattern[{pattern!r}]")
         for name in ("orth_weight", "norm_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 switches that loss off), got {getattr(self, name)}")
+            check_finite(getattr(self, name), name, low=0.0, fix=" (0 switches that loss off)")
         if self.bias not in ("none", "all", "effort_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'effort_only', got {self.bias!r}")
 

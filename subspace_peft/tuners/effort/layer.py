@@ -44,13 +44,13 @@ class EffortLayer(FactorLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, r: int, factors: Optional[tuple]) -> None:
-        """``factors`` = (Vh_0, U_0, s_0), the minor triplets, or None on the meta device (``low_cpu_mem_usage``)."""
+        """``factors`` = (Vh_0, U_0, s_0), the minor triplets, or None: empty, for a saved adapter's checkpoint."""
         self.r[adapter_name] = r
         self.effort_derived.pop(adapter_name, None)
         vectors = None if factors is None else factors[:2]
         self.effort_Vh[adapter_name], self.effort_U[adapter_name] = self._new_factors(r, vectors, trainable=True)
         self.effort_Vh0[adapter_name], self.effort_U0[adapter_name] = self._new_factors(r, vectors, trainable=False)
-        device = "meta" if factors is None else self.get_base_layer().weight.device
+        device = self.get_base_layer().weight.device
         values, initial_values = SingularValues(r, device), SingularValues(r, device)
         if factors is not None:
             with torch.no_grad():
@@ -58,8 +58,7 @@ class EffortLayer(FactorLayer):
                 initial_values.weight.copy_(factors[2])
         initial_values.requires_grad_(False)
         self.effort_S[adapter_name], self.effort_S0[adapter_name] = values, initial_values
-        if factors is not None:
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _triplet(self, adapter: str, initial: bool = False):

@@ -46,8 +46,8 @@ class EffortModel(SVDTuner):
                     "(or set rank_pattern for this layer)."
                 )
 
-    def _new_module(self, config: EffortConfig, adapter_name, target, planned, factors, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs), target
+    def _new_module(self, config: EffortConfig, adapter_name, target, planned, layer_kwargs):
+        return create_layer(target, adapter_name, **layer_kwargs)
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
     def _adapter_losses(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import TargetConfig
+from ..base_config import TargetConfig, check_finite
 
 RankSpec = Union[int, tuple[int, ...], list[int]]
 
@@ -66,9 +65,7 @@ class FLoRAConfig(TargetConfig):
             self.conv_ranks = tuple(self.conv_ranks)
         for pattern, spec in (self.rank_pattern or {}).items():
             check_rank_spec(spec, f"rank_pattern[{pattern!r}]")
-        if not 0.0 <= self.flora_dropout < 1.0:
-            raise ValueError(f"flora_dropout must lie in [0, 1), got {self.flora_dropout}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number, got {self.scale}")
+        check_finite(self.flora_dropout, "flora_dropout", low=0.0, high=1.0, high_open=True)
+        check_finite(self.scale, "scale")
         if self.bias not in ("none", "all", "flora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'flora_only', got {self.bias!r}")

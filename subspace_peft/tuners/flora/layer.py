@@ -50,9 +50,9 @@ class FLoRALayer(FactorLayer):
         self, adapter_name: str, ranks: tuple[int, ...], scale: float, dropout: float, init_weights: bool = True
     ) -> None:
         """Add ``adapter_name`` with per-mode ``ranks`` (weight order). ``init_weights=False`` leaves the tensors
-        on the meta device for a checkpoint to fill in (``low_cpu_mem_usage``)."""
+        empty for a checkpoint to fill in (on the meta device under ``low_cpu_mem_usage``)."""
         sizes = mode_sizes(self.get_base_layer())
-        device = self.get_base_layer().weight.device if init_weights else "meta"
+        device = self.get_base_layer().weight.device
         self.r[adapter_name] = tuple(ranks)
         self.scaling[adapter_name] = scale
         use_dropout = dropout > 0 and self.supports_dropout
@@ -67,8 +67,7 @@ class FLoRALayer(FactorLayer):
         self.flora_core[adapter_name] = core
         for name, factor in zip(FACTOR_NAMES, factors):
             getattr(self, name)[adapter_name] = factor
-        if init_weights:
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _factors(self, adapter: str) -> list[torch.Tensor]:

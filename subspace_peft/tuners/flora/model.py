@@ -54,9 +54,12 @@ class FLoRAModel(PlannedTuner):
             spec = config.conv_ranks if conv and config.conv_ranks is not None else config.r
         return resolve_ranks(spec, target)
 
-    def _layer_kwargs(self, config: FLoRAConfig, planned: PlannedLayer, factors) -> dict:
-        return dict(ranks=planned.r, scale=config.scale, dropout=config.flora_dropout,
-                    init_weights=not self._pending["low_cpu_mem_usage"])
+    def _initial_factors(self, plan: dict, config: FLoRAConfig) -> dict:
+        # FLoRA's layers initialise themselves (zero core, Kaiming factors): nothing to compute up front
+        return {key: True for key in plan}
 
-    def _new_module(self, config: FLoRAConfig, adapter_name, target, planned, factors, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs), target
+    def _layer_kwargs(self, config: FLoRAConfig, planned: PlannedLayer, factors) -> dict:
+        return dict(ranks=planned.r, scale=config.scale, dropout=config.flora_dropout, init_weights=factors is not None)
+
+    def _new_module(self, config: FLoRAConfig, adapter_name, target, planned, layer_kwargs):
+        return create_layer(target, adapter_name, **layer_kwargs)

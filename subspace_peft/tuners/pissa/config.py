@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import SVDInitConfig
+from ..base_config import SVDInitConfig, check_finite, check_positive_int
 
 
 @dataclass
@@ -65,5 +65,11 @@ class PiSSAConfig(SVDInitConfig):
                 "residual_quant_storage applies to 4-bit residuals only: set residual_quantization='nf4' or 'fp4', "
                 "or drop residual_quant_storage"
             )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        check_positive_int(self.r, "r")
+        check_finite(self.lora_alpha, "lora_alpha", low=0, low_open=True,
+                     fix=" (the scale is lora_alpha / r; PiSSA's default is lora_alpha = r)")
+        for pattern, rank in (self.rank_pattern or {}).items():
+            check_positive_int(rank, f"rank_pattern[{pattern!r}]")
+        for pattern, alpha in (self.alpha_pattern or {}).items():
+            check_finite(alpha, f"alpha_pattern[{pattern!r}]", low=0, low_open=True)
+        check_finite(self.lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True)

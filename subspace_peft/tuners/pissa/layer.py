@@ -14,6 +14,7 @@ from torch import nn
 
 from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorModule, LinearFactors
 from ..factor_layers import create_layer as create_factor_layer
+from .bnb import quantize_residual
 
 
 class PiSSALayer(FactorLayer):
@@ -42,20 +43,18 @@ class PiSSALayer(FactorLayer):
         lora_alpha: float,
         lora_dropout: float,
         factors: Optional[tuple[torch.Tensor, torch.Tensor]],
-        residual_in_base: bool = False,
     ) -> None:
-        """Add adapter ``adapter_name``. ``factors`` are the initial (A, B) matrices, or None on the meta device
-        (``low_cpu_mem_usage``), where a checkpoint fills the values in afterwards."""
+        """Add adapter ``adapter_name``. ``factors`` are the initial (A, B) matrices, or None: empty, for a saved
+        adapter's checkpoint to fill in. For QPiSSA, ``quantize_residual_into_base`` follows."""
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
-        self.residual_in_base[adapter_name] = residual_in_base
+        self.residual_in_base[adapter_name] = False
         use_dropout = lora_dropout > 0 and self.supports_dropout
         self.pissa_dropout[adapter_name] = nn.Dropout(lora_dropout) if use_dropout else nn.Identity()
         self.pissa_A[adapter_name], self.pissa_B[adapter_name] = self._new_factors(r, factors, trainable=True)
         self.pissa_A0[adapter_name], self.pissa_B0[adapter_name] = self._new_factors(r, factors, trainable=False)
-        if factors is not None:
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _matrices(self, adapter: str, initial: bool):
@@ -76,6 +75,14 @@ class PiSSALayer(FactorLayer):
         if not self.residual_in_base[adapter]:
             delta = delta - b0 @ a0
         return self._delta_from_matrix(s * delta)
+
+    def quantize_residual_into_base(self, adapter: str, kind: str, storage: Optional[str] = None) -> None:
+        """QPiSSA (Meng et al., section 4.3): replace the full-precision base layer by bitsandbytes' quantised
+        residual ``Q(W - s B_0 A_0)``, computed from this layer's own initial factors (so init and reload agree)."""
+        base = self.get_base_layer()
+        residual = base.weight.float() - self.get_delta_weight(adapter, initial=True)
+        self.base_layer = quantize_residual(base, residual, kind, storage)
+        self.residual_in_base[adapter] = True
 
     def residual_weight(self, adapter: str) -> torch.Tensor:
         """PiSSA's frozen residual ``W - s B_0 A_0`` shaped like the base weight, in fp32 (for inspection)."""

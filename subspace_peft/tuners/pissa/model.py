@@ -6,7 +6,7 @@ from torch import nn
 
 from ..svd_tuner import PlannedLayer, SVDTuner
 from ..targets import Target, pattern_value
-from .bnb import quantize_residual, require_bitsandbytes
+from .bnb import require_bitsandbytes
 from .config import PiSSAConfig
 from .layer import PiSSALayer, create_layer
 
@@ -67,19 +67,11 @@ class PiSSAModel(SVDTuner):
     def _layer_kwargs(self, config: PiSSAConfig, planned: PlannedLayer, factors) -> dict:
         return dict(
             r=planned.r, lora_alpha=self._alpha(planned, config), lora_dropout=config.lora_dropout, factors=factors,
-            residual_in_base=bool(config.residual_quantization),
         )
 
-    def _new_module(self, config: PiSSAConfig, adapter_name, target, planned, factors, layer_kwargs):
+    def _new_module(self, config: PiSSAConfig, adapter_name, target, planned, layer_kwargs):
+        return create_layer(target, adapter_name, **layer_kwargs)
+
+    def _finish_layer(self, layer: PiSSALayer, adapter_name: str, config: PiSSAConfig) -> None:
         if config.residual_quantization:
-            if factors is None:
-                raise ValueError(
-                    "QPiSSA cannot be loaded with low_cpu_mem_usage=True: its quantised residual is computed from the "
-                    "full-precision base while the adapter is built. Load with low_cpu_mem_usage=False."
-                )
-            a, b = factors
-            residual = target.weight.float() - (layer_kwargs["lora_alpha"] / planned.r) * (b @ a)
-            target = quantize_residual(
-                target, residual, config.residual_quantization, config.residual_quant_storage
-            )
-        return create_layer(target, adapter_name, **layer_kwargs), target
+            layer.quantize_residual_into_base(adapter_name, config.residual_quantization, config.residual_quant_storage)

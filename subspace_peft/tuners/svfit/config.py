@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import SVDInitConfig
+from ..base_config import SVDInitConfig, check_finite, check_positive_int
 
 
 @dataclass
@@ -22,6 +22,8 @@ class SVFitConfig(SVDInitConfig):
             Frobenius energy, sum(sigma_i^2) over the top r divided by sum(sigma_i^2) over all (the paper's 0.99).
             Needs one extra ``svdvals`` per layer at init.
         rank_pattern: per-module override of r (regex on the module name); wins over ``energy``.
+        energy_ranks: written by the tuner when ``energy`` chose the ranks (module name -> r) and saved with the
+            adapter, so that reloading it needs no SVD. Not meant to be set by hand.
         bias: ``"none"``, ``"all"`` or ``"svfit_only"``: which biases train.
     """
 
@@ -29,11 +31,17 @@ class SVFitConfig(SVDInitConfig):
     energy: Optional[float] = field(default=None)
     rank_pattern: Optional[dict] = field(default_factory=dict)
     bias: Literal["none", "all", "svfit_only"] = field(default="none")
+    energy_ranks: Optional[dict] = field(default=None)
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SVFIT
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must lie in (0, 1] (e.g. 0.99 for 99% of the spectrum's energy), got {self.energy}")
+        check_positive_int(self.r, "r")
+        if self.energy is not None:
+            check_finite(self.energy, "energy", low=0.0, low_open=True, high=1.0,
+                         fix=" (e.g. 0.99 for 99% of the spectrum's energy)")
+        for where, pattern in (("rank_pattern", self.rank_pattern), ("energy_ranks", self.energy_ranks)):
+            for key, rank in (pattern or {}).items():
+                check_positive_int(rank, f"{where}[{key!r}]")
         if self.bias not in ("none", "all", "svfit_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'svfit_only', got {self.bias!r}")

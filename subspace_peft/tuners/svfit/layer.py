@@ -37,11 +37,11 @@ class SVFitLayer(FactorLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, r: int, factors: Optional[tuple]) -> None:
-        """``factors`` = (V_r^T, U_r, sigma_r), or None on the meta device (``low_cpu_mem_usage`` loading)."""
+        """``factors`` = (V_r^T, U_r, sigma_r), or None: empty, for a saved adapter's checkpoint."""
         self.r[adapter_name] = r
         vectors = None if factors is None else factors[:2]
         self.svfit_Vh[adapter_name], self.svfit_U[adapter_name] = self._new_factors(r, vectors, trainable=False)
-        device = "meta" if factors is None else self.get_base_layer().weight.device
+        device = self.get_base_layer().weight.device
         sigma, sigma0 = SingularValues(r, device), SingularValues(r, device)
         if factors is not None:
             with torch.no_grad():
@@ -49,8 +49,7 @@ class SVFitLayer(FactorLayer):
                 sigma0.weight.copy_(factors[2])
         sigma0.requires_grad_(False)
         self.svfit_sigma[adapter_name], self.svfit_sigma0[adapter_name] = sigma, sigma0
-        if factors is not None:
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _sigma_change(self, adapter: str) -> torch.Tensor:

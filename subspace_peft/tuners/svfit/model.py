@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from ...linalg.svd import energy_rank
+from ..base_config import is_saved_adapter_config
 from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
 from .config import SVFitConfig
@@ -13,6 +14,7 @@ class SVFitModel(SVDTuner):
     """Creates an SVFit model: each targeted weight's top-r singular values become its only trainable parameters.
 
     Checks and SVDs run for every target before any module is replaced; a ValueError leaves the model as it was.
+    Ranks chosen by ``energy`` are recorded in the config (``energy_ranks``), so a saved adapter reloads without SVD.
     """
 
     prefix: str = "svfit_"
@@ -25,8 +27,21 @@ class SVFitModel(SVDTuner):
             return r
         if config.energy is None:
             return config.r
+        if is_saved_adapter_config(config):
+            r = (config.energy_ranks or {}).get(target.key)
+            if r is None:
+                raise ValueError(
+                    f"this SVFit adapter chose its ranks by energy={config.energy} but its config records no rank for "
+                    f"layer '{target.key}' (energy_ranks): it was saved for another model or by an older version. "
+                    "Load it onto the base model it was trained on, or save it again with this version."
+                )
+            return r
         spectrum = torch.linalg.svdvals(weight_matrix(target.base).detach().float())
         return energy_rank(spectrum, config.energy)
 
-    def _new_module(self, config: SVFitConfig, adapter_name, target, planned, factors, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs), target
+    def _check_plan(self, model, config: SVFitConfig, plan: dict) -> None:
+        if config.energy is not None and not is_saved_adapter_config(config):
+            config.energy_ranks = {key: planned.r for key, planned in plan.items()}
+
+    def _new_module(self, config: SVFitConfig, adapter_name, target, planned, layer_kwargs):
+        return create_layer(target, adapter_name, **layer_kwargs)
