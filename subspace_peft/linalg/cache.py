@@ -1,20 +1,45 @@
 """On-disk cache of truncated SVD factors, so initialising the same base model twice skips the SVD.
 
-One safetensors file per (weight, rank, settings). The key is an xxh3-128 digest of the weight's raw bytes,
-shape and dtype together with the rank and the SVD settings: any change to the weight gives another key.
-Files are written to a temporary name and renamed, so a crash mid-write never leaves a half file behind.
+One safetensors file per (weight, rank, settings). The file name holds an xxh3-128 fingerprint of the weight's raw
+bytes, shape and dtype together with the rank and the SVD settings: any change to the weight gives another name.
+
+The cache can never change a result, only skip work. Each entry records in its safetensors metadata what it was
+computed from (the weight's fingerprint and shape, the rank, the settings key and the entry format) and an xxh3-128
+checksum of its own tensors and of that record. :meth:`SVDCache.get` returns an entry only when the record matches
+the request exactly and the factors are what a truncated SVD of that weight returns: ``U`` (m, rank), ``S`` (rank,),
+``Vh`` (rank, n), all fp32 and finite, ``S`` non-negative and non-increasing, checksum intact. Anything else (a
+truncated or foreign file, an edited tensor, a cache folder that is a file, a read-only or full disk) is a miss or a
+skipped write with one :class:`SVDCacheWarning` per cache object and kind of problem, never an exception.
+
+Files are written to a temporary name and renamed, so a crash mid-write never leaves a half entry behind, and a
+failed write removes its temporary file. The checksum covers only the small factors: the weight is hashed once, by
+the caller, for its fingerprint.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import warnings
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import xxhash
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .svd import SVDSettings
+
+# Bump when the layout or the meaning of an entry changes: entries of another format are misses.
+FORMAT = "subspace_peft.svd_cache.v2"
+_NAMES = ("U", "S", "Vh")
+_RECORD_KEYS = ("format", "fingerprint", "weight_shape", "rank", "settings")
+
+
+class SVDCacheWarning(UserWarning):
+    """A cache entry was rejected or could not be written; the SVD is (or was) computed instead."""
 
 
 def cache_root() -> Path:
@@ -42,29 +67,232 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def entry_record(fingerprint: str, weight_shape: Sequence[int], rank: int, settings: SVDSettings) -> dict[str, str]:
+    """What an entry was computed from, as the safetensors metadata strings it is stored (and compared) as."""
+    m, n = (int(d) for d in weight_shape)
+    return {
+        "format": FORMAT,
+        "fingerprint": str(fingerprint),
+        "weight_shape": f"{m}x{n}",
+        "rank": str(int(rank)),
+        "settings": settings.key(),
+    }
+
+
+def entry_checksum(tensors: dict[str, torch.Tensor], record: dict[str, str]) -> str:
+    """xxh3-128 over the record and each factor's name, shape, dtype and bytes (CPU tensors)."""
+    digest = xxhash.xxh3_128()
+    for key in _RECORD_KEYS:
+        digest.update(f"{key}={record[key]}\n".encode())
+    for name in _NAMES:
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.view(torch.uint8).reshape(-1).numpy())
+    return digest.hexdigest()
+
+
+def _factor_problem(tensors: dict[str, torch.Tensor], m: int, n: int, rank: int) -> Optional[str]:
+    """Why ``tensors`` are not the factors of a rank-``rank`` truncated SVD of an (m, n) weight, or None."""
+    expected = {"U": (m, rank), "S": (rank,), "Vh": (rank, n)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            return "wrong shapes"
+    if any(tensors[name].dtype != torch.float32 for name in _NAMES):
+        return "not fp32"
+    if not all(bool(torch.isfinite(tensors[name]).all()) for name in _NAMES):
+        return "non-finite values"
+    s = tensors["S"]
+    # Principal and minor components alike come out of a LAPACK SVD sorted in descending order, and a slice of
+    # a descending sequence (the leading or the trailing ``rank`` values) stays descending.
+    if bool((s < 0).any()) or bool((s[1:] > s[:-1]).any()):
+        return "singular values negative or not in descending order"
+    return None
+
+
+def _is_fatal(error: BaseException) -> bool:
+    return isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
 class SVDCache:
+    """A folder of cached truncated SVD factors. Reads and writes never raise; problems warn once per kind."""
+
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self._warned: set[str] = set()
 
     def _path(self, fingerprint: str, rank: int, settings: SVDSettings) -> Path:
         return self.directory / f"{fingerprint}-r{rank}-{settings.key()}.safetensors"
 
-    def get(self, fingerprint: str, rank: int, settings: SVDSettings, device: torch.device):
+    def _warn(self, reason: str, message: str) -> None:
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        warnings.warn(message, SVDCacheWarning, stacklevel=3)
+
+    def _reject(self, path: Path, reason: str) -> None:
+        self._warn(
+            f"reject:{reason}",
+            f"SVD cache entry {path} was rejected ({reason}); recomputing the SVD. Further entries rejected for "
+            "this reason are not reported.",
+        )
+
+    def _not_a_folder(self) -> bool:
+        if self.directory.exists() and not self.directory.is_dir():
+            self._warn(
+                "not a folder",
+                f"the SVD cache path {self.directory} is a file, not a folder; the cache is not used (choose a "
+                "folder for svd_cache)",
+            )
+            return True
+        return False
+
+    # -- read --------------------------------------------------------------------------------------------------
+    def get(
+        self,
+        fingerprint: str,
+        rank: int,
+        settings: SVDSettings,
+        device: torch.device,
+        shape: Optional[Sequence[int]] = None,
+    ):
+        """Cached ``(U, S, Vh)`` on ``device`` for the weight with this fingerprint and ``shape`` (m, n), or None.
+
+        ``shape`` should always be given: only then is the entry's recorded weight shape checked against the
+        request (without it the recorded shape is taken, and the factors are still checked against it).
+        """
         path = self._path(fingerprint, rank, settings)
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                self._not_a_folder()
+                return None
+        except OSError:
             return None
         try:
-            tensors = load_file(str(path), device=str(device))
-        except Exception:  # a corrupt or foreign file is a miss, never an error
+            factors = self._read(path, fingerprint, rank, settings, shape)
+        except BaseException as error:  # noqa: BLE001 - safetensors' Rust panics are BaseExceptions
+            if _is_fatal(error):
+                raise
+            self._reject(path, f"unreadable: {type(error).__name__}")
             return None
-        if set(tensors) != {"U", "S", "Vh"} or tensors["S"].shape != (rank,):
+        if factors is None:
             return None
-        return tensors["U"], tensors["S"], tensors["Vh"]
+        try:
+            return tuple(factors[name].to(device) for name in _NAMES)
+        except BaseException as error:  # noqa: BLE001
+            if _is_fatal(error):
+                raise
+            self._warn(
+                f"device:{type(error).__name__}",
+                f"SVD cache entry {path} could not be moved to {device} ({error}); recomputing the SVD",
+            )
+            return None
 
-    def put(self, fingerprint: str, rank: int, settings: SVDSettings, factors) -> None:
+    def _read(self, path: Path, fingerprint: str, rank: int, settings: SVDSettings, shape):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            record = {key: metadata.get(key) for key in _RECORD_KEYS}
+            if shape is None:  # take the recorded shape, then hold the factors to it
+                try:
+                    m, n = (int(d) for d in str(record["weight_shape"]).split("x"))
+                except ValueError:
+                    self._reject(path, "does not record what it was computed from")
+                    return None
+            else:
+                m, n = (int(d) for d in shape)
+            expected = entry_record(fingerprint, (m, n), rank, settings)
+            if record != expected:
+                if record["format"] != FORMAT:
+                    self._reject(path, "not an entry of this cache format (older version or foreign file)")
+                else:
+                    self._reject(path, "computed from another weight, rank or settings")
+                return None
+            if set(handle.keys()) != set(_NAMES):
+                self._reject(path, "wrong tensors")
+                return None
+            for name, want in {"U": [m, rank], "S": [rank], "Vh": [rank, n]}.items():
+                part = handle.get_slice(name)
+                if list(part.get_shape()) != want:
+                    self._reject(path, "wrong shapes")
+                    return None
+                if part.get_dtype() != "F32":
+                    self._reject(path, "not fp32")
+                    return None
+            tensors = {name: handle.get_tensor(name) for name in _NAMES}
+        if metadata.get("checksum") != entry_checksum(tensors, expected):
+            self._reject(path, "checksum mismatch")
+            return None
+        problem = _factor_problem(tensors, m, n, rank)
+        if problem is not None:
+            self._reject(path, problem)
+            return None
+        return tensors
+
+    # -- write -------------------------------------------------------------------------------------------------
+    def put(
+        self,
+        fingerprint: str,
+        rank: int,
+        settings: SVDSettings,
+        factors,
+        shape: Optional[Sequence[int]] = None,
+    ) -> bool:
+        """Store ``factors`` = ``(U, S, Vh)`` of the (m, n) weight ``shape`` (default: read off U and Vh).
+
+        Returns whether the entry was written. Factors that ``get`` would reject are not written; a folder that is
+        a file or cannot be created, a read-only or full disk skip the write with one warning per kind of problem
+        and leave no temporary file behind.
+        """
         u, s, vh = factors
+        if shape is None:
+            shape = (u.shape[0], vh.shape[-1])
+        m, n = (int(d) for d in shape)
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in zip(_NAMES, (u, s, vh))}
+        problem = _factor_problem(tensors, m, n, rank)
+        if problem is not None:
+            self._warn(
+                f"invalid:{problem}",
+                f"SVD factors of a ({m}, {n}) weight at rank {rank} were not cached ({problem})",
+            )
+            return False
+        if self._not_a_folder():
+            return False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            self._warn(
+                f"mkdir:{type(error).__name__}",
+                f"the SVD cache folder {self.directory} could not be created ({error}); the cache is not written",
+            )
+            return False
+        record = entry_record(fingerprint, (m, n), rank, settings)
+        metadata = dict(record, checksum=entry_checksum(tensors, record))
         path = self._path(fingerprint, rank, settings)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"U": u.contiguous().cpu(), "S": s.contiguous().cpu(), "Vh": vh.contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)
+        # Not a ``*.safetensors`` name, so a half-written file can never be taken for an entry.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException as error:  # noqa: BLE001 - includes safetensors' Rust panics
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if _is_fatal(error):
+                raise
+            self._warn_write_failed(path, error)
+            return False
+        return True
+
+    def _warn_write_failed(self, path: Path, error: BaseException) -> None:
+        code = getattr(error, "errno", None)
+        if isinstance(error, PermissionError) or code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason, hint = "read-only", "the cache folder is not writable"
+        elif code in (errno.ENOSPC, errno.EDQUOT):
+            reason, hint = "disk full", "no space left on the cache's disk"
+        else:
+            reason, hint = f"write:{type(error).__name__}", "the entry could not be written"
+        self._warn(
+            reason,
+            f"SVD cache entry {path} was not written ({hint}: {error}); the SVD is computed, not cached. Further "
+            "write failures of this kind are not reported.",
+        )

@@ -231,7 +231,7 @@ def truncated_svds(
         for name, weight in named_weights.items():
             if cache is not None:
                 fingerprints[name] = weight_fingerprint(weight)
-                hit = cache.get(fingerprints[name], ranks[name], settings, weight.device)
+                hit = cache.get(fingerprints[name], ranks[name], settings, weight.device, shape=tuple(weight.shape))
                 if hit is not None:
                     results[name] = hit
                     bar.update(1)
@@ -242,6 +242,6 @@ def truncated_svds(
             for name, triplet in zip(names, factors):
                 results[name] = triplet
                 if cache is not None:
-                    cache.put(fingerprints[name], rank, settings, triplet)
+                    cache.put(fingerprints[name], rank, settings, triplet, shape=tuple(named_weights[name].shape))
             bar.update(len(names))
     return results
