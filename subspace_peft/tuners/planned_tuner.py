@@ -101,8 +101,36 @@ class PlannedTuner(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint_holds_every_tensor(model, remapped, adapter_name, cls.method_name)
+        tuner = next((module for module in model.modules() if isinstance(module, PlannedTuner)), None)
+        if tuner is None:  # layers injected without a tuner module (inject_adapter_in_model): nothing to check against
+            return remapped
+        missing = tuner._tensors_missing_from(remapped, adapter_name, prefix=_prefix_of(model, tuner))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            tuner._refuse_load(
+                {adapter_name},
+                f"this {cls.method_name} checkpoint lacks '{missing[0]}'{more}, which adapter '{adapter_name}' needs: "
+                "the file is incomplete or holds another method's adapter (check peft_type in adapter_config.json "
+                "against the tensor names in adapter_model.safetensors, or save the adapter again)",
+            )
         return remapped
+
+    def _tensors_missing_from(self, state_dict: dict, adapter_name: str, prefix: str) -> list[str]:
+        """Keys of ``adapter_name``'s tensors that ``state_dict`` lacks (a file of another method, or a truncated or
+        edited one): peft would only warn and leave them uninitialised."""
+        return [f"{prefix}model.{key}.{rel}" for key, layer in _layers(self)
+                for rel, _, _ in layer.adapter_tensors(adapter_name) if f"{prefix}model.{key}.{rel}" not in state_dict]
+
+    def _refuse_load(self, adapters: set[str], message: str) -> None:
+        """Raise ``message`` as a ValueError after removing the empty layers built for ``adapters`` (those still
+        waiting for this checkpoint), so the user's base model is exactly as it was before the load began."""
+        for adapter in adapters:
+            if any(adapter in layer.awaiting_checkpoint for _, layer in _layers(self)):
+                if len(self.peft_config) > 1:
+                    self.delete_adapter(adapter)
+                else:
+                    self._unload_and_optionally_merge(merge=False)
+        raise ValueError(message)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         planned = self._pending["plan"][current_key]
@@ -140,52 +168,34 @@ def _layers(tuner: PlannedTuner):
     return [(key, module) for key, module in tuner.model.named_modules() if isinstance(module, FactorLayer)]
 
 
-def check_checkpoint_holds_every_tensor(model: nn.Module, state_dict: dict, adapter_name: str, method: str) -> None:
-    """Raise a ValueError naming the first missing tensor when a checkpoint lacks one that ``adapter_name``'s layers
-    need (a file of another method, or a truncated or edited one): peft would only warn and leave it uninitialised."""
-    missing = []
-    for name, module in model.named_modules():
-        if isinstance(module, FactorLayer) and adapter_name in module.r:
-            missing += [f"{name}.{key}" for key, _, _ in module.adapter_tensors(adapter_name)
-                        if f"{name}.{key}" not in state_dict]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(
-            f"this {method} checkpoint lacks '{missing[0]}'{more}, which adapter '{adapter_name}' needs: the file is "
-            "incomplete or holds another method's adapter (check peft_type in adapter_config.json against the tensor "
-            "names in adapter_model.safetensors, or save the adapter again)"
-        )
+def _prefix_of(model: nn.Module, tuner: PlannedTuner) -> str:
+    """State-dict prefix of ``tuner`` inside ``model`` ('base_model.' in a PeftModel)."""
+    name = next(name for name, module in model.named_modules() if module is tuner)
+    return f"{name}." if name else ""
 
 
 def _check_checkpoint_before_load(tuner, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook on the tuner: runs before any tensor below it is copied. A tensor of the wrong shape
     is a ValueError naming it (peft has already dropped them under ``ignore_mismatched_sizes=True``); empty layers whose
-    adapter this checkpoint holds are listed for the post-hook, split into loaded and dropped."""
-    loading = set()
-    expected = []
-    for key, layer in _layers(tuner):
-        for rel, adapter, tensor in layer.adapter_tensors():
-            full = f"{prefix}model.{key}.{rel}"
-            value = state_dict.get(full)
-            if value is not None:
-                if tuple(value.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"the checkpoint's '{full}' has shape {tuple(value.shape)} but layer '{key}' of this model "
-                        f"needs {tuple(tensor.shape)}: load the adapter onto the base model it was trained on (see "
-                        "base_model_name_or_path in adapter_config.json), or pass ignore_mismatched_sizes=True to "
-                        "initialise the layers that differ afresh"
-                    )
-                loading.add(adapter)
-            if adapter in layer.awaiting_checkpoint:
-                expected.append((key, layer, adapter, value is not None))
-    complete: dict[tuple, bool] = {}
-    for key, layer, adapter, present in expected:
-        if adapter in loading:
-            complete[(key, adapter)] = complete.get((key, adapter), True) and present
-    tuner._checkpoint_load = {
-        "layers": {(key, adapter): layer for key, layer, adapter, _ in expected if adapter in loading},
-        "complete": complete,
-    }
+    adapter this checkpoint holds are listed for the post-hook, as loaded or dropped."""
+    found = [(key, layer, adapter, tensor, state_dict.get(f"{prefix}model.{key}.{rel}"), f"{prefix}model.{key}.{rel}")
+             for key, layer in _layers(tuner) for rel, adapter, tensor in layer.adapter_tensors()]
+    loading = {adapter for _, _, adapter, _, value, _ in found if value is not None}
+    for key, _, _, tensor, value, full in found:
+        if value is not None and tuple(value.shape) != tuple(tensor.shape):
+            tuner._refuse_load(
+                loading,
+                f"the checkpoint's '{full}' has shape {tuple(value.shape)} but layer '{key}' of this model needs "
+                f"{tuple(tensor.shape)}: load the adapter onto the base model it was trained on (see "
+                "base_model_name_or_path in adapter_config.json), or pass ignore_mismatched_sizes=True to initialise "
+                "the layers that differ afresh",
+            )
+    layers, complete = {}, {}
+    for key, layer, adapter, _, value, _ in found:
+        if adapter in loading and adapter in layer.awaiting_checkpoint:
+            layers[(key, adapter)] = layer
+            complete[(key, adapter)] = complete.get((key, adapter), True) and value is not None
+    tuner._checkpoint_load = {"layers": layers, "complete": complete}
 
 
 def _complete_layers_after_load(tuner, incompatible_keys) -> None:
