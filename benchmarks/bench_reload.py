@@ -1,0 +1,116 @@
+"""Reload time of a saved adapter, ours against peft's LoRA, on SmolLM2-135M (all-linear, r=16).
+
+    python benchmarks/bench_reload.py [--reps 3] [--rank 16]
+
+The adapters are made once (randomized init where a method has it) and saved. Each reload then runs in a fresh
+process: load the fp32 base model, read every weight once (so its pages are resident), time
+``PeftModel.from_pretrained(base, folder)`` with both ``low_cpu_mem_usage`` values, and count the calls of torch's
+SVD / eigen / QR routines while it runs (0 for every method: a reload fills empty layers from the file). Methods are
+interleaved over repetitions; the table gives medians and the ratio to LoRA's reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from harness import markdown_table, run_interleaved  # noqa: E402
+
+METHODS = ("lora", "pissa", "svfit", "effort", "flora")
+DECOMPOSITIONS = {"linalg": ("svd", "svdvals", "eig", "eigh", "qr"), "torch": ("svd", "svd_lowrank")}
+
+
+def make_config(method: str, rank: int):
+    import subspace_peft
+    from peft import LoraConfig
+
+    if method == "lora":
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")
+    if method == "pissa":
+        return subspace_peft.PiSSAConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init="randomized")
+    if method == "svfit":
+        return subspace_peft.SVFitConfig(r=rank, target_modules="all-linear", init="randomized")
+    if method == "effort":
+        return subspace_peft.EffortConfig(residual_rank=rank, target_modules="all-linear")
+    return subspace_peft.FLoRAConfig(r=rank, target_modules="all-linear")
+
+
+def load_base():
+    import torch
+    from models import smollm2_path
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+    for parameter in model.parameters():  # touch every page, as training would
+        parameter.data.sum()
+    return model
+
+
+def save_adapters(root: str, rank: int) -> None:
+    from peft import get_peft_model
+
+    for method in METHODS:
+        folder = os.path.join(root, method)
+        if not os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+            get_peft_model(load_base(), make_config(method, rank)).save_pretrained(folder)
+            print(f"saved {method}", file=sys.stderr, flush=True)
+
+
+def child(method: str, root: str) -> dict:
+    import torch
+    import subspace_peft  # noqa: F401
+    from peft import PeftModel
+
+    calls = {"n": 0}
+    for owner, names in ((torch.linalg, DECOMPOSITIONS["linalg"]), (torch, DECOMPOSITIONS["torch"])):
+        for name in names:
+            original = getattr(owner, name)
+
+            def counted(*args, _original=original, **kwargs):
+                calls["n"] += 1
+                return _original(*args, **kwargs)
+
+            setattr(owner, name, counted)
+    result = {}
+    for low_cpu_mem_usage in (False, True):
+        base = load_base()
+        start = time.perf_counter()
+        model = PeftModel.from_pretrained(base, os.path.join(root, method), low_cpu_mem_usage=low_cpu_mem_usage)
+        result[f"reload_s_lcmu_{int(low_cpu_mem_usage)}"] = time.perf_counter() - start
+        del model, base
+    result["decompositions"] = calls["n"]
+    result["adapter_mib"] = os.path.getsize(os.path.join(root, method, "adapter_model.safetensors")) / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--root", default=None, help="folder for the saved adapters (default: a temporary one)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.root)), flush=True)
+        return
+    root = args.root or tempfile.mkdtemp(prefix="bench_reload_")
+    save_adapters(root, args.rank)
+    rows = run_interleaved(os.path.abspath(__file__), list(METHODS), args.reps, ["--root", root])
+    lora = rows["lora"]
+    table = [[method, f"{row['reload_s_lcmu_0']:.2f}", f"{row['reload_s_lcmu_0'] / lora['reload_s_lcmu_0']:.2f}x",
+              f"{row['reload_s_lcmu_1']:.2f}", f"{row['reload_s_lcmu_1'] / lora['reload_s_lcmu_1']:.2f}x",
+              f"{row['decompositions']:.0f}", f"{row['adapter_mib']:.1f}"] for method, row in rows.items()]
+    print(f"SmolLM2-135M, all-linear, r={args.rank}, medians of {args.reps} fresh processes")
+    print(markdown_table(["method", "reload s", "/ LoRA", "reload s (low_cpu_mem_usage)", "/ LoRA",
+                          "SVD/eigen/QR calls", "adapter MiB"], table))
+
+
+if __name__ == "__main__":
+    main()
