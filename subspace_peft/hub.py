@@ -1,12 +1,23 @@
-"""Adapters on the Hub: a model card that says what the adapter is and how to load it, and a push helper."""
+"""Adapters on the Hub: a model card that says what the adapter is and how to load it, and a push helper whose
+every request has a timeout and a bounded retry budget."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import os
+import sys
 import tempfile
-from typing import Optional
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, TypeVar
 
+import huggingface_hub
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HfHubHTTPError, validate_repo_id
 
 DISPLAY_NAMES = {"PISSA": "PiSSA", "SVFIT": "SVFit", "FLORA": "FLoRA", "EFFORT": "Effort", "LORA": "LoRA"}
 # Config fields that describe an adapter's size, per method, in the order a reader wants them.
@@ -76,18 +87,197 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
 
+DEFAULT_TIMEOUT = 60.0  # seconds one network operation (connect, send, wait for the answer) may take
+DEFAULT_MAX_RETRIES = 3  # retries of one failed Hub request, after its first attempt
+# Answers worth another try: request timeout, rate limit, server errors (huggingface_hub's own backoff retries these)
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_MAX_WAIT = 8.0  # seconds between attempts: 1, 2, 4, 8, 8, ...
+
+T = TypeVar("T")
+
+
+class HubUnreachableError(ValueError):
+    """A Hub request of :func:`push_adapter` timed out, could not connect, or kept failing (HTTP 408/429/5xx) until
+    its retry budget was spent. The message names the endpoint and the fix."""
+
+
+@dataclass
+class _Budget:
+    """The attempts of one push, per request (method and URL). The clients push_adapter's factory builds count
+    every request they send: push_adapter's own retries and huggingface_hub's internal ones (its backoff loops, its
+    committer thread) alike."""
+
+    max_retries: int
+    attempts: dict = field(default_factory=dict)  # (method, url) -> requests sent
+    answers: dict = field(default_factory=dict)  # (method, url) -> HTTP status of the latest answer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, request) -> None:
+        """Request hook: stop a request past ``1 + max_retries`` attempts."""
+        key = (request.method, str(request.url))
+        with self.lock:
+            status = self.answers.pop(key, None)
+            self.attempts[key] = sent = self.attempts.get(key, 0) + 1
+        if sent > self.max_retries + 1:
+            raise _BudgetSpent(*key, sent - 1, status)
+
+    def answered(self, response) -> None:
+        """Response hook: the latest status per request, for the message when its budget runs out."""
+        with self.lock:
+            self.answers[(response.request.method, str(response.request.url))] = response.status_code
+
+
+class _BudgetSpent(Exception):
+    """Raised by the request hook when a request would exceed its retry budget. Not an HTTP error on purpose:
+    huggingface_hub's own backoff loops retry HTTP errors, and must not retry this one."""
+
+    def __init__(self, method: str, url: str, attempts: int, status: Optional[int]):
+        super().__init__(f"{method} {url} failed {attempts} time(s)")
+        self.attempts, self.status = attempts, status
+
+
+_FACTORY_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _bounded_client(timeout: float, budget: _Budget):
+    """While the push runs, huggingface_hub's shared HTTP client is built with a ``timeout`` on every network
+    operation and ``budget``'s hooks, through the library's own ``set_client_factory``; the previous factory (a
+    user's proxy or certificate settings included: the new client is built by it) is put back afterwards.
+
+    huggingface_hub has no public getter for the installed factory, so it is read from ``huggingface_hub.utils._http``
+    (read only, never patched). The client is shared: hub requests other threads make during the push get the same
+    timeout and budget, and ``set_client_factory`` closes the shared client on the way in and out, so a request
+    another thread has in flight at that moment fails (huggingface_hub's backoff retries it where it has one).
+    """
+    set_factory = getattr(huggingface_hub, "set_client_factory", None)
+    if set_factory is None:  # huggingface_hub < 1.0: a requests backend, without a client factory
+        warnings.warn(
+            f"huggingface_hub {huggingface_hub.__version__} has no set_client_factory: push_adapter retries failed "
+            "requests but cannot bound how long one waits. Upgrade huggingface_hub (>= 1.0) for the timeout.",
+            stacklevel=3,
+        )
+        yield
+        return
+    from huggingface_hub.utils import _http
+
+    previous: Callable = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+    def factory():
+        client = previous()
+        client.timeout = type(client.timeout)(timeout)  # httpx(2).Timeout: connect, read, write and pool
+        hooks = client.event_hooks
+        client.event_hooks = {"request": [*hooks.get("request", []), budget.count],
+                              "response": [*hooks.get("response", []), budget.answered]}
+        return client
+
+    with _FACTORY_LOCK:
+        set_factory(factory)
+        try:
+            yield
+        finally:
+            set_factory(previous)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Network failures worth another attempt, for whichever HTTP library huggingface_hub runs on (already imported
+    by it: nothing new is imported here)."""
+    errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    for module_name, names in (("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+                               ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+                               ("requests", ("Timeout", "ConnectionError"))):
+        module = sys.modules.get(module_name)
+        errors += [getattr(module, name) for name in names if module is not None and hasattr(module, name)]
+    return tuple(errors)
+
+
+def _status(error: BaseException) -> Optional[int]:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _unreachable(endpoint: str, happened: str, attempts: int, max_retries: int, detail: str) -> HubUnreachableError:
+    detail = " ".join(detail.split())[:240]  # one line
+    return HubUnreachableError(
+        f"push_adapter: the Hub at {endpoint} {happened} ({attempts} attempt(s), max_retries={max_retries}; "
+        f"{detail}). Check the network and HF_ENDPOINT (now {endpoint}), or pass a larger "
+        "push_adapter(timeout=..., max_retries=...)."
+    )
+
+
+def _what_happened(error: BaseException, what: str, timeout: float) -> str:
+    status = _status(error)
+    if status is not None:
+        return f"kept answering HTTP {status} to {what}"
+    if isinstance(error, TimeoutError) or "timeout" in type(error).__name__.lower():
+        return f"did not answer {what} within timeout={timeout:g}s"
+    return f"could not be reached for {what}"
+
+
+def _with_retries(call: Callable[[], T], what: str, endpoint: str, timeout: float, max_retries: int) -> T:
+    """``call()``, attempted up to ``1 + max_retries`` times on a timeout, a network error or HTTP 408/429/5xx (with
+    1, 2, 4, 8, 8 ... seconds between attempts); then a :class:`HubUnreachableError`. Other errors (401, 404, ...)
+    are raised as they are: another attempt would not change them."""
+    transient = _transient_errors()
+    wait = 1.0
+    for attempt in range(1, max_retries + 2):
+        try:
+            return call()
+        except _BudgetSpent as spent:
+            happened = (f"kept answering HTTP {spent.status} to {what}" if spent.status is not None else
+                        f"did not answer {what} within timeout={timeout:g}s (or refused the connection)")
+            raise _unreachable(endpoint, happened, spent.attempts, max_retries, str(spent)) from spent
+        except Exception as error:  # noqa: BLE001 - sorted into transient and final just below
+            if not (isinstance(error, transient) or _status(error) in _RETRY_STATUS):
+                raise
+            if attempt > max_retries:
+                raise _unreachable(endpoint, _what_happened(error, what, timeout), attempt, max_retries,
+                                   f"last error {type(error).__name__}: {error}") from error
+        time.sleep(wait)
+        wait = min(2 * wait, _MAX_WAIT)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _check_timeouts(timeout, max_retries) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"push_adapter: timeout must be a finite number of seconds > 0, got {timeout!r}; pass e.g. "
+                         f"timeout={DEFAULT_TIMEOUT:g}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
+        raise ValueError(f"push_adapter: max_retries must be an integer >= 0 (0: no retry), got {max_retries!r}; "
+                         f"pass e.g. max_retries={DEFAULT_MAX_RETRIES}")
+
+
 def push_adapter(
     peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
     private: bool = False, token: Optional[str] = None, commit_message: str = "Upload adapter",
+    timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES, endpoint: Optional[str] = None,
 ) -> str:
     """Save ``adapter_name`` (safetensors) with :func:`model_card` as README.md and push it to ``repo_id``; returns
-    the commit URL. The Hub endpoint is ``HF_ENDPOINT`` as for every huggingface_hub call."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    the commit URL. The Hub endpoint is ``endpoint``, by default ``HF_ENDPOINT`` as for every huggingface_hub call.
+
+    Every network operation of the push (connect, send, wait for the answer) waits at most ``timeout`` seconds, and
+    each Hub request is attempted at most ``1 + max_retries`` times (on a timeout, a network error or HTTP
+    408/429/5xx; 1, 2, 4, 8 ... seconds apart), huggingface_hub's own retries included. Past that, a
+    :class:`HubUnreachableError` (a ValueError) names the endpoint and the fix. The adapter and its card are written
+    (to a temporary folder) before the first request. Transfers through Xet storage (``hf_xet``) run under that
+    library's own timeouts.
+
+    Raises a ValueError before any network request if ``timeout`` is not a finite number > 0, ``max_retries`` not an
+    integer >= 0, or ``repo_id`` not a valid repo id.
+    """
+    _check_timeouts(timeout, max_retries)
+    validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming the rule
+    api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
         source = folder if adapter_name == "default" else os.path.join(folder, adapter_name)
         with open(os.path.join(source, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(model_card(peft_model, repo_id, adapter_name, training_summary))
-        info = api.upload_folder(repo_id=repo_id, folder_path=source, commit_message=commit_message)
+        with _bounded_client(timeout, _Budget(max_retries)):
+            _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+                          f"create_repo('{repo_id}')", api.endpoint, timeout, max_retries)
+            info = _with_retries(
+                lambda: api.upload_folder(repo_id=repo_id, folder_path=source, commit_message=commit_message),
+                f"upload_folder('{repo_id}')", api.endpoint, timeout, max_retries)
     return str(info)

@@ -3,6 +3,11 @@ pre-upload, commit files inline) and for downloads (``resolve``, model info). Fi
 
     with FakeHub() as hub:      # sets HF_ENDPOINT in the environment of child processes you start with hub.env
         ...
+
+``FakeHub(answer=False)`` is a server that accepts every connection and never answers (no status line, no byte):
+what a stalled proxy or a hung Hub looks like to a client. ``FakeHub(stall=regex)`` answers every request except
+those whose path matches ``regex``, which it holds the same way. ``hub.connections`` counts the connections accepted,
+``hub.stalled`` the requests held.
 """
 
 from __future__ import annotations
@@ -30,12 +35,27 @@ class _Repos:
             return digest
 
 
-def _handler(repos: _Repos, endpoint_ref: list):
+def _silent_handler(hub: "FakeHub"):
+    class Silent(BaseHTTPRequestHandler):
+        def handle(self):  # accept, count, then hold the connection open without a byte until the hub stops
+            with hub.lock:
+                hub.connections += 1
+            hub.stopped.wait()
+
+    return Silent
+
+
+def _handler(repos: _Repos, endpoint_ref: list, hub: "FakeHub", stall: str | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args):  # quiet
             pass
+
+        def handle(self):
+            with hub.lock:
+                hub.connections += 1
+            super().handle()
 
         def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
             self.send_response(status)
@@ -51,7 +71,18 @@ def _handler(repos: _Repos, endpoint_ref: list):
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+        def _stalls(self) -> bool:
+            if stall is None or not re.search(stall, self.path.split("?")[0]):
+                return False
+            with hub.lock:
+                hub.stalled += 1
+            hub.stopped.wait()
+            self.close_connection = True
+            return True
+
         def do_POST(self):
+            if self._stalls():
+                return
             path = self.path.split("?")[0]
             body = self._body()
             if path == "/api/repos/create":
@@ -80,6 +111,8 @@ def _handler(repos: _Repos, endpoint_ref: list):
             return self._json(404, {"error": f"not faked: POST {path}"})
 
         def _get(self, head: bool):
+            if self._stalls():
+                return
             path = self.path.split("?")[0]
             match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
             if match and match.group(1) in repos.files:
@@ -108,10 +141,14 @@ def _handler(repos: _Repos, endpoint_ref: list):
 
 
 class FakeHub:
-    def __init__(self):
+    def __init__(self, answer: bool = True, stall: str | None = None):
         self.repos = _Repos()
         self._endpoint = [""]
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.repos, self._endpoint))
+        self.connections = self.stalled = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        handler = _handler(self.repos, self._endpoint, self, stall) if answer else _silent_handler(self)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._endpoint[0] = self.endpoint
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -125,5 +162,6 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc):
+        self.stopped.set()
         self.server.shutdown()
         self.server.server_close()

@@ -1,5 +1,11 @@
 """The merges users compare against: task arithmetic, TIES and DARE, on task vectors (per parameter tensor, with
-peft.utils.merge_utils doing the per-tensor work). Each returns a new model; the base is never modified."""
+peft.utils.merge_utils doing the per-tensor work). Each returns a new model; the base is never modified.
+
+Every knob is checked before anything is copied: ``scaling`` a finite number (negative subtracts the task vectors:
+task negation), TIES' ``density`` in (0, 1], DARE's ``drop_rate`` in [0, 1), ``seed`` an integer. Task vectors and the
+base parameters they change must be finite; a merge whose result overflows the parameter's dtype is refused too.
+Each refusal is a ValueError naming the parameter (and the task vector, by index) and leaves the base untouched.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ import torch
 from peft.utils import merge_utils
 from torch import nn
 
+from ._checks import SEED_MAX, all_finite, choice, integer, number
 from .task_vectors import TaskVector, check_vectors_fit
+
+_SCALING_FIX = "pass e.g. scaling=0.3 (negative values subtract the task vectors)"
 
 
 @torch.no_grad()
@@ -18,7 +27,8 @@ def merge_task_vectors(
     base: nn.Module, vectors: list[TaskVector], combine: Callable[[list[torch.Tensor]], torch.Tensor]
 ) -> nn.Module:
     """A copy of ``base`` with ``combine(deltas)`` added to each parameter some task vector names (a task vector that
-    does not name a parameter contributes zeros there)."""
+    does not name a parameter contributes zeros there). The task vectors and the base parameters they change must be
+    finite, and so must the merged values (else a ValueError naming the parameter; ``base`` is never modified)."""
     check_vectors_fit(base, vectors)
     merged = copy.deepcopy(base)
     params = dict(merged.named_parameters())
@@ -26,7 +36,12 @@ def merge_task_vectors(
         param = params[name]
         deltas = [v[name].to(torch.float32) if name in v else torch.zeros_like(param, dtype=torch.float32)
                   for v in vectors]
-        param.add_(combine(deltas).to(param.dtype))
+        update = combine(deltas).to(param.dtype)
+        if not all_finite(update) or not all_finite(param.add_(update)):
+            raise ValueError(
+                f"the merged value of {name!r} overflows {param.dtype} (NaN or Inf) although the task vectors and the "
+                "base are finite: lower scaling (for DARE, also drop_rate: kept entries grow by 1 / (1 - drop_rate))"
+            )
     return merged
 
 
@@ -35,7 +50,8 @@ def _weights(count: int, scaling: float) -> torch.Tensor:
 
 
 def task_arithmetic(base: nn.Module, vectors: list[TaskVector], scaling: float = 0.3) -> nn.Module:
-    """``theta_0 + scaling * sum_i tau_i`` (Ilharco et al., 2023)."""
+    """``theta_0 + scaling * sum_i tau_i`` (Ilharco et al., 2023). ``scaling``: a finite number."""
+    scaling = number("task_arithmetic", "scaling", scaling, _SCALING_FIX, fp32=True)
     return merge_task_vectors(base, vectors, lambda deltas: merge_utils.task_arithmetic(deltas, _weights(len(deltas), scaling)))
 
 
@@ -44,8 +60,13 @@ def ties_merging(
     majority_sign_method: Literal["total", "frequency"] = "total",
 ) -> nn.Module:
     """TIES (Yadav et al., 2023): keep each task vector's top ``density`` share of entries by magnitude (per
-    parameter tensor), elect a sign per entry, average the entries that agree with it, scale by ``scaling``."""
-    _check_share("density", density)
+    parameter tensor), elect a sign per entry, average the entries that agree with it, scale by ``scaling``.
+    ``density`` lies in (0, 1] (1 keeps every entry; a tensor where ``density`` keeps no entry is not merged)."""
+    scaling = number("ties_merging", "scaling", scaling, "pass e.g. scaling=1.0", fp32=True)
+    density = number("ties_merging", "density", density,
+                     "pass the share of each task vector's entries to keep, e.g. density=0.2", low=0.0, high=1.0,
+                     low_open=True)
+    choice("ties_merging", "majority_sign_method", majority_sign_method, ("total", "frequency"))
     return merge_task_vectors(
         base, vectors,
         lambda deltas: merge_utils.ties(deltas, _weights(len(deltas), scaling), density, majority_sign_method),
@@ -56,19 +77,17 @@ def dare_merging(
     base: nn.Module, vectors: list[TaskVector], scaling: float = 0.3, drop_rate: float = 0.9, seed: int = 0,
     use_ties: bool = False,
 ) -> nn.Module:
-    """DARE (Yu et al., 2024): drop each task-vector entry with probability ``drop_rate`` and rescale the rest by
-    ``1 / (1 - drop_rate)``, then task arithmetic (or TIES' sign election with ``use_ties``). Seeded: the same
-    ``seed`` gives the same merge whatever the global RNG state."""
-    _check_share("drop_rate", drop_rate, upper_open=True)
+    """DARE (Yu et al., 2024): drop each task-vector entry with probability ``drop_rate`` (in [0, 1)) and rescale the
+    rest by ``1 / (1 - drop_rate)``, then task arithmetic (or TIES' sign election with ``use_ties``). Seeded: the
+    same ``seed`` (an integer) gives the same merge whatever the global RNG state."""
+    scaling = number("dare_merging", "scaling", scaling, _SCALING_FIX, fp32=True)
+    drop_rate = number("dare_merging", "drop_rate", drop_rate,
+                       "pass the probability of dropping an entry, e.g. drop_rate=0.9 (1 would drop everything)",
+                       low=0.0, high=1.0, high_open=True)
+    seed = integer("dare_merging", "seed", seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
+    choice("dare_merging", "use_ties", use_ties, (False, True))
     density = 1.0 - drop_rate
     method = merge_utils.dare_ties if use_ties else merge_utils.dare_linear
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return merge_task_vectors(base, vectors, lambda deltas: method(deltas, _weights(len(deltas), scaling), density))
-
-
-def _check_share(name: str, value: float, upper_open: bool = False) -> None:
-    upper_ok = value < 1.0 if upper_open else value <= 1.0
-    if not (0.0 <= value and upper_ok):
-        interval = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value}")

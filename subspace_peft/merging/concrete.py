@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._checks import SEED_MAX, all_finite, choice, integer, number
 from .task_vectors import TaskVector, check_vectors_fit
 
 LogitsFn = Callable[[Callable[..., Any], Any], torch.Tensor]
@@ -126,11 +127,37 @@ def concrete_merge(
             with positive logits. Every mask is rescaled to mean 1 per tensor.
         return_masks: also return the final masks.
 
+    Checked before anything is copied or computed, each failure a ValueError naming the argument and the fix:
+    ``scaling`` and ``initial_logits`` finite (within float32's range), ``lr``, ``lambda_lr`` and ``temperature``
+    finite and > 0, ``steps`` an integer >= 1, ``adamerging_steps`` None or an integer >= 0, ``seed`` an integer >= 0,
+    the task vectors and the base parameters they change finite (naming the task vector and the tensor). A
+    non-finite prediction entropy stops the merge at that step, and a merged value that overflows the parameter's
+    dtype is refused; the base model is never modified.
+
     Memory: the masked parameters (N of them) cost 16 bytes each for the duration of the merge (fp32 logits, their
     gradient and Adam's two moments) plus about 12 bytes each per step for the sampled mask, the merged weights and
     their gradient; the task vectors hold 4 bytes per changed parameter and task (Concrete TA 4 more per changed
     parameter for the fixed lambda-weighted sum). Restrict ``modules`` to bound N.
     """
+    where = "concrete_merge"
+    choice(where, "method", method, ("task_arithmetic", "adamerging"))
+    choice(where, "lambda_granularity", lambda_granularity, ("task", "layer"))
+    choice(where, "final_mask", final_mask, ("expectation", "sample", "hard"))
+    scaling = number(where, "scaling", scaling, "pass e.g. scaling=0.3 (the task vectors' weight lambda)",
+                     fp32=True)
+    steps = integer(where, "steps", steps, "pass e.g. steps=200 (for no mask at all, use task_arithmetic)", low=1)
+    lr = number(where, "lr", lr, "pass e.g. lr=1e-3 (the mask logits' Adam learning rate)", low=0.0, low_open=True)
+    lambda_lr = number(where, "lambda_lr", lambda_lr, "pass e.g. lambda_lr=1e-3 (AdaMerging's Adam learning rate)",
+                       low=0.0, low_open=True)
+    if adamerging_steps is not None:
+        adamerging_steps = integer(where, "adamerging_steps", adamerging_steps,
+                                   "pass e.g. adamerging_steps=200, or None for as many as steps", low=0)
+    temperature = number(where, "temperature", temperature,
+                         "pass e.g. temperature=0.5 (the Concrete distribution's; lower is closer to a hard mask)",
+                         low=0.0, low_open=True)
+    initial_logits = number(where, "initial_logits", initial_logits,
+                            "pass e.g. initial_logits=0.0 (keep probability sigmoid(initial_logits) = 1/2)", fp32=True)
+    seed = integer(where, "seed", seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
     params = check_vectors_fit(base, task_vectors)
     if len(unlabeled) != len(task_vectors) or any(len(batches) == 0 for batches in unlabeled):
         raise ValueError(
@@ -140,12 +167,6 @@ def concrete_merge(
     logits_fns = list(logits_fns) if logits_fns is not None else [default_logits] * len(task_vectors)
     if len(logits_fns) != len(task_vectors):
         raise ValueError(f"got {len(logits_fns)} logits_fns for {len(task_vectors)} task vectors")
-    if method not in ("task_arithmetic", "adamerging"):
-        raise ValueError(f"method must be 'task_arithmetic' or 'adamerging', got {method!r}")
-    if final_mask not in ("expectation", "sample", "hard"):
-        raise ValueError(f"final_mask must be 'expectation', 'sample' or 'hard', got {final_mask!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
 
     merger = _Merger(params, task_vectors, _selected(set().union(*task_vectors), modules), initial_logits,
                      scaling, method, lambda_granularity)
@@ -167,10 +188,13 @@ def concrete_merge(
             with torch.no_grad():
                 merger.lambdas.copy_(merger.initial_lambdas)
             lambda_optimizer.zero_grad()
-            loss_of(merger.merged({n: m.detach() for n, m in masks.items()})).backward()
+            inner = loss_of(merger.merged({n: m.detach() for n, m in masks.items()}))
+            _check_loss(inner, len(history) + 1, "mask step (inner lambda step)", f"lambda_lr={lambda_lr}")
+            inner.backward()
             lambda_optimizer.step()
         mask_optimizer.zero_grad()
         loss = loss_of(merger.merged(masks, lambdas=merger.lambdas.detach()))
+        _check_loss(loss, len(history) + 1, "mask step", f"lr={lr}, temperature={temperature}, scaling={scaling}")
         loss.backward()
         mask_optimizer.step()
         history.append(float(loss.detach()))
@@ -181,28 +205,46 @@ def concrete_merge(
         with torch.no_grad():
             merger.lambdas.copy_(merger.initial_lambdas)
         lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=lambda_lr)
-        for _ in tqdm(range(steps if adamerging_steps is None else adamerging_steps), desc="AdaMerging",
-                      disable=not progress):
+        for step in tqdm(range(steps if adamerging_steps is None else adamerging_steps), desc="AdaMerging",
+                         disable=not progress):
             lambda_optimizer.zero_grad()
-            loss_of(merger.merged(final)).backward()
+            loss = loss_of(merger.merged(final))
+            _check_loss(loss, step + 1, "AdaMerging step", f"lambda_lr={lambda_lr}")
+            loss.backward()
             lambda_optimizer.step()
     with torch.no_grad():
+        values = {name: value.to(params[name].dtype)
+                  for name, value in merger.merged(final, lambdas=merger.lambdas.detach()).items()}
+        for name, value in values.items():
+            if not all_finite(value):
+                raise ValueError(
+                    f"concrete_merge: the merged value of {name!r} is NaN or Inf in {value.dtype} (lambdas "
+                    f"{merger.lambdas.detach().flatten()[:8].tolist()}): lower scaling or lambda_lr"
+                )
         merged = copy.deepcopy(base)
         merged_params = dict(merged.named_parameters())
-        for name, value in merger.merged(final, lambdas=merger.lambdas.detach()).items():
-            merged_params[name].copy_(value.to(merged_params[name].dtype))
+        for name, value in values.items():
+            merged_params[name].copy_(value)
     return ConcreteMergeResult(
         model=merged, lambdas=merger.lambdas.detach().clone(), entropy=history,
         masks={n: m.clone() for n, m in final.items()} if return_masks else None,
     )
 
 
+def _check_loss(loss: torch.Tensor, step: int, what: str, knobs: str) -> None:
+    """Stop at the first non-finite entropy: every later step would only spread NaN through the mask or lambdas."""
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(
+            f"concrete_merge: the prediction entropy is {float(loss.detach())} at {what} {step} ({knobs}): lower the "
+            "learning rate or raise temperature, and check that logits_fns give finite logits on the unlabeled "
+            "batches. The base model is unchanged."
+        )
+
+
 class _Merger:
     """The trainable state of a Concrete merge: mask logits of the masked tensors and the lambdas."""
 
     def __init__(self, params, vectors, masked, initial_logits, scaling, method, granularity):
-        if granularity not in ("task", "layer"):
-            raise ValueError(f"lambda_granularity must be 'task' or 'layer', got {granularity!r}")
         self.params = params
         self.names = sorted(set().union(*vectors))
         self.vectors = [{n: v[n].float() for n in v} for v in vectors]

@@ -14,6 +14,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ._checks import all_finite, number
+
 TaskVector = dict[str, torch.Tensor]
 
 # A fine-tune moves the weights by a few percent of their norm; a distance this large means another base model.
@@ -45,9 +47,13 @@ def task_vector(
     a task head, are left out: keep them with that task). Neither model is modified.
 
     Raises a ValueError naming the parameter if ``finetuned`` lacks one of the base's parameters or holds it with
-    another shape, and if the whole difference is larger than ``max_relative_distance`` times the base's norm
-    (a fine-tune of another base).
+    another shape, if either model holds NaN or Inf in it, and if the whole difference is larger than
+    ``max_relative_distance`` (a finite number > 0, or None) times the base's norm (a fine-tune of another base).
     """
+    if max_relative_distance is not None:
+        number("task_vector", "max_relative_distance", max_relative_distance,
+               f"pass e.g. {DEFAULT_MAX_RELATIVE_DISTANCE} (the default), or None to skip the distance check",
+               low=0.0, low_open=True)
     base_params, tuned_params = _parameters(base), _parameters(finetuned)
     missing = [name for name in base_params if name not in tuned_params]
     if missing:
@@ -63,6 +69,18 @@ def task_vector(
             )
     vector = {name: (tuned_params[name].detach().to(value.dtype) - value.detach()).clone()
               for name, value in base_params.items()}
+    for name, delta in vector.items():  # one reduction per tensor; the culprit is looked for only on failure
+        if not all_finite(delta):
+            if not all_finite(base_params[name].detach()):
+                problem = f"the base model holds NaN or Inf in parameter {name!r}"
+            elif not all_finite(tuned_params[name].detach()):
+                problem = f"the fine-tuned model holds NaN or Inf in parameter {name!r}"
+            else:
+                problem = f"fine-tuned - base overflows {delta.dtype} in parameter {name!r}"
+            raise ValueError(
+                f"task_vector: {problem}: a task vector must be finite. Fix or reload that model's weights (a "
+                "diverged fine-tune has no usable task vector)."
+            )
     _check_distance(vector, base_params, max_relative_distance, "the fine-tuned model")
     return vector
 
@@ -89,7 +107,14 @@ def adapter_task_vector(peft_model, adapter_name: str = "default", base: Optiona
         if holds_adapter:
             base_layer = module.get_base_layer()
             delta = module.get_delta_weight(adapter_name).detach()
-            vector[f"{name}.weight"] = delta.to(base_layer.weight.dtype).reshape(base_layer.weight.shape).clone()
+            delta = delta.to(base_layer.weight.dtype).reshape(base_layer.weight.shape).clone()
+            if not all_finite(delta):
+                raise ValueError(
+                    f"adapter_task_vector: adapter {adapter_name!r} gives NaN or Inf in the delta weight of layer "
+                    f"{name!r} (its factors or scaling are not finite, or the delta overflows the base weight's "
+                    f"{delta.dtype}): fix or retrain the adapter"
+                )
+            vector[f"{name}.weight"] = delta
     if not vector:
         raise ValueError(f"adapter {adapter_name!r} adapts no layer with a delta weight")
     if base is not None:
@@ -98,19 +123,42 @@ def adapter_task_vector(peft_model, adapter_name: str = "default", base: Optiona
 
 
 def check_vectors_fit(base: nn.Module, vectors: list[TaskVector]) -> dict[str, torch.Tensor]:
-    """The base's parameters, after checking that every task vector names base parameters of its shape."""
+    """The base's parameters, after checking that every task vector names base parameters of its shape, holds only
+    finite values, and that the base parameters it changes are finite. Each failure is a ValueError naming the task
+    vector (by index) and the tensor; nothing is modified. Costs one reduction per tensor."""
+    if isinstance(vectors, dict):
+        raise ValueError("task vectors must come as a list of dicts (one per task); got a single dict: wrap it, "
+                         "[vector]")
     if not vectors:
         raise ValueError("no task vectors to merge: pass at least one")
     params = _parameters(base)
     for index, vector in enumerate(vectors):
+        if not isinstance(vector, dict):
+            raise ValueError(f"task vector {index} is a {type(vector).__name__}, not a dict of tensors "
+                             "{parameter name: delta}: build it with task_vector() or adapter_task_vector()")
         if not vector:
             raise ValueError(f"task vector {index} is empty")
         for name, delta in vector.items():
             if name not in params:
                 raise ValueError(f"task vector {index} names {name!r}, which the base model does not have")
+            if not isinstance(delta, torch.Tensor):
+                raise ValueError(f"task vector {index} holds a {type(delta).__name__} for {name!r}, not a tensor")
             if delta.shape != params[name].shape:
                 raise ValueError(
                     f"task vector {index} holds {name!r} with shape {tuple(delta.shape)}, the base model with "
                     f"{tuple(params[name].shape)}: it comes from another base"
                 )
+    for index, vector in enumerate(vectors):
+        for name, delta in vector.items():
+            if not all_finite(delta.detach()):
+                raise ValueError(
+                    f"task vector {index} holds NaN or Inf in {name!r}: nothing was merged. Rebuild it from a "
+                    "finite fine-tune (a diverged fine-tune has no usable task vector), or leave that task out."
+                )
+    for name in sorted(set().union(*vectors)):
+        if not all_finite(params[name].detach()):
+            raise ValueError(
+                f"the base model holds NaN or Inf in {name!r}, which the task vectors change: nothing was merged. "
+                "Fix or reload the base weights."
+            )
     return params
