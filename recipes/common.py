@@ -1,30 +1,392 @@
-"""What the recipes share: a YAML file read into a dataclass, with ``--key value`` flags overriding it."""
+"""What the recipes share: a YAML file read into a dataclass, with ``--key value`` flags overriding it, and the
+one-line errors every bad input gets.
+
+Every problem with a recipe's input is a :class:`RecipeError` (a ValueError): one line naming the file (and line)
+or flag it came from, the key and the fix. A recipe's ``main`` prints it as ``error: <message>`` and exits with
+status 2, as argparse does; called from Python the recipes raise it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import TypeVar
+import json
+import math
+import os
+import re
+import typing
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
+_SOURCE_ATTRIBUTE = "_recipe_source"
 
-def load_recipe(cls: type[T], path: str | None, overrides: list[str]) -> T:
-    """``cls(**yaml_values)`` with ``--key value`` overrides (values parsed as YAML: numbers, lists, dicts); an
-    unknown key is a ValueError that lists the known ones."""
+
+class RecipeError(ValueError):
+    """A bad recipe input, as one line that names where it came from, the key and the fix.
+
+    ``key`` (``"eval_size"``, ``"training.learning_rate"``) is set while the message does not yet say where the
+    value came from; :func:`located` then prefixes the file and line, or the command-line flag.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(one_line(message))
+        self.key = key
+
+
+def one_line(text: Any) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+@dataclass
+class RecipeSource:
+    """Where a recipe's values came from: the YAML file with each key's line, and the keys given as flags."""
+
+    path: Optional[str] = None
+    lines: dict = field(default_factory=dict)  # "key" and "key.subkey" -> 1-based line in ``path``
+    flags: set = field(default_factory=set)  # top-level keys given on the command line
+
+    def where(self, key: str) -> Optional[str]:
+        top = re.split(r"[.\[]", key, maxsplit=1)[0]
+        if top in self.flags:
+            return f"--{top}"
+        candidate = key
+        while candidate:  # "tasks[1].model", then "tasks[1]", then "tasks"
+            if candidate in self.lines:
+                return f"{self.path}:{self.lines[candidate]}"
+            candidate = candidate[:max(candidate.rfind("."), candidate.rfind("["), 0)]
+        return None
+
+
+def source_of(recipe) -> RecipeSource:
+    return getattr(recipe, _SOURCE_ATTRIBUTE, None) or RecipeSource()
+
+
+def locate(error: RecipeError, source: RecipeSource) -> RecipeError:
+    """``error`` with its message prefixed by where its key's value came from (once)."""
+    if error.key is None:
+        return error
+    where, message = source.where(error.key), str(error)
+    top = re.split(r"[.\[]", error.key, maxsplit=1)[0]
+    if where == f"--{top}" and message.startswith(f"{top}: "):  # "--resume: ...", not "--resume: resume: ..."
+        message = message[len(top) + 2:]
+    located_error = RecipeError(f"{where}: {message}" if where else message)
+    located_error.__cause__ = error.__cause__
+    return located_error
+
+
+@contextmanager
+def located(recipe):
+    """Re-raise a :class:`RecipeError` raised inside with the file and line (or flag) of its key."""
+    try:
+        yield
+    except RecipeError as error:
+        raise locate(error, source_of(recipe)) from None
+
+
+def _key_lines(text: str, path: str) -> dict:
+    """Each top-level key's line, each key of a mapping value (``training.learning_rate``), each item of a list
+    value and its keys (``tasks[1]``, ``tasks[1].model``); 1-based. A top-level key given twice (YAML would keep the
+    last silently) is a :class:`RecipeError`."""
     import yaml
 
-    values = {}
-    if path is not None:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-    if len(overrides) % 2:
-        raise ValueError(f"expected --key value pairs, got {overrides!r}")
-    for flag, value in zip(overrides[::2], overrides[1::2]):
-        if not flag.startswith("--"):
-            raise ValueError(f"expected --key value pairs, got {flag!r}")
-        values[flag[2:].replace("-", "_")] = yaml.safe_load(value)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    lines = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key_node, value_node in root.value:
+        key = str(key_node.value)
+        if key in lines:
+            raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {key} is set twice (first on line "
+                              f"{lines[key]}); fix: keep one of them")
+        lines[key] = key_node.start_mark.line + 1
+        if isinstance(value_node, yaml.MappingNode):
+            for sub_key, _ in value_node.value:
+                lines[f"{key}.{sub_key.value}"] = sub_key.start_mark.line + 1
+        elif isinstance(value_node, yaml.SequenceNode):
+            for index, item in enumerate(value_node.value):
+                lines[f"{key}[{index}]"] = item.start_mark.line + 1
+                if isinstance(item, yaml.MappingNode):
+                    for sub_key, _ in item.value:
+                        lines[f"{key}[{index}].{sub_key.value}"] = sub_key.start_mark.line + 1
+    return lines
+
+
+def yaml_error_message(path: str, error) -> str:
+    """``path:line:column: <problem>`` from a yaml error (one line)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = " ".join(part for part in (getattr(error, "problem", None), getattr(error, "context", None)) if part)
+    return f"{where}: malformed YAML: {problem or error}; fix the YAML syntax at that line"
+
+
+def read_yaml_recipe(path: str) -> tuple[dict, dict]:
+    """(values, key lines) of the YAML recipe at ``path``; every problem is a one-line :class:`RecipeError`."""
+    import yaml
+
+    if os.path.isdir(path):
+        raise RecipeError(f"--config {path}: is a folder; fix: pass the YAML recipe file itself "
+                          "(e.g. recipes/configs/pissa.yaml)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise RecipeError(f"--config {path}: no such file; fix: pass an existing YAML recipe "
+                          "(e.g. recipes/configs/pissa.yaml)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"--config {path}: cannot be read ({error}); fix: pass a readable UTF-8 YAML file") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(yaml_error_message(path, error)) from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}:1: the recipe must be a YAML mapping of key: value lines, got a "
+                          f"{type(values).__name__}; fix: write one 'key: value' per line")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"{path}: keys must be names, got {bad!r}; fix: write them as words (e.g. max_length: 64)")
+    return values, _key_lines(text, path)
+
+
+def _split_flags(overrides: list[str]) -> list[tuple[str, str]]:
+    """``--key value`` (or ``--key=value``) pairs as (key, raw value)."""
+    tokens = []
+    for token in overrides:
+        if token.startswith("--") and "=" in token:
+            tokens.extend(token.split("=", 1))
+        else:
+            tokens.append(token)
+    pairs, index = [], 0
+    while index < len(tokens):
+        flag = tokens[index]
+        if not flag.startswith("--") or len(flag) == 2:
+            raise RecipeError(f"command line: expected --key value pairs, got {flag!r}; fix: write each override "
+                              "as --key value, quoting a value with spaces (e.g. --training '{max_steps: 50}')")
+        if index + 1 >= len(tokens) or (tokens[index + 1].startswith("--") and len(tokens[index + 1]) > 2
+                                        and tokens[index + 1][2].isalpha()):
+            raise RecipeError(f"command line: {flag} has no value; fix: pass {flag} VALUE")
+        pairs.append((flag[2:].replace("-", "_"), tokens[index + 1]))
+        index += 2
+    return pairs
+
+
+def load_recipe(cls: type[T], path: Optional[str], overrides: list[str]) -> T:
+    """``cls(**yaml_values)`` with ``--key value`` overrides (values parsed as YAML: numbers, lists, dicts). Every
+    problem (malformed YAML, an unknown or missing key, a wrong type or range) is a one-line :class:`RecipeError`
+    naming the file and line, or the flag, of the key at fault."""
+    import difflib
+
+    import yaml
+
+    values, lines = read_yaml_recipe(path) if path is not None else ({}, {})
+    source = RecipeSource(path=path, lines=lines)
+    for key, raw in _split_flags(overrides):
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise RecipeError(f"--{key}: {raw!r} is not a valid YAML value ({problem}); fix: quote or "
+                              "correct it (lists as [a, b], mappings as {key: value})") from None
+        source.flags.add(key)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown recipe keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+        where = source.where(unknown[0]) or path or "command line"
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in hints.items() if m)
+        raise RecipeError(f"{where}: unknown recipe keys {unknown}; {hint + ' ' if hint else ''}fix: remove or "
+                          f"rename them (known keys: {sorted(known)})")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise RecipeError(f"{path or 'command line'}: missing required recipe key(s) {missing}; fix: add "
+                          + ", ".join(f"'{k}: ...'" for k in missing) + (" to the file" if path else " as --key value"))
+    try:
+        recipe = cls(**values)
+    except RecipeError as error:
+        raise locate(error, source) from None
+    object.__setattr__(recipe, _SOURCE_ATTRIBUTE, source)
+    return recipe
+
+
+# -- checks shared by the recipes' __post_init__ -------------------------------------------------------------------
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+          list: "a list"}
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def as_float(value) -> Optional[float]:
+    """``value`` as a float if it is a number (not a bool) or a string that reads as one (PyYAML reads ``1e-3``,
+    without a dot, as a string); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_field_types(recipe) -> None:
+    """Every field of the dataclass ``recipe`` has its annotated type (``Optional[X]``: X or null); numbers given as
+    ints or numeric strings become floats where the field is a float. Raises :class:`RecipeError` keyed by field."""
+    hints = typing.get_type_hints(type(recipe))
+    for f in fields(recipe):
+        hint, value = hints[f.name], getattr(recipe, f.name)
+        optional = False
+        if typing.get_origin(hint) is typing.Union:
+            arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(arguments) < len(typing.get_args(hint))
+            hint = arguments[0] if len(arguments) == 1 else None
+        if hint is None or hint is Any or (optional and value is None):
+            continue
+        hint = typing.get_origin(hint) or hint
+        if hint is float:
+            number = as_float(value)
+            if number is not None:
+                object.__setattr__(recipe, f.name, number)
+                continue
+        elif hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                continue
+        elif isinstance(value, hint):
+            continue
+        kind = _KINDS.get(hint, hint.__name__) + (" or null" if optional else "")
+        example = {int: " (e.g. 64)", float: " (e.g. 0.5)", dict: " ({key: value})", list: " ([a, b])"}
+        raise RecipeError(f"{f.name} must be {kind}, got {_describe(value)}; fix: set {f.name} to "
+                          f"{kind}{example.get(hint, '')}", key=f.name)
+
+
+def check_positive_int(key: str, value, what: str) -> None:
+    """``value`` is an integer >= 1, else a :class:`RecipeError` naming ``key``; ``what`` says what it counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{key} must be an integer >= 1 ({what}), got {_describe(value)}; fix: set {key} to a "
+                          "positive integer", key=key)
+
+
+def check_number(key: str, value, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False, fix: str = "") -> float:
+    """``value`` as a finite float in the interval, else a :class:`RecipeError` naming ``key`` and the interval."""
+    number = as_float(value)
+    inside = number is not None and math.isfinite(number)
+    if inside and low is not None:
+        inside = number > low if low_open else number >= low
+    if inside and high is not None:
+        inside = number < high if high_open else number <= high
+    if not inside:
+        interval = ("(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}") + ", " + \
+                   ("inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+        raise RecipeError(f"{key} must be a finite number in {interval}, got {_describe(value)}; fix: "
+                          f"{fix or f'set {key} to a value in {interval}'}", key=key)
+    return number
+
+
+def check_finite_numbers(key: str, value) -> None:
+    """No NaN or infinite float anywhere in ``value`` (nested mappings and lists included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{key} is {value}, which is not a finite number; fix: set {key} to a finite value",
+                          key=key)
+    if isinstance(value, dict):
+        for sub_key, sub_value in value.items():
+            check_finite_numbers(f"{key}.{sub_key}", sub_value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_finite_numbers(key, item)
+
+
+def check_repo_id(key: str, value: Optional[str]) -> None:
+    """``value`` is None or a valid Hugging Face Hub repo id (``user/name``), checked without any network call."""
+    if value is None:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        raise RecipeError(f"{key} {value!r} is not a valid Hub repo id ({error}); fix: set {key} to 'user/name' "
+                          "(letters, digits, '-', '_', '.')", key=key) from None
+
+
+def check_pretrained_source(key: str, path: str, marker: str, fix: str) -> None:
+    """``path`` (the value of ``key``) is a local folder whose ``marker`` file (config.json, adapter_config.json)
+    parses as JSON, or, if no such path exists, a valid Hub repo id; else a :class:`RecipeError`. Reads no
+    weights and makes no network call."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(path):
+        marker_path = os.path.join(path, marker)
+        if not os.path.isfile(marker_path):
+            raise RecipeError(f"{key}: the folder {path} has no {marker}; {fix}", key=key)
+        try:
+            with open(marker_path, encoding="utf-8") as handle:
+                json.load(handle)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"{marker_path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}) ({key}); "
+                              "fix: restore the file (save the model again)") from None
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"{key}: {marker_path} cannot be read ({one_line(error)}); {fix}", key=key) from None
+        return
+    if os.path.exists(path):
+        raise RecipeError(f"{key}: {path} is a file, not a folder; {fix}", key=key)
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise RecipeError(f"{key}: no folder {path!r}, and it is no Hub repo id either; {fix}", key=key) from None
+
+
+def check_output_dir(key: str, path: str) -> None:
+    """``path`` is a folder or does not exist yet (it is created later): not a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RecipeError(f"{key}: {path} is a file; fix: set {key} to a folder (it is created if missing)", key=key)
+
+
+# -- data files ----------------------------------------------------------------------------------------------------
+
+def read_json_rows(path: str, what: str, key: Optional[str] = None) -> list[tuple[str, Any]]:
+    """(where, record) pairs of a JSON-lines file (where: ``path:line``) or of a JSON file holding a list of records
+    (where: ``path record N``). ``what`` names the key the file comes from (``key``: the recipe key, to locate a
+    missing file's entry). A missing or unreadable file and malformed JSON are a :class:`RecipeError` naming the
+    file and line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise RecipeError(f"{what}: no such file {path}; fix: set {what} to an existing file", key=key) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{what}: {path} cannot be read ({one_line(error)}); fix: pass a readable UTF-8 file",
+                          key=key) from None
+    if text.lstrip().startswith("["):  # one JSON array of records
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); fix the JSON "
+                              f"there ({what})") from None
+        return [(f"{path} record {index + 1}", record) for index, record in enumerate(records)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            try:  # one JSON object over several lines: not a list of records
+                json.loads(text)
+            except json.JSONDecodeError:
+                raise RecipeError(f"{path}:{number}:{error.colno}: not valid JSON ({error.msg}); fix: one JSON "
+                                  f"object per line ({what})") from None
+            raise RecipeError(f"{path}: holds a single JSON document, not records; fix: write one JSON object per "
+                              f"line, or a JSON list of objects ({what})") from None
+    return rows

@@ -6,6 +6,10 @@ Methods: task_arithmetic, ties, dare, concrete_task_arithmetic, concrete_adamerg
 task's unlabeled texts, a JSON-lines file with a ``text`` field). The merged model is written with
 ``save_pretrained`` (safetensors) to ``output_dir``, with the base's tokenizer, and, for Concrete methods with
 ``save_masks: true``, the final masks as ``masks.safetensors``. Command-line flags override the YAML.
+
+Bad input (the YAML, a flag, a model or adapter folder, an unlabeled file) stops the recipe before any model is
+loaded with one line, ``error: <file:line or flag>: <key> ... fix: ...``, and exit status 2; ``run()`` called from
+Python raises it as :class:`common.RecipeError` (a ValueError).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from common import load_recipe
+from common import (RecipeError, check_field_types, check_number, check_output_dir, check_positive_int,
+                    check_pretrained_source, load_recipe, located, one_line, read_json_rows)
 
 METHODS = ("task_arithmetic", "ties", "dare", "concrete_task_arithmetic", "concrete_adamerging")
+TASK_KEYS = ("name", "model", "adapter", "unlabeled")
+CHOICES = {"lambda_granularity": ("task", "layer"), "final_mask": ("expectation", "sample", "hard")}
 
 
 @dataclass
@@ -46,31 +53,111 @@ class MergeRecipe:
     save_masks: bool = False
 
     def __post_init__(self):
+        """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
+        naming the key and the fix (``load_recipe`` adds the file and line)."""
+        check_field_types(self)
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}; fix: set method to one of them",
+                              key="method")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise RecipeError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to one "
+                                  "of them", key=key)
+        for key in ("base", "model_class", "output_dir"):
+            if not getattr(self, key).strip():
+                raise RecipeError(f"{key} is empty; fix: set {key} (see recipes/configs/merge.yaml)", key=key)
         if not self.tasks:
-            raise ValueError("tasks is empty: list at least one fine-tuned model or adapter")
+            raise RecipeError("tasks is empty: fix: list at least one fine-tuned model or adapter", key="tasks")
         for index, task in enumerate(self.tasks):
+            key = f"tasks[{index}]"
+            if not isinstance(task, dict):
+                raise RecipeError(f"task {index} must be a mapping with 'name' and 'model' or 'adapter', got "
+                                  f"{task!r}; fix: write it as {{name: ..., model: path}}", key=key)
+            label = f"task {index} ({task.get('name', '?')})"
+            unknown = sorted(str(k) for k in task if k not in TASK_KEYS)
+            if unknown:
+                raise RecipeError(f"{label} has unknown key(s) {unknown}; fix: use only {list(TASK_KEYS)}", key=key)
             if ("model" in task) == ("adapter" in task):
-                raise ValueError(f"task {index} ({task.get('name', '?')}) needs exactly one of 'model' or 'adapter'")
+                raise RecipeError(f"{label} needs exactly one of 'model' or 'adapter'; fix: keep one of them",
+                                  key=key)
+            for name, value in task.items():
+                if name != "name" and (not isinstance(value, str) or not value.strip()):
+                    raise RecipeError(f"{label}: {name} must be a non-empty string, got {value!r}; fix: set it to a "
+                                      "path (or a name)", key=f"{key}.{name}")
             if self.method.startswith("concrete") and not task.get("unlabeled"):
-                raise ValueError(
-                    f"task {index} ({task.get('name', '?')}) has no 'unlabeled' file, which {self.method} needs "
-                    "(a JSON-lines file with a 'text' field)"
-                )
+                raise RecipeError(
+                    f"{label} has no 'unlabeled' file, which {self.method} needs (a JSON-lines file with a 'text' "
+                    "field); fix: add 'unlabeled: path/to/texts.jsonl' to it", key=key)
+        check_number("scaling", self.scaling, fix="set scaling to the weight of each task vector, e.g. 0.3")
+        check_number("density", self.density, 0.0, 1.0, low_open=True,
+                     fix="set density to the share of entries TIES keeps, in (0, 1], e.g. 0.2")
+        check_number("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True,
+                     fix="set drop_rate to the share of entries DARE drops, in [0, 1), e.g. 0.9")
+        check_positive_int("steps", self.steps, "Concrete mask training steps")
+        for key in ("lr", "lambda_lr", "temperature"):
+            check_number(key, getattr(self, key), 0.0, low_open=True)
+        check_number("initial_logits", self.initial_logits)
+        check_positive_int("batch_size", self.batch_size, "unlabeled texts per batch")
+        check_positive_int("max_length", self.max_length, "tokens per unlabeled text")
+        if self.modules is not None and (not self.modules or not all(isinstance(m, str) and m for m in self.modules)):
+            raise RecipeError(f"modules must be null or a non-empty list of module names, got {self.modules!r}; fix: "
+                              "set modules: [query, value] (or null to mask every changed parameter)", key="modules")
 
 
-def _unlabeled_batches(path: str, tokenizer, batch_size: int, max_length: int) -> list[dict]:
-    with open(path) as handle:
-        texts = [json.loads(line)["text"] for line in handle if line.strip()]
+def read_unlabeled(path: str, what: str, key: str) -> list[str]:
+    """The texts of a JSON-lines file of ``{"text": ...}`` records; a missing file, malformed JSON, a record without
+    a non-empty text or no text at all is a :class:`RecipeError` naming the file and line."""
+    texts = []
+    for where, record in read_json_rows(path, what, key=key):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise RecipeError(f"{where}: expected a JSON object with a non-empty 'text' string ({what}), got "
+                              f"{one_line(json.dumps(record))[:80]}; fix: write one {{\"text\": \"...\"}} per line")
+        texts.append(text)
     if not texts:
-        raise ValueError(f"{path} holds no texts")
+        raise RecipeError(f"{what}: {path} holds no texts; fix: write one {{\"text\": \"...\"}} per line", key=key)
+    return texts
+
+
+def checked_inputs(recipe: MergeRecipe) -> Optional[list[list[str]]]:
+    """Every check of the recipe's input, before any model is loaded or anything is written: the model class, the
+    base and every task's folder (config.json / adapter_config.json parse; or a Hub repo id), the output folder and
+    the unlabeled texts, which are returned (per task; None for methods that need none)."""
+    import transformers
+
+    with located(recipe):
+        model_class = getattr(transformers, recipe.model_class, None)
+        if not hasattr(model_class, "from_pretrained"):
+            raise RecipeError(f"model_class {recipe.model_class!r} is no transformers model class; fix: set "
+                              "model_class to an auto class such as AutoModelForSequenceClassification",
+                              key="model_class")
+        fix = "fix: set it to a local folder saved with save_pretrained, or a Hub repo id"
+        check_pretrained_source("base", recipe.base, "config.json", fix)
+        for index, task in enumerate(recipe.tasks):
+            kind = "model" if "model" in task else "adapter"
+            check_pretrained_source(f"tasks[{index}].{kind}", task[kind],
+                                    "config.json" if kind == "model" else "adapter_config.json", fix)
+        check_output_dir("output_dir", recipe.output_dir)
+        if not recipe.method.startswith("concrete"):
+            return None
+        return [read_unlabeled(task["unlabeled"], f"tasks[{index}].unlabeled", f"tasks[{index}].unlabeled")
+                for index, task in enumerate(recipe.tasks)]
+
+
+def _unlabeled_batches(texts: list[str], tokenizer, batch_size: int, max_length: int) -> list[dict]:
     return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
-def run(recipe: MergeRecipe) -> str:
+def load_pretrained(model_class, path: str):
+    """``model_class.from_pretrained(path)`` in float32 from safetensors (every model the recipe loads)."""
     import torch
+
+    return model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+
+
+def run(recipe: MergeRecipe) -> str:
+    """Merge and save; bad input raises :class:`RecipeError` (a ValueError) before any model is loaded."""
     import transformers
     from peft import PeftModel
     from safetensors.torch import save_file
@@ -78,15 +165,15 @@ def run(recipe: MergeRecipe) -> str:
     import subspace_peft  # noqa: F401  (registers our adapter types)
     from subspace_peft import merging
 
+    texts = checked_inputs(recipe)
     model_class = getattr(transformers, recipe.model_class)
-    load = dict(dtype=torch.float32, use_safetensors=True)
-    base = model_class.from_pretrained(recipe.base, **load).eval()
+    base = load_pretrained(model_class, recipe.base).eval()
     vectors = []
     for task in recipe.tasks:
         if "model" in task:
-            vectors.append(merging.task_vector(base, model_class.from_pretrained(task["model"], **load)))
+            vectors.append(merging.task_vector(base, load_pretrained(model_class, task["model"])))
         else:
-            adapted = PeftModel.from_pretrained(model_class.from_pretrained(recipe.base, **load), task["adapter"])
+            adapted = PeftModel.from_pretrained(load_pretrained(model_class, recipe.base), task["adapter"])
             vectors.append(merging.adapter_task_vector(adapted, base=base))
     if recipe.method == "task_arithmetic":
         merged, masks = merging.task_arithmetic(base, vectors, recipe.scaling), None
@@ -96,8 +183,8 @@ def run(recipe: MergeRecipe) -> str:
         merged, masks = merging.dare_merging(base, vectors, recipe.scaling, recipe.drop_rate, recipe.seed), None
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(recipe.base)
-        unlabeled = [_unlabeled_batches(t["unlabeled"], tokenizer, recipe.batch_size, recipe.max_length)
-                     for t in recipe.tasks]
+        unlabeled = [_unlabeled_batches(task_texts, tokenizer, recipe.batch_size, recipe.max_length)
+                     for task_texts in texts]
         result = merging.concrete_merge(
             base, vectors, unlabeled, method=recipe.method.removeprefix("concrete_"), scaling=recipe.scaling,
             lambda_granularity=recipe.lambda_granularity, steps=recipe.steps, lr=recipe.lr,
@@ -123,9 +210,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         recipe = load_recipe(MergeRecipe, args.config, overrides)
-    except ValueError as error:
-        sys.exit(f"recipes/merge.py: {error}")
-    run(recipe)
+        run(recipe)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

