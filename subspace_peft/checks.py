@@ -1,5 +1,5 @@
-"""Validation shared by the merges: numeric knobs (finite, in range) and finite tensors, checked before any model is
-copied or changed. Every message names the function, the parameter and the fix."""
+"""Validation shared by the whole package: numeric knobs (finite, in range) and finite tensors, checked before any
+model is copied or changed. Every message names where the value came from, the parameter and the fix."""
 
 from __future__ import annotations
 

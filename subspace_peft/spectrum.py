@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .checks import all_finite
 from .linalg.svd import energy_rank
 
 
@@ -28,12 +29,6 @@ def _check_rank(rank, where: str) -> int:
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
         raise ValueError(f"{where}: rank must be an integer >= 0, got {rank!r}; pass e.g. rank=16")
     return int(rank)
-
-
-def _all_finite(weight: torch.Tensor) -> bool:
-    # NaN and Inf propagate through a sum: one fp32-accumulated reduction instead of a full boolean mask; a finite
-    # weight whose sum overflows fp32 is checked element-wise
-    return bool(torch.isfinite(weight.sum(dtype=torch.float32))) or bool(torch.isfinite(weight).all())
 
 
 @dataclass(frozen=True)
@@ -201,7 +196,7 @@ def spectrum(
         if base.weight.device.type == "meta":
             raise ValueError(f"layer '{name}' has its weight on the meta device (not loaded): load the weights "
                              "before reading the spectrum")
-        if not _all_finite(base.weight.detach()):
+        if not all_finite(base.weight.detach()):
             raise ValueError(f"layer '{name}' has NaN or Inf in its weight: fix or reload the weights, or leave the "
                              "layer out (exclude_modules)")
         selected.append((name, base))
@@ -213,7 +208,7 @@ def spectrum(
         for name, base in tqdm(selected, desc="spectrum", disable=not show_progress or len(selected) < 8, leave=False):
             matrix = weight_matrix(base).float()
             values = torch.linalg.svdvals(matrix).cpu()
-            if not _all_finite(values):  # a finite weight beyond fp32's range overflows in the fp32 decomposition
+            if not all_finite(values):  # a finite weight beyond fp32's range overflows in the fp32 decomposition
                 raise ValueError(f"layer '{name}': its singular values overflow fp32 (weight entries up to "
                                  f"{float(base.weight.detach().abs().max()):.3g}): rescale the weight to read its "
                                  "spectrum")

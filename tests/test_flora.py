@@ -117,7 +117,7 @@ def test_export_refuses_a_grouped_convolution_and_writes_nothing(tmp_path):
         (dict(target_modules=["lin0"], rank_pattern={"lin0": (2, 0)}), r"positive int"),
         (dict(target_modules=["lin0"], r=0), r"r must be a positive int"),
         (dict(target_modules=["lin0"], conv_ranks=(4, 4)), r"conv_ranks needs one rank per mode"),
-        (dict(target_modules=["lin0"], flora_dropout=1.0), r"flora_dropout must be a finite number in \[0.0, 1.0\)"),
+        (dict(target_modules=["lin0"], flora_dropout=1.0), r"flora_dropout must be a finite number in \[0, 1\)"),
     ],
 )
 def test_bad_input_on_linear_raises_before_anything_changes(kwargs, message):

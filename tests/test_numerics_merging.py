@@ -16,7 +16,8 @@ from torch import nn
 
 import subspace_peft
 from subspace_peft import merging
-from subspace_peft.merging import _checks, baselines, concrete
+from subspace_peft import checks as _checks
+from subspace_peft.merging import baselines, concrete
 from tiny_models import build
 
 

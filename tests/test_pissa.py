@@ -98,8 +98,8 @@ def _int_model():
 
 BAD = {
     "rank too large": (Mixed, dict(r=6, target_modules=["lin", "conv"]), r"lin.*r <= 5"),
-    "rank zero": (Mixed, dict(r=0, target_modules=["lin"]), r"r must be a positive integer, got 0"),
-    "rank negative": (Mixed, dict(r=-2, target_modules=["lin"]), r"r must be a positive integer, got -2"),
+    "rank zero": (Mixed, dict(r=0, target_modules=["lin"]), r"r must be an integer >= 1, got 0"),
+    "rank negative": (Mixed, dict(r=-2, target_modules=["lin"]), r"r must be an integer >= 1, got -2"),
     "rank_pattern too large": (Mixed, dict(r=2, target_modules=["lin", "conv"], rank_pattern={"conv": 4}),
                                r"conv.*r <= 3"),
     "no match": (Mixed, dict(r=2, target_modules=["nothing_here"]), r"matched no module"),

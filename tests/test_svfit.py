@@ -65,8 +65,8 @@ def test_export_is_exactly_rank_r(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(energy=0.0, target_modules=["lin0"]), r"energy must be a finite number in \(0.0, 1.0\]"),
-        (dict(energy=1.2, target_modules=["lin0"]), r"energy must be a finite number in \(0.0, 1.0\]"),
+        (dict(energy=0.0, target_modules=["lin0"]), r"energy must be a finite number in \(0, 1\]"),
+        (dict(energy=1.2, target_modules=["lin0"]), r"energy must be a finite number in \(0, 1\]"),
         (dict(r=11, target_modules=["lin0"]), r"lin0.*r <= 10"),
         (dict(r=2, target_modules=["lin0"], rank_pattern={"lin0": 0}), r"lin0.*positive"),
     ],

@@ -16,7 +16,7 @@ import torch
 from peft.utils import merge_utils
 from torch import nn
 
-from ._checks import SEED_MAX, all_finite, choice, integer, number
+from ..checks import SEED_MAX, all_finite, choice, integer, number
 from .task_vectors import TaskVector, check_vectors_fit
 
 _SCALING_FIX = "pass e.g. scaling=0.3 (negative values subtract the task vectors)"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ._checks import SEED_MAX, all_finite, choice, integer, number
+from ..checks import SEED_MAX, all_finite, choice, integer, number
 from .task_vectors import TaskVector, check_vectors_fit
 
 LogitsFn = Callable[[Callable[..., Any], Any], torch.Tensor]

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ._checks import all_finite, number
+from ..checks import all_finite, number
 
 TaskVector = dict[str, torch.Tensor]
 

@@ -8,43 +8,18 @@ fills in, with no SVD, no cache and no file written.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..checks import SEED_MAX, integer
 from ..linalg.svd import SVDSettings
 
 # Compute bounds for values a config file can set (a randomized SVD costs (2 niter + 2) passes over the weight).
 MAX_NITER = 64
 MAX_OVERSAMPLE = 4096
-
-
-def check_positive_int(value, name: str, fix: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}{fix}")
-
-
-def check_int_in(value, name: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def check_finite(value, name: str, low: float | None = None, low_open: bool = False, high: float | None = None,
-                 high_open: bool = False, fix: str = "") -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a finite real number in the given range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        left = "" if low is None else ("(" if low_open else "[") + f"{low}, "
-        right = "" if high is None else f"{high}" + (")" if high_open else "]")
-        where = f" in {left or '(-inf, '}{right or 'inf)'}" if low is not None or high is not None else ""
-        raise ValueError(f"{name} must be a finite number{where}, got {value!r}{fix}")
 
 
 def is_saved_adapter_config(config) -> bool:
@@ -93,7 +68,7 @@ class TargetConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         layers = self.layers_to_transform
         for index in [layers] if isinstance(layers, int) else layers or []:
-            check_int_in(index, "layers_to_transform", 0, 2**31 - 1)
+            integer(type(self).__name__, "layers_to_transform", index, "list layer indices from 0", low=0)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -145,9 +120,10 @@ class SVDInitConfig(TargetConfig):
             raise ValueError(f"svd_cache must be None, True or a folder path (str), got {self.svd_cache!r}")
         if self.init not in ("svd", "randomized"):
             raise ValueError(f"init must be 'svd' or 'randomized', got {self.init!r}")
-        check_int_in(self.niter, "niter", 0, MAX_NITER)
-        check_int_in(self.oversample, "oversample", 0, MAX_OVERSAMPLE)
-        check_int_in(self.seed, "seed", 0, 2**63 - 1)
+        where = type(self).__name__
+        integer(where, "niter", self.niter, "2-8 power iterations are typical", low=0, high=MAX_NITER)
+        integer(where, "oversample", self.oversample, "16 extra columns is the default", low=0, high=MAX_OVERSAMPLE)
+        integer(where, "seed", self.seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
 
     def to_dict(self) -> dict:
         values = super().to_dict()

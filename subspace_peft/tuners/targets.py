@@ -14,6 +14,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..checks import all_finite
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding) + CONV_TYPES
 SUPPORTED_NAMES = "nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d (groups=1) and nn.Embedding"
@@ -72,13 +74,6 @@ def pattern_value(pattern: dict | None, key: str, default):
     return pattern.get(get_pattern_key(list(pattern.keys()), key), default)
 
 
-def _all_finite(weight: torch.Tensor) -> bool:
-    # NaN and Inf propagate through a sum: one fp32-accumulated reduction instead of a full boolean mask.
-    # A finite weight whose sum overflows fp32 is checked element-wise.
-    total = weight.sum(dtype=torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(weight).all())
-
-
 def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
     """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, finite).
     Grouped convolutions only where ``grouped_ok`` (their weight is block-diagonal: no low-rank SVD update fits)."""
@@ -100,7 +95,7 @@ def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
             "(a quantised model?). Load the base model in full precision; for a 4-/8-bit residual use "
             "PiSSAConfig(residual_quantization='nf4' or 'int8') on the full-precision model (QPiSSA)."
         )
-    if weight.device.type != "meta" and not _all_finite(weight):
+    if weight.device.type != "meta" and not all_finite(weight):
         raise ValueError(
             f"layer '{target.key}' has NaN or Inf in its weight: fix or reload the base weights, or exclude the "
             "layer from target_modules."

@@ -6,7 +6,8 @@ from typing import Literal, Optional
 from peft.utils.peft_types import PeftType
 
 from ...linalg.svd import SVDSettings
-from ..base_config import SVDInitConfig, check_finite, check_positive_int
+from ...checks import integer, number
+from ..base_config import SVDInitConfig
 
 
 @dataclass
@@ -48,11 +49,12 @@ class EffortConfig(SVDInitConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.EFFORT
-        check_positive_int(self.residual_rank, "residual_rank", " (the paper uses 1)")
+        where = "EffortConfig"
+        integer(where, "residual_rank", self.residual_rank, "the paper uses 1", low=1)
         for pattern, rank in (self.rank_pattern or {}).items():
-            check_positive_int(rank, f"rank_pattern[{pattern!r}]")
+            integer(where, f"rank_pattern[{pattern!r}]", rank, "ranks are positive integers", low=1)
         for name in ("orth_weight", "norm_weight"):
-            check_finite(getattr(self, name), name, low=0.0, fix=" (0 switches that loss off)")
+            number(where, name, getattr(self, name), "0 switches that loss off", low=0)
         if self.bias not in ("none", "all", "effort_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'effort_only', got {self.bias!r}")
 

@@ -5,7 +5,8 @@ from typing import Literal, Optional, Union
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import TargetConfig, check_finite
+from ...checks import number
+from ..base_config import TargetConfig
 
 RankSpec = Union[int, tuple[int, ...], list[int]]
 
@@ -65,7 +66,8 @@ class FLoRAConfig(TargetConfig):
             self.conv_ranks = tuple(self.conv_ranks)
         for pattern, spec in (self.rank_pattern or {}).items():
             check_rank_spec(spec, f"rank_pattern[{pattern!r}]")
-        check_finite(self.flora_dropout, "flora_dropout", low=0.0, high=1.0, high_open=True)
-        check_finite(self.scale, "scale")
+        number("FLoRAConfig", "flora_dropout", self.flora_dropout, "0 switches dropout off", low=0, high=1,
+               high_open=True)
+        number("FLoRAConfig", "scale", self.scale, "the official ConvNeXt setting is scale=4")
         if self.bias not in ("none", "all", "flora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'flora_only', got {self.bias!r}")

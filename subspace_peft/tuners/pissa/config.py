@@ -5,7 +5,8 @@ from typing import Literal, Optional
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import SVDInitConfig, check_finite, check_positive_int
+from ...checks import integer, number
+from ..base_config import SVDInitConfig
 
 
 @dataclass
@@ -65,11 +66,12 @@ class PiSSAConfig(SVDInitConfig):
                 "residual_quant_storage applies to 4-bit residuals only: set residual_quantization='nf4' or 'fp4', "
                 "or drop residual_quant_storage"
             )
-        check_positive_int(self.r, "r")
-        check_finite(self.lora_alpha, "lora_alpha", low=0, low_open=True,
-                     fix=" (the scale is lora_alpha / r; PiSSA's default is lora_alpha = r)")
+        where = "PiSSAConfig"
+        integer(where, "r", self.r, "pass the adapter rank, e.g. r=16", low=1)
+        alpha_fix = "the scale is lora_alpha / r; PiSSA's default is lora_alpha = r (scale 1)"
+        number(where, "lora_alpha", self.lora_alpha, alpha_fix, low=0, low_open=True)
         for pattern, rank in (self.rank_pattern or {}).items():
-            check_positive_int(rank, f"rank_pattern[{pattern!r}]")
+            integer(where, f"rank_pattern[{pattern!r}]", rank, "ranks are positive integers", low=1)
         for pattern, alpha in (self.alpha_pattern or {}).items():
-            check_finite(alpha, f"alpha_pattern[{pattern!r}]", low=0, low_open=True)
-        check_finite(self.lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True)
+            number(where, f"alpha_pattern[{pattern!r}]", alpha, alpha_fix, low=0, low_open=True)
+        number(where, "lora_dropout", self.lora_dropout, "0 switches dropout off", low=0, high=1, high_open=True)

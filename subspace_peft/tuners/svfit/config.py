@@ -5,7 +5,8 @@ from typing import Literal, Optional
 
 from peft.utils.peft_types import PeftType
 
-from ..base_config import SVDInitConfig, check_finite, check_positive_int
+from ...checks import integer, number
+from ..base_config import SVDInitConfig
 
 
 @dataclass
@@ -36,12 +37,13 @@ class SVFitConfig(SVDInitConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SVFIT
-        check_positive_int(self.r, "r")
+        where = "SVFitConfig"
+        integer(where, "r", self.r, "pass the number of trained singular values, e.g. r=16", low=1)
         if self.energy is not None:
-            check_finite(self.energy, "energy", low=0.0, low_open=True, high=1.0,
-                         fix=" (e.g. 0.99 for 99% of the spectrum's energy)")
-        for where, pattern in (("rank_pattern", self.rank_pattern), ("energy_ranks", self.energy_ranks)):
+            number(where, "energy", self.energy, "e.g. 0.99 for 99% of the spectrum's energy", low=0, low_open=True,
+                   high=1)
+        for field_name, pattern in (("rank_pattern", self.rank_pattern), ("energy_ranks", self.energy_ranks)):
             for key, rank in (pattern or {}).items():
-                check_positive_int(rank, f"{where}[{key!r}]")
+                integer(where, f"{field_name}[{key!r}]", rank, "ranks are positive integers", low=1)
         if self.bias not in ("none", "all", "svfit_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'svfit_only', got {self.bias!r}")
