@@ -227,7 +227,7 @@ def load_rows(recipe: FinetuneRecipe) -> tuple[list[dict], list[dict]]:
 
 # TrainingArguments keys with a range the recipe checks before anything loads (the rest TrainingArguments checks)
 _POSITIVE_TRAINING_INTS = {
-    "max_steps": "the number of optimizer steps the recipe trains for",
+    "max_steps": "the number of optimizer steps the recipe trains for; -1 trains for num_train_epochs instead",
     "per_device_train_batch_size": "training examples per device and step",
     "per_device_eval_batch_size": "held-out examples per device and evaluation batch",
     "gradient_accumulation_steps": "batches accumulated per optimizer step",
@@ -263,6 +263,8 @@ def training_arguments(recipe: FinetuneRecipe):
         if key in known and isinstance(known[key].default, float) and isinstance(value, str):
             values[key] = as_float(value) if as_float(value) is not None else value
     for key, what in _POSITIVE_TRAINING_INTS.items():
+        if key == "max_steps" and values.get(key) == -1 and not isinstance(values[key], bool):
+            continue  # transformers' own meaning: train for num_train_epochs
         check_positive_int(f"training.{key}", values[key] if key in values else 1, what)
     for key, (low, high, low_open) in _TRAINING_RANGES.items():
         if values.get(key) is not None:

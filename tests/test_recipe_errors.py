@@ -411,3 +411,12 @@ def test_merge_run_from_python_raises_a_value_error(merge_inputs):
     with pytest.raises(ValueError, match="base: no folder") as info:
         merge.run(recipe)
     assert isinstance(info.value, RecipeError)
+
+
+def test_max_steps_minus_one_means_epochs_as_in_transformers(tmp_path):
+    recipe = finetune.FinetuneRecipe(output_dir=str(tmp_path / "out"),
+                                     training={"max_steps": -1, "num_train_epochs": 2})
+    arguments = finetune.training_arguments(recipe)
+    assert arguments.max_steps == -1 and arguments.num_train_epochs == 2
+    with pytest.raises(RecipeError, match=r"training.max_steps must be an integer >= 1.*-1 trains for num_train"):
+        finetune.training_arguments(finetune.FinetuneRecipe(output_dir=str(tmp_path / "o"), training={"max_steps": -2}))
