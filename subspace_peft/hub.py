@@ -4,8 +4,6 @@ every request has a timeout and a bounded retry budget."""
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 import sys
 import tempfile
@@ -18,6 +16,8 @@ from typing import Callable, Optional, TypeVar
 import huggingface_hub
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HfHubHTTPError, validate_repo_id
+
+from .checks import integer, number
 
 DISPLAY_NAMES = {"PISSA": "PiSSA", "SVFIT": "SVFit", "FLORA": "FLoRA", "EFFORT": "Effort", "LORA": "LoRA"}
 # Config fields that describe an adapter's size, per method, in the order a reader wants them.
@@ -239,13 +239,10 @@ def _with_retries(call: Callable[[], T], what: str, endpoint: str, timeout: floa
 
 
 def _check_timeouts(timeout, max_retries) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) \
-            or timeout <= 0:
-        raise ValueError(f"push_adapter: timeout must be a finite number of seconds > 0, got {timeout!r}; pass e.g. "
-                         f"timeout={DEFAULT_TIMEOUT:g}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
-        raise ValueError(f"push_adapter: max_retries must be an integer >= 0 (0: no retry), got {max_retries!r}; "
-                         f"pass e.g. max_retries={DEFAULT_MAX_RETRIES}")
+    number("push_adapter", "timeout", timeout, f"pass e.g. timeout={DEFAULT_TIMEOUT:g} (seconds)", low=0,
+           low_open=True)
+    integer("push_adapter", "max_retries", max_retries, f"pass e.g. max_retries={DEFAULT_MAX_RETRIES} (0: no retry)",
+            low=0)
 
 
 def push_adapter(

@@ -184,19 +184,23 @@ def test_folder_under_a_file_cannot_be_created(tmp_path):
     assert (tmp_path / "file").read_bytes() == b"x"
 
 
+def recomputes_and_warns_once(cache, message: str) -> None:
+    """Two weights through a cache that cannot be written: both give fresh factors, one warning in all."""
+    for seed in (0, 1):
+        factors, caught = through_cache(cache, weight(seed))
+        assert_same(factors, fresh(weight(seed)))
+        assert len(caught) == (1 if seed == 0 else 0)
+        if caught:
+            assert message in str(caught[0].message)
+
+
 def test_read_only_folder(tmp_path, monkeypatch):
     # root writes through chmod, so a read-only folder is simulated: the rename into place is refused
     def refuse(src, dst, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
     monkeypatch.setattr(cache_module.os, "replace", refuse)
-    cache = SVDCache(tmp_path)
-    for seed in (0, 1):
-        factors, caught = through_cache(cache, weight(seed))
-        assert_same(factors, fresh(weight(seed)))
-        assert len(caught) == (1 if seed == 0 else 0)
-        if caught:
-            assert "not writable" in str(caught[0].message)
+    recomputes_and_warns_once(SVDCache(tmp_path), "not writable")
     assert list(tmp_path.iterdir()) == []  # the temporary files were removed
 
 
@@ -218,12 +222,7 @@ def test_full_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_module, "save_file", half_written)
     cache = SVDCache(tmp_path)
-    for seed in (0, 1):
-        factors, caught = through_cache(cache, weight(seed))
-        assert_same(factors, fresh(weight(seed)))
-        assert len(caught) == (1 if seed == 0 else 0)
-        if caught:
-            assert "no space left" in str(caught[0].message)
+    recomputes_and_warns_once(cache, "no space left")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     _, caught = through_cache(SVDCache(tmp_path), weight())  # space again: written, then a hit

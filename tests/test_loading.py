@@ -90,6 +90,18 @@ def test_every_way_of_loading_runs_no_decomposition(case, tmp_path, refuse_decom
     assert files_under(tmp_path) == before, "loading wrote a file"
 
 
+MINILM_CASES = [case for case in CASES if case.model == "minilm"]
+
+
+@pytest.mark.parametrize("case", MINILM_CASES, ids=[case.id for case in MINILM_CASES])
+def test_real_pretrained_model_reloads_without_decomposition(case, tmp_path, refuse_decompositions):
+    expected = saved(case, tmp_path)
+    refuse_decompositions()
+    for low_cpu_mem_usage in (False, True):
+        model = PeftModel.from_pretrained(build(case.model), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert rel_err(forward(model, case), expected) <= 1e-6
+
+
 @pytest.mark.parametrize("make_config", [
     lambda: PiSSAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]),
     lambda: SVFitConfig(energy=0.9, target_modules=["c_attn"]),

@@ -18,16 +18,10 @@ import subspace_peft
 from subspace_peft import merging
 from subspace_peft import checks as _checks
 from subspace_peft.merging import baselines, concrete
+from test_merging import Encoder
 from tiny_models import build
 
 
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(6, 16), nn.Linear(16, 16)
-
-    def forward(self, x):
-        return torch.tanh(self.lin1(torch.tanh(self.lin0(x))))
 
 
 def fine_tune(base: nn.Module, seed: int) -> nn.Module:

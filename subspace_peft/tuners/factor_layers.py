@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .leaf import TensorLeaf
 from .targets import CONV_TYPES, weight_matrix
 
 _POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -29,8 +30,8 @@ class FactorLayer(BaseTunerLayer):
 
     # -- per layer type (geometry mixins) ---------------------------------------------------------------------------
     @abstractmethod
-    def _make_factors(self, r: int) -> tuple[nn.Module, nn.Module]:
-        """The (A, B) modules of rank ``r`` for this layer type, on the meta device."""
+    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the (A, B) weights of rank ``r`` for this layer type, as ``_low_rank`` takes them."""
 
     @abstractmethod
     def _low_rank(
@@ -68,19 +69,16 @@ class FactorLayer(BaseTunerLayer):
 
     # -- shared -----------------------------------------------------------------------------------------------------
     def _new_factors(self, r: int, factors: Optional[tuple], trainable: bool) -> tuple[nn.Module, nn.Module]:
-        """(A, B) modules holding the ``factors`` matrices (A (r, d_in), B (d_out, r)) on the base layer's device.
-
-        Built on the meta device (no random init to throw away). ``factors=None`` (a saved adapter being loaded) gives
-        empty tensors for the checkpoint to fill in (left on the meta device under ``low_cpu_mem_usage``).
-        """
-        modules = self._make_factors(r)
+        """(A, B) leaf modules holding the ``factors`` matrices (A (r, d_in), B (d_out, r)) on the base layer's
+        device. ``factors=None`` (a saved adapter being loaded) gives empty tensors for the checkpoint to fill in (on
+        the meta device under ``low_cpu_mem_usage``)."""
         device = self.get_base_layer().weight.device
         if factors is None:
-            for module in modules:
-                module.weight = nn.Parameter(torch.empty_like(module.weight, device=device))
+            weights = [torch.empty(shape, device=device) for shape in self._factor_shapes(r)]
         else:
-            for module, value in zip(modules, self._factor_weights(*factors)):
-                module.weight = nn.Parameter(value.to(device).clone(memory_format=torch.contiguous_format))
+            weights = [value.to(device).clone(memory_format=torch.contiguous_format)
+                       for value in self._factor_weights(*factors)]
+        modules = tuple(TensorLeaf(weight) for weight in weights)
         for module in modules:
             module.requires_grad_(trainable)
         return modules
@@ -184,10 +182,10 @@ class LinearFactors:
     def fan_in_fan_out(self) -> bool:
         return isinstance(self.get_base_layer(), Conv1D)
 
-    def _make_factors(self, r):
+    def _factor_shapes(self, r):
         base = self.get_base_layer()
         d_out, d_in = (base.out_features, base.in_features) if hasattr(base, "out_features") else weight_matrix(base).shape
-        return nn.Linear(d_in, r, bias=False, device="meta"), nn.Linear(r, d_out, bias=False, device="meta")
+        return (r, d_in), (d_out, r)
 
     def _low_rank(self, x, a, b, scale=None):
         hidden = F.linear(x, a)
@@ -201,16 +199,10 @@ class LinearFactors:
 class ConvFactors:
     """nn.Conv1d/2d/3d: A convolves like the base layer (kernel, stride, padding, dilation); B is pointwise."""
 
-    def _make_factors(self, r):
+    def _factor_shapes(self, r):
         base = self.get_base_layer()
-        conv_cls = type(base)
-        ones = (1,) * len(base.kernel_size)
-        a = conv_cls(
-            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode, device="meta",
-        )
-        b = conv_cls(r, base.out_channels, ones, ones, bias=False, device="meta")
-        return a, b
+        # A convolves like the base layer (its kernel), B is pointwise
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r) + (1,) * len(base.kernel_size)
 
     def _low_rank(self, x, a, b, scale=None):
         base = self.get_base_layer()
@@ -238,13 +230,9 @@ class EmbeddingFactors:
 
     supports_dropout = False  # token ids cannot be dropped out; peft's LoRA embedding has no dropout either
 
-    def _make_factors(self, r):
+    def _factor_shapes(self, r):
         base = self.get_base_layer()
-        # A is stored as an (num_embeddings, r) table, B as Linear(r, dim): both leaf modules with .weight
-        return (
-            nn.Embedding(base.num_embeddings, r, device="meta"),
-            nn.Linear(r, base.embedding_dim, bias=False, device="meta"),
-        )
+        return (base.num_embeddings, r), (base.embedding_dim, r)  # A is a lookup table of r-vectors
 
     def _low_rank(self, x, a, b, scale=None):
         hidden = F.embedding(x, a, padding_idx=self.get_base_layer().padding_idx)

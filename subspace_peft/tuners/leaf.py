@@ -7,11 +7,15 @@ from torch import nn
 
 
 class TensorLeaf(nn.Module):
-    """One tensor of the given shape as ``self.weight`` (uninitialised; the owner fills it in)."""
+    """One tensor as ``self.weight``: the given one, or an uninitialised one of the given shape (the owner fills it
+    in)."""
 
-    def __init__(self, shape: tuple[int, ...] | int, device=None) -> None:
+    def __init__(self, shape_or_weight: tuple[int, ...] | int | torch.Tensor, device=None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(shape, device=device))
+        weight = shape_or_weight
+        if not isinstance(weight, torch.Tensor):
+            weight = torch.empty(shape_or_weight, device=device)
+        self.weight = nn.Parameter(weight)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}"
