@@ -8,7 +8,8 @@ Parts, in order, each a script of this folder run as its own process (so its tim
 2. the same on MiniLM-L6;
 3. singular-value spectra (bench_spectrum.py, subspace_peft.spectrum; PNGs);
 4. quality: every method fine-tuned at its best learning rate, QPiSSA against QLoRA, forgetting (bench_quality.py;
-   loss-curve PNG).
+   loss-curve PNG);
+5. reload time of a saved adapter against LoRA's (bench_reload.py).
 Writes REPORT.md (every table under the command that reproduces it) into ``--out``. ``--quick`` shrinks every part
 (one process per method, 20 training steps) to check the pipeline in a few minutes; its numbers mean nothing.
 Run it on a quiet machine: other work on the cores changes the timings.
@@ -35,6 +36,7 @@ def parts(out: str, quick: bool) -> list[tuple[str, list[str]]]:
                                            *(reps if quick else ["--reps", "3"])]),
         ("Spectra", ["bench_spectrum.py", "--out", out]),
         ("Quality, QPiSSA against QLoRA, forgetting", ["bench_quality.py", "--out", out, *steps]),
+        ("Reload time", ["bench_reload.py", "--reps", "1" if quick else "5"]),
     ]
 
 
