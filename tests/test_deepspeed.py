@@ -9,6 +9,8 @@ import torch
 from parity import rel_err
 from test_fsdp2 import METHODS, method_config, run_two_ranks, tiny_llama
 
+pytestmark = pytest.mark.slow  # torchrun / several processes
+
 pytest.importorskip("deepspeed")
 LR, STEPS = 0.5, 3
 

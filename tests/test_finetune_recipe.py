@@ -91,6 +91,7 @@ def test_bad_input_stops_before_training(tiny_model, tmp_path, values, message):
     assert not out.exists(), "nothing may be written before the input is checked"
 
 
+@pytest.mark.slow  # a multi-process run
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path):
     """Killed after checkpoint-6; a kill while saving checkpoint-9 is simulated by a checkpoint-9 folder with half
     its files and a truncated trainer_state.json. Resuming skips it and continues from checkpoint-6."""
@@ -126,6 +127,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_pat
         assert torch.equal(expected[key], got[key]), key  # bitwise: CPU, same data order, RNG state restored
 
 
+@pytest.mark.slow  # a multi-process run
 def test_ddp_with_two_processes_gives_the_single_process_adapter(tiny_model, tmp_path):
     # SGD, not Adam: Adam's first steps move each entry by about lr * sign(gradient), so all-reduce round-off on
     # near-zero gradients would flip whole steps; SGD shows the gradients themselves agree.
@@ -149,6 +151,7 @@ def test_ddp_with_two_processes_gives_the_single_process_adapter(tiny_model, tmp
         assert rel_err(two[key], one[key]) <= 1e-5, key
 
 
+@pytest.mark.slow  # a multi-process run
 def test_push_to_hub_writes_a_model_card_and_the_adapter_reloads_from_the_hub(tiny_model, tmp_path):
     from fake_hub import FakeHub
 
@@ -181,6 +184,7 @@ print("DIFF", float((hub(input_ids=ids).logits - local(input_ids=ids).logits).ab
     assert float(next(l for l in out.splitlines() if l.startswith("DIFF")).split()[1]) == 0.0
 
 
+@pytest.mark.slow  # a multi-process run
 def test_an_fsdp_launch_that_accelerate_cannot_honour_stops_before_training(tiny_model, tmp_path):
     # without GPUs accelerate turns recipes/accelerate/fsdp.yaml into two undistributed processes, each of which
     # would train its own copy; the recipe stops them before anything is written

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # torchrun / several processes
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

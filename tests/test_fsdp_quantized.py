@@ -12,6 +12,8 @@ import torch
 from test_finetune_recipe import tiny_model  # noqa: F401  (fixture)
 from test_fsdp2 import run_two_ranks
 
+pytestmark = pytest.mark.slow  # torchrun / several processes
+
 pytest.importorskip("bitsandbytes")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS_DIR), "recipes"))

@@ -356,6 +356,7 @@ for case_id, model_name, inits in {cases!r}:
 """
 
 
+@pytest.mark.slow  # a multi-process run
 def test_push_to_hub_round_trip(saved_cases):
     """push_to_hub in one process, PeftModel.from_pretrained(repo id) in another, against the loopback fake Hub."""
     from fake_hub import FakeHub

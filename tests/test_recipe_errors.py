@@ -308,6 +308,7 @@ def test_resume_without_any_checkpoint_is_one_line_before_loading(tmp_path, caps
     assert ("does not exist" if make == "missing" else "holds no checkpoint-N folder") in message
 
 
+@pytest.mark.slow  # a multi-process run
 def test_resume_falls_back_past_a_truncated_optimizer_and_matches_the_uninterrupted_run(tiny_model, tmp_path):
     """A real run: checkpoint-4 (the newest) gets a truncated optimizer.pt (it was an OSError with no fallback);
     resuming continues from checkpoint-2, says so in one line, and ends with the uninterrupted run's adapter."""
