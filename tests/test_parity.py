@@ -68,6 +68,21 @@ def test_only_adapter_parameters_train_and_count_matches_formula(case):
     assert model.get_nb_trainable_parameters()[0] == case.trainable
 
 
+def test_layers_expose_in_and_out_features_as_peft_lora_layers_do(case):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def features(model):
+        return {key: (module.in_features, module.out_features) for key, module in model.named_modules()
+                if isinstance(module, BaseTunerLayer)}
+
+    ours = features(make(case)[1])
+    assert ours and all(isinstance(n, int) and n > 0 for pair in ours.values() for n in pair), ours
+    if case.model != "grouped":  # peft's LoRA does not adapt grouped convolutions
+        targets = case.make_config().target_modules
+        assert ours == features(get_peft_model(build(case.model), LoraConfig(r=1, target_modules=list(targets))))
+
+
 def test_outputs_equal_base_at_init(case):
     base = build(case.model)
     expected = forward(base, case)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -167,6 +167,9 @@ class FactorModule(nn.Module):
         super().__init__()
         self.awaiting_checkpoint: set[str] = set()  # adapters built empty, whose checkpoint has not been loaded yet
         self._init_layer(base_layer)
+        # as on peft's LoRA layers (code that inspects adapted layers reads them): Linear/Conv1D in and out features,
+        # ConvNd channels, Embedding (num_embeddings, embedding_dim)
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
