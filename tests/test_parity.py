@@ -206,6 +206,65 @@ def test_multiple_active_adapters_sum_their_updates(case):
     assert rel_err(forward(merged, case), both) <= 1e-5
 
 
+def _two_batches(model_name):
+    first, second = inputs(model_name, seed=1), inputs(model_name, seed=2)
+    return {key: torch.cat([first[key], second[key]]) for key in first}
+
+
+def two_moved_adapters(case):
+    """``case``'s model with adapters "default" and "other", each moved well away from its init (and the other)."""
+    model = get_peft_model(build(case.model), case.make_config())
+    model.add_adapter("other", case.make_config(**case.second_adapter))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_adapter_parameter(name, case):
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(0.2 * parameter.abs().mean().clamp_min(0.05) * noise)
+    return model.eval()
+
+
+def test_mixed_adapter_batch_rows_equal_each_adapter_alone(case):
+    model = two_moved_adapters(case)
+    batch = _two_batches(case.model)
+    rows = next(iter(batch.values())).shape[0]
+    names = (["default", "other", "__base__"] * rows)[:rows]
+    with torch.no_grad():
+        mixed = output_tensor(model(**batch, adapter_names=names))
+        alone = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            alone[name] = output_tensor(model(**batch))
+        with model.disable_adapter():
+            alone["__base__"] = output_tensor(model(**batch))
+    for row, name in enumerate(names):
+        assert rel_err(mixed[row], alone[name][row]) <= 1e-5, (row, name)
+    for name in ("other", "__base__"):  # the three differ, so each row tests something
+        assert rel_err(alone["default"], alone[name]) > 1e-3, name
+    with pytest.raises(ValueError, match=r"does not have: typo"):
+        model(**batch, adapter_names=["typo"] * rows)
+    model.train()
+    with pytest.raises(ValueError, match=r"training mode"):
+        model(**batch, adapter_names=names)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.model == "gpt2"], ids=lambda c: c.id)
+def test_generate_with_mixed_adapter_batch(case):
+    model = two_moved_adapters(case)
+    ids = _two_batches("gpt2")["input_ids"]
+    names = ["default", "other", "__base__", "other"]
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(input_ids=ids[row:row + 1], **settings)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(input_ids=ids[row:row + 1], **settings)
+        assert torch.equal(mixed[row], alone[0]), (row, name)
+
+
 # -- merging -----------------------------------------------------------------------------------------------------
 def test_merge_and_unload_matches_unmerged(case):
     _, model = make(case)

@@ -205,6 +205,16 @@ def test_qpissa_trains_and_disable_adds_the_principal_part_back(tmp_path):
     assert trainable and all(".pissa_A." in n or ".pissa_B." in n for n in trainable)
     with pytest.raises(ValueError, match="quantised"):
         model.merge_and_unload()
+    # a mixed batch: '__base__' rows get the original model (residual + principal part), the others the adapter
+    model.eval()
+    pair = {key: torch.cat([value, value]) for key, value in batch.items()}
+    with torch.no_grad():
+        mixed = output_tensor(model(**pair, adapter_names=["default", "default", "__base__", "__base__"]))
+        adapted = output_tensor(model(**batch))
+        with model.disable_adapter():
+            original = output_tensor(model(**batch))
+    assert rel_err(mixed[:2], adapted) <= 1e-5 and rel_err(mixed[2:], original) <= 1e-5
+    assert rel_err(adapted, original) > 1e-4
 
 
 def test_qpissa_quant_storage_sets_the_storage_dtype_and_keeps_the_outputs():

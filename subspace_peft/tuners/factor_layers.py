@@ -141,11 +141,35 @@ class FactorLayer(BaseTunerLayer):
             if name in self.r:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
+    def _base_is_the_original(self) -> bool:
+        """Whether ``base_layer`` computes the original model's layer (not e.g. QPiSSA's quantised residual)."""
+        return True
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list, **kwargs: Any) -> torch.Tensor:
+        """peft's mixed-adapter batch: row i runs adapter ``adapter_names[i]`` (``"__base__"``: the base model)."""
+        if self.merged:
+            raise ValueError("cannot pass adapter_names while adapters are merged: call unmerge_adapter() first")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows: "
+                             "give one adapter name (or '__base__') per row")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            if name == "__base__" and not self._base_is_the_original():
+                result[rows] = self._disabled_forward(x[rows], *args, **kwargs).to(result.dtype)
+            elif name in self.r:
+                self._check_loaded(name)
+                result[rows] = result[rows] + self._adapter_output(x[rows], name).to(result.dtype)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self._disabled_forward(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .base_config import is_saved_adapter_config, mark_checkpoint_loaded
@@ -151,6 +154,38 @@ class PlannedTuner(BaseTuner):
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, layer.get_base_layer())
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """peft's mixed-adapter batches (``model(..., adapter_names=[...])``, also in ``generate``): every adapted
+        layer and ``modules_to_save`` wrapper gets the per-row adapter names for the duration of the call."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError(f"alora_offsets is an option of peft's activated LoRA; {self.method_name} has no "
+                             "activated form: drop alora_offsets")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("cannot pass adapter_names in training mode: call model.eval() first")
+        known = set().union(*(layer.r.keys() for _, layer in _layers(self)))
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"adapter_names names adapter(s) this model does not have: {', '.join(unknown)} "
+                             f"(it has {', '.join(sorted(known))}, and '__base__' for the base model)")
+        beams = kwargs.get("num_beams")
+        per_row = list(adapter_names)
+        if isinstance(beams, int) and beams > 1:  # generate repeats each decoder row num_beams times
+            per_row = [name for name in adapter_names for _ in range(beams)]
+        handles = _hook_adapter_names(self.model, per_row)
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if per_row != list(adapter_names) and encoder is not None and encoder is not self.model:
+            handles += _hook_adapter_names(encoder, list(adapter_names))  # the encoder sees the rows once
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _initialise_afresh(self, key: str, layer: FactorLayer, adapter_name: str) -> None:
         """Initialise one layer's adapter as a new one would be (its checkpoint tensors were dropped as mismatched)."""
         config = self.peft_config[adapter_name]
@@ -162,6 +197,17 @@ class PlannedTuner(BaseTuner):
             if name in trainable:
                 parameter.requires_grad_(trainable[name])
         self._finish_layer(layer, adapter_name, config)
+
+
+def _pass_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _hook_adapter_names(model: nn.Module, adapter_names: list) -> list:
+    hook = partial(_pass_adapter_names, adapter_names=adapter_names)
+    return [module.register_forward_pre_hook(hook, with_kwargs=True) for module in model.modules()
+            if isinstance(module, (FactorLayer, AuxiliaryTrainingWrapper))]
 
 
 def _layers(tuner: PlannedTuner):

@@ -110,6 +110,9 @@ class PiSSALayer(FactorLayer):
             out = out - self._low_rank(x, a0, b0)
         return out * self.scaling[name]
 
+    def _base_is_the_original(self) -> bool:
+        return not any(self.residual_in_base.values())
+
     def _disabled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         # A QPiSSA base holds only the residual: add the frozen principal part back for the base model's output.
