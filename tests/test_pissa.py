@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -9,7 +11,7 @@ from torch import nn
 
 import subspace_peft
 from parity import assert_refused_unchanged, rel_err
-from subspace_peft import PiSSAConfig
+from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
 from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
 from subspace_peft.tuners.pissa.layer import PiSSALayer
 from tiny_models import MLP, build, inputs, minilm, output_tensor
@@ -285,3 +287,102 @@ def test_import_is_idempotent_and_order_independent():
         "print(PEFT_TYPE_TO_CONFIG_MAPPING['PISSA'].__name__)\n"
     )
     assert out.strip().endswith("PiSSAConfig")
+
+
+# -- add_weighted_adapter -----------------------------------------------------------------------------------------
+def _two_moved_pissa_adapters(model_name, targets, **extra):
+    model = get_peft_model(build(model_name), PiSSAConfig(r=3, lora_alpha=6, target_modules=targets, **extra))
+    model.add_adapter("b", PiSSAConfig(r=3, lora_alpha=3, target_modules=targets, init="randomized", seed=3, **extra))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".pissa_A." in name or ".pissa_B." in name:
+                parameter.add_(0.3 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _deltas(model, adapter):
+    return {key: module.get_delta_weight(adapter) for key, module in model.base_model.model.named_modules()
+            if hasattr(module, "pissa_A") and adapter in module.pissa_A}
+
+
+@pytest.mark.parametrize("model_name, targets", [("mlp", ["lin0", "lin1"]), ("conv2d", ["conv", "conv2"]),
+                                                 ("embedding", ["emb"])])
+def test_add_weighted_adapter_cat_is_the_exact_weighted_sum(model_name, targets, tmp_path):
+    model = _two_moved_pissa_adapters(model_name, targets)
+    model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type="cat")
+    a, b, mix = _deltas(model, "default"), _deltas(model, "b"), _deltas(model, "mix")
+    assert mix.keys() == a.keys()
+    for key in mix:
+        assert rel_err(mix[key], 0.7 * a[key] - 0.4 * b[key]) <= 1e-5, key
+    assert model.active_adapters == ["default"]
+    model.set_adapter("mix")
+    with torch.no_grad():
+        expected = output_tensor(model(**inputs(model_name)))
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    again = PeftModel.from_pretrained(build(model_name), tmp_path / "mix")
+    with torch.no_grad():
+        assert rel_err(output_tensor(again(**inputs(model_name))), expected) <= 1e-6
+
+
+def test_add_weighted_adapter_svd_is_the_best_low_rank_approximation():
+    model = _two_moved_pissa_adapters("mlp", ["lin0", "lin1"])
+    model.add_weighted_adapter(["default", "b"], [1.0, 0.5], "full", combination_type="svd", svd_rank=10)
+    model.add_weighted_adapter(["default", "b"], [1.0, 0.5], "low", combination_type="svd")  # the max rank, 3
+    a, b = _deltas(model, "default"), _deltas(model, "b")
+    for key, full in _deltas(model, "full").items():
+        target = (a[key] + 0.5 * b[key]).detach()
+        assert rel_err(full, target) <= 1e-5, key  # rank 10 >= rank of the sum (at most 12 but min(d) = 10)
+        singular = torch.linalg.svdvals(target.double())
+        best = singular[3:].pow(2).sum().sqrt() / singular.pow(2).sum().sqrt()
+        low = _deltas(model, "low")[key].detach()
+        assert abs(rel_err(low, target) - float(best)) <= 1e-5, key  # Eckart-Young
+
+
+def test_add_weighted_adapter_linear_follows_peft_and_refuses_what_it_cannot():
+    model = _two_moved_pissa_adapters("mlp", ["lin0", "lin1"])
+    model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "lin", combination_type="linear")
+    layer = model.base_model.model.lin0
+    root_a, root_b = math.sqrt(0.5 * 2.0), math.sqrt(2.0 * 1.0)  # sqrt(weight * scale)
+    for initial in (False, True):
+        a_mix, b_mix = layer._matrices("lin", initial)
+        (a_a, b_a), (a_b, b_b) = layer._matrices("default", initial), layer._matrices("b", initial)
+        torch.testing.assert_close(a_mix, root_a * a_a + root_b * a_b)
+        torch.testing.assert_close(b_mix, root_a * b_a + root_b * b_b)
+    with pytest.raises(ValueError, match=r"weight of 'b' must be a finite number >= 0"):
+        model.add_weighted_adapter(["default", "b"], [0.5, -1.0], "neg", combination_type="linear")
+    with pytest.raises(ValueError, match=r"weight of 'b' must be a finite number"):
+        model.add_weighted_adapter(["default", "b"], [0.5, float("nan")], "nan", combination_type="cat")
+    with pytest.raises(ValueError, match=r"no adapter\(s\) \['typo'\]"):
+        model.add_weighted_adapter(["default", "typo"], [1.0, 1.0], "x")
+    with pytest.raises(ValueError, match=r"combination_type must be one of"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="ties")
+    with pytest.raises(ValueError, match=r"already exists"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "lin")
+    small = _two_moved_pissa_adapters("embedding", ["emb", "lin"])  # 'lin' is 3 x 12: two rank-3 adapters do not fit
+    with pytest.raises(ValueError, match=r"'cat' would give layer 'lin' rank 6, more than min\(d_out, d_in\) = 3"):
+        small.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="cat")
+    assert "x" not in model.peft_config and "neg" not in model.peft_config
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: SVFitConfig(r=2, target_modules=["lin0"]), lambda: EffortConfig(target_modules=["lin0"]),
+    lambda: FLoRAConfig(r=2, target_modules=["lin0"]),
+], ids=["svfit", "effort", "flora"])
+def test_add_weighted_adapter_of_other_methods_names_subspace_peft_merging(make_config):
+    model = get_peft_model(build("mlp"), make_config())
+    model.add_adapter("b", make_config())
+    with pytest.raises(ValueError, match=r"not one\. Combine .* subspace_peft\.merging"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix")
+
+
+def test_peft_mixed_model_and_hotswap_refuse_our_adapters_clearly(tmp_path):
+    """peft keeps both to its LoRA family (README): each refusal is peft's own ValueError naming the type."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    with pytest.raises(ValueError, match=r"'PISSA' is not compatible with the `PeftMixedModel`"):
+        get_peft_model(build("mlp"), PiSSAConfig(r=2, target_modules=["lin0"]), mixed=True)
+    get_peft_model(build("mlp"), PiSSAConfig(r=2, target_modules=["lin0"])).save_pretrained(tmp_path)
+    model = get_peft_model(build("mlp"), PiSSAConfig(r=2, target_modules=["lin0"], init="randomized"))
+    with pytest.raises(ValueError, match=r"Hotswapping only supports LORA but PISSA was passed"):
+        hotswap_adapter(model, str(tmp_path), adapter_name="default")

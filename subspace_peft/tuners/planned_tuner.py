@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -153,6 +154,33 @@ class PlannedTuner(BaseTuner):
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, layer.get_base_layer())
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs):
+        """peft's LoRA API for combining adapters; only PiSSA's LoRA-shaped update supports it."""
+        raise ValueError(
+            f"add_weighted_adapter combines LoRA-shaped adapters; {self.method_name}'s update is not one. Combine "
+            f"{self.method_name} adapters with subspace_peft.merging instead: adapter_task_vector(model, name) for "
+            "each, then task_arithmetic / ties_merging / dare_merging / concrete_merge on the base model"
+        )
+
+    def _add_filled_adapter(self, adapter_name: str, config, fill) -> None:
+        """Add ``adapter_name`` under ``config`` with empty layers (no init) and let ``fill(key, layer)`` set every
+        layer's tensors."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists: choose a new name")
+        config._weights_from_checkpoint = True
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        with torch.no_grad():
+            for key, layer in _layers(self):
+                if adapter_name in layer.awaiting_checkpoint:
+                    fill(key, layer)
+                    layer.awaiting_checkpoint.discard(adapter_name)
+        mark_checkpoint_loaded(config)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
