@@ -17,7 +17,7 @@ import huggingface_hub
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HfHubHTTPError, validate_repo_id
 
-from .checks import integer, number
+from .checks import choice, integer, number
 
 DISPLAY_NAMES = {"PISSA": "PiSSA", "SVFIT": "SVFit", "FLORA": "FLoRA", "EFFORT": "Effort", "LORA": "LoRA"}
 # Config fields that describe an adapter's size, per method, in the order a reader wants them.
@@ -37,16 +37,33 @@ def _config_lines(config) -> list[str]:
     return lines
 
 
-def model_card(peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None) -> str:
-    """The README.md of an adapter: YAML metadata (library_name peft, base_model, tags naming the method) and a body
-    with the method, its ranks, the trainable parameters, a training summary and the exact code that loads it."""
+# peft task types -> the Hub's pipeline tags
+_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
+                  "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
+                  "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction"}
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return bool(name) and not os.path.exists(name) and not os.path.isabs(name) and name.count("/") <= 1
+
+
+def model_card(peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
+               exported_lora_rank: Optional[int] = None) -> str:
+    """The README.md of an adapter: YAML metadata (library_name peft, pipeline_tag, base_model, tags naming the method
+    and ``base_model:adapter:<id>``) and a body with the method, its ranks, the trainable parameters, a training summary
+    and the exact code that loads it. With ``exported_lora_rank`` (the ``lora/`` folder :func:`push_adapter` adds),
+    also how to load and serve that plain-LoRA export without this package."""
     config = peft_model.peft_config[adapter_name]
     method = config.peft_type.value if hasattr(config.peft_type, "value") else str(config.peft_type)
     base = config.base_model_name_or_path
     trainable, total = peft_model.get_nb_trainable_parameters()
     ours = method != "LORA"
-    data = ModelCardData(library_name="peft", base_model=base or None,
-                         tags=["peft", method.lower()] + (["subspace-peft"] if ours else []))
+    task = getattr(config.task_type, "value", config.task_type)
+    data = ModelCardData(
+        library_name="peft", base_model=base or None, pipeline_tag=_PIPELINE_TAGS.get(task),
+        tags=["peft", method.lower()] + (["subspace-peft"] if ours else [])
+        + ([f"base_model:adapter:{base}"] if _is_hub_id(base) else []),
+    )
     base_line = f'"{base}"' if base else '"<the base model this adapter was trained on>"'
     model_class = "AutoModelForCausalLM" if str(getattr(config, "task_type", "")) in ("CAUSAL_LM", "TaskType.CAUSAL_LM") \
         else "AutoModel"
@@ -84,7 +101,39 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
                  f"`adapter_config.json` names the `{method}` type that the package registers. To use the adapter "
                  "without this package, export it as plain LoRA first with `subspace_peft.export_lora(model, dir)`.",
                  ""]
+    if exported_lora_rank is not None:
+        body += _serving_lines(repo_id, base_line, model_class, exported_lora_rank)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
+
+
+def _serving_lines(repo_id: str, base_line: str, model_class: str, rank: int) -> list[str]:
+    return [
+        "## Serving: the plain-LoRA export in `lora/`",
+        "",
+        f"`lora/` holds the same update as an exact plain LoRA adapter (rank {rank}), which peft, vLLM and other LoRA "
+        "servers load without subspace-peft:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {model_class}",
+        "",
+        f"base = {model_class}.from_pretrained({base_line})",
+        f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="lora")',
+        "```",
+        "",
+        "For a server, download the folder and point the server's LoRA option at it, with a maximum LoRA rank of at "
+        f"least {rank} (vLLM: `--enable-lora --max-lora-rank {rank}` or more, `--lora-modules name=<folder>/lora`):",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        f'folder = snapshot_download("{repo_id}", allow_patterns=["lora/*"])',
+        "```",
+        "",
+    ]
+
+
+def _lora_rank(config) -> int:
+    return max([config.r, *(config.rank_pattern or {}).values()])
 
 
 DEFAULT_TIMEOUT = 60.0  # seconds one network operation (connect, send, wait for the answer) may take
@@ -249,9 +298,15 @@ def push_adapter(
     peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
     private: bool = False, token: Optional[str] = None, commit_message: str = "Upload adapter",
     timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES, endpoint: Optional[str] = None,
+    export: Optional[str] = "lora",
 ) -> str:
     """Save ``adapter_name`` (safetensors) with :func:`model_card` as README.md and push it to ``repo_id``; returns
     the commit URL. The Hub endpoint is ``endpoint``, by default ``HF_ENDPOINT`` as for every huggingface_hub call.
+
+    With ``export="lora"`` (the default) the push also holds ``lora/``, the exact plain-LoRA export
+    (:func:`~subspace_peft.export_lora`), which peft loads without this package (``subfolder="lora"``) and LoRA
+    servers such as vLLM serve; the card says how, and with which maximum LoRA rank. ``export=None`` pushes the native
+    adapter alone (needed where no exact LoRA exists, e.g. FLoRA on a grouped convolution).
 
     Every network operation of the push (connect, send, wait for the answer) waits at most ``timeout`` seconds, and
     each Hub request is attempted at most ``1 + max_retries`` times (on a timeout, a network error or HTTP
@@ -264,13 +319,22 @@ def push_adapter(
     integer >= 0, or ``repo_id`` not a valid repo id.
     """
     _check_timeouts(timeout, max_retries)
+    choice("push_adapter", "export", export, ("lora", None))
     validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming the rule
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
         source = folder if adapter_name == "default" else os.path.join(folder, adapter_name)
+        rank = None
+        if export == "lora" and peft_model.peft_config[adapter_name].peft_type != "LORA":
+            from .export import export_lora
+
+            try:
+                rank = _lora_rank(export_lora(peft_model, os.path.join(source, "lora"), adapter_name))
+            except ValueError as error:
+                raise ValueError(f"push_adapter: {error} (or pass export=None to push the adapter alone)") from None
         with open(os.path.join(source, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(model_card(peft_model, repo_id, adapter_name, training_summary))
+            handle.write(model_card(peft_model, repo_id, adapter_name, training_summary, exported_lora_rank=rank))
         with _bounded_client(timeout, _Budget(max_retries)):
             _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True),
                           f"create_repo('{repo_id}')", api.endpoint, timeout, max_retries)

@@ -1,0 +1,81 @@
+"""push_adapter pushes the exact plain-LoRA export beside the native adapter, and the model card follows the Hub's
+conventions and says how to serve it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import save_file
+
+from fake_hub import FakeHub
+from parity import run_python
+from subspace_peft import FLoRAConfig, PiSSAConfig
+from subspace_peft.hub import model_card, push_adapter
+from tiny_models import build, inputs, output_tensor
+
+TOKEN = "hf_fake_token_for_tests"
+
+
+def trained_pissa():
+    model = get_peft_model(build("mlp"), PiSSAConfig(r=3, target_modules=["lin0", "lin1"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+@pytest.mark.timeout(300)
+def test_the_lora_export_is_pushed_and_loads_in_plain_peft_without_this_package(tmp_path):
+    model = trained_pissa()
+    with torch.no_grad():
+        save_file({"out": output_tensor(model(**inputs("mlp"))).contiguous()}, str(tmp_path / "expected.safetensors"))
+    with FakeHub() as hub:
+        push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=1)
+        files = hub.repos.files["user/pissa"]
+        assert {"adapter_model.safetensors", "lora/adapter_config.json", "lora/adapter_model.safetensors"} <= set(files)
+        card = files["README.md"].decode()
+        assert 'PeftModel.from_pretrained(base, "user/pissa", subfolder="lora")' in card
+        assert "--max-lora-rank 6" in card  # PiSSA exports exactly at rank 2r
+        code = f"""
+import sys, torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tiny_models import build, inputs, output_tensor
+model = PeftModel.from_pretrained(build("mlp"), "user/pissa", subfolder="lora")
+assert "subspace_peft" not in sys.modules, "the export must load without subspace_peft"
+with torch.no_grad():
+    out = output_tensor(model(**inputs("mlp")))
+ref = load_file({str(tmp_path / "expected.safetensors")!r})["out"]
+print("ERR", float((out - ref).abs().max() / ref.abs().max()))
+"""
+        env = hub.env(dict(os.environ, HF_HOME=str(tmp_path / "hf")))
+        out = run_python(code, env={k: v for k, v in env.items() if k.startswith("HF_")})
+    assert float(next(line for line in out.splitlines() if line.startswith("ERR")).split()[1]) <= 1e-5
+
+
+def test_export_none_pushes_the_native_adapter_alone_and_a_method_without_exact_lora_says_so():
+    grouped = get_peft_model(build("grouped"), FLoRAConfig(r=1, target_modules=["depthwise"]))
+    with FakeHub() as hub:
+        with pytest.raises(ValueError, match=r"grouped convolution.*pass export=None"):
+            push_adapter(grouped, "user/flora", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0)
+        push_adapter(grouped, "user/flora", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0, export=None)
+        files = set(hub.repos.files["user/flora"])
+    assert "adapter_model.safetensors" in files and not any(name.startswith("lora/") for name in files)
+    with pytest.raises(ValueError, match=r"export must be one of 'lora', None"):
+        push_adapter(grouped, "user/flora", token=TOKEN, endpoint="http://127.0.0.1:9", export="dora")
+
+
+def test_card_metadata_follows_the_hub_conventions():
+    model = trained_pissa()
+    config = model.peft_config["default"]
+    config.base_model_name_or_path, config.task_type = "HuggingFaceTB/SmolLM2-135M-Instruct", "CAUSAL_LM"
+    card = model_card(model, "me/pissa")
+    for line in ("library_name: peft", "pipeline_tag: text-generation", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+                 "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct", "- pissa", "- subspace-peft"):
+        assert line in card, line
+    config.base_model_name_or_path = "/data/models/local-copy"  # a local path is no Hub id: no adapter tag for it
+    assert "base_model:adapter:" not in model_card(model, "me/pissa")
