@@ -326,7 +326,11 @@ def push_adapter(
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
         source = folder if adapter_name == "default" else os.path.join(folder, adapter_name)
         rank = None
-        if export == "lora" and peft_model.peft_config[adapter_name].peft_type != "LORA":
+        config = peft_model.peft_config[adapter_name]
+        if export == "lora" and getattr(config, "residual_quantization", None):
+            warnings.warn("push_adapter: no lora/ export for a QPiSSA adapter: its LoRA form belongs on the quantised "
+                          "residual base, not on the original model that others load (pass export=None to silence)")
+        elif export == "lora" and config.peft_type != "LORA":
             from .export import export_lora
 
             try:

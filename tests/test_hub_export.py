@@ -79,3 +79,19 @@ def test_card_metadata_follows_the_hub_conventions():
         assert line in card, line
     config.base_model_name_or_path = "/data/models/local-copy"  # a local path is no Hub id: no adapter tag for it
     assert "base_model:adapter:" not in model_card(model, "me/pissa")
+
+
+def test_a_qpissa_adapter_is_pushed_without_an_export_that_would_not_fit_the_original_base():
+    pytest.importorskip("bitsandbytes")
+    from tiny_models import MLP
+
+    torch.manual_seed(0)
+    base = MLP()
+    base.lin0, base.lin1 = torch.nn.Linear(10, 64), torch.nn.Linear(64, 64)
+    base.lin2 = torch.nn.Linear(64, 3)
+    model = get_peft_model(base, PiSSAConfig(r=2, target_modules=["lin1"], residual_quantization="nf4"))
+    with FakeHub() as hub:
+        with pytest.warns(UserWarning, match=r"no lora/ export for a QPiSSA adapter"):
+            push_adapter(model, "user/qpissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0)
+        files = set(hub.repos.files["user/qpissa"])
+    assert "adapter_model.safetensors" in files and not any(name.startswith("lora/") for name in files)
