@@ -28,6 +28,11 @@ def is_saved_adapter_config(config) -> bool:
     return getattr(config, "_weights_from_checkpoint", False)
 
 
+def expect_checkpoint(config) -> None:
+    """``config``'s adapter is built empty: its weights come from a checkpoint (or are filled in directly)."""
+    config._weights_from_checkpoint = True
+
+
 def mark_checkpoint_loaded(config) -> None:
     """The checkpoint of a saved-adapter config has been loaded: a later ``get_peft_model`` with it initialises."""
     config._weights_from_checkpoint = False
@@ -77,7 +82,7 @@ class TargetConfig(PeftConfig):
         checkpoint is loaded, the config initialises like a new one again."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, TargetConfig):
-            config._weights_from_checkpoint = True
+            expect_checkpoint(config)
         return config
 
 

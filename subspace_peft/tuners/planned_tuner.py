@@ -29,7 +29,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .base_config import is_saved_adapter_config, mark_checkpoint_loaded
+from .base_config import expect_checkpoint, is_saved_adapter_config, mark_checkpoint_loaded
 from .factor_layers import FactorLayer
 from .targets import Target, check_target, find_targets
 
@@ -122,8 +122,7 @@ class PlannedTuner(BaseTuner):
     def _tensors_missing_from(self, state_dict: dict, adapter_name: str, prefix: str) -> list[str]:
         """Keys of ``adapter_name``'s tensors that ``state_dict`` lacks (a file of another method, or a truncated or
         edited one): peft would only warn and leave them uninitialised."""
-        return [f"{prefix}model.{key}.{rel}" for key, layer in _layers(self)
-                for rel, _, _ in layer.adapter_tensors(adapter_name) if f"{prefix}model.{key}.{rel}" not in state_dict]
+        return [full for full, *_ in _adapter_state_keys(self, prefix, adapter_name) if full not in state_dict]
 
     def _refuse_load(self, adapters: set[str], message: str) -> None:
         """Raise ``message`` as a ValueError after removing the empty layers built for ``adapters`` (those still
@@ -166,9 +165,7 @@ class PlannedTuner(BaseTuner):
     def _add_filled_adapter(self, adapter_name: str, config, fill) -> None:
         """Add ``adapter_name`` under ``config`` with empty layers (no init) and let ``fill(key, layer)`` set every
         layer's tensors."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists: choose a new name")
-        config._weights_from_checkpoint = True
+        expect_checkpoint(config)
         self.peft_config[adapter_name] = config
         try:
             self.inject_adapter(self.model, adapter_name)
@@ -242,6 +239,14 @@ def _layers(tuner: PlannedTuner):
     return [(key, module) for key, module in tuner.model.named_modules() if isinstance(module, FactorLayer)]
 
 
+def _adapter_state_keys(tuner: PlannedTuner, prefix: str, adapter: str | None = None):
+    """(state-dict key under ``prefix``, layer name, layer, adapter, tensor) of every adapter tensor (of ``adapter``,
+    or all) the tuner's layers keep."""
+    for key, layer in _layers(tuner):
+        for rel, name, tensor in layer.adapter_tensors(adapter):
+            yield f"{prefix}model.{key}.{rel}", key, layer, name, tensor
+
+
 def _prefix_of(model: nn.Module, tuner: PlannedTuner) -> str:
     """State-dict prefix of ``tuner`` inside ``model`` ('base_model.' in a PeftModel)."""
     name = next(name for name, module in model.named_modules() if module is tuner)
@@ -252,8 +257,8 @@ def _check_checkpoint_before_load(tuner, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook on the tuner: runs before any tensor below it is copied. A tensor of the wrong shape
     is a ValueError naming it (peft has already dropped them under ``ignore_mismatched_sizes=True``); empty layers whose
     adapter this checkpoint holds are listed for the post-hook, as loaded or dropped."""
-    found = [(key, layer, adapter, tensor, state_dict.get(f"{prefix}model.{key}.{rel}"), f"{prefix}model.{key}.{rel}")
-             for key, layer in _layers(tuner) for rel, adapter, tensor in layer.adapter_tensors()]
+    found = [(key, layer, adapter, tensor, state_dict.get(full), full)
+             for full, key, layer, adapter, tensor in _adapter_state_keys(tuner, prefix)]
     loading = {adapter for _, _, adapter, _, value, _ in found if value is not None}
     for key, _, _, tensor, value, full in found:
         if value is not None and tuple(value.shape) != tuple(tensor.shape):
