@@ -4,6 +4,7 @@ every request has a timeout and a bounded retry budget."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -47,20 +48,60 @@ def _is_hub_id(name: Optional[str]) -> bool:
     return bool(name) and not os.path.exists(name) and not os.path.isabs(name) and name.count("/") <= 1
 
 
+def _check_card_fields(config, base_model: Optional[str], license: Optional[str], datasets) -> None:
+    """Refuses, before anything is written or sent, a card others could not use: a local folder as the base model
+    (the pushed adapter_config.json would send every user to a path on this machine), or malformed ids."""
+    where = "push_adapter"
+    if base_model is not None:
+        if not isinstance(base_model, str) or not _is_hub_id(base_model):
+            raise ValueError(f"{where}: base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', "
+                             f"got {base_model!r}")
+        validate_repo_id(base_model)
+    else:
+        local = config.base_model_name_or_path
+        if local and not _is_hub_id(local):
+            raise ValueError(
+                f"{where}: the adapter's base model is the local path {local!r}, which nobody else can load. Pass "
+                "base_model='<hub id>' (the Hub model this folder was downloaded from); it is written as the card's "
+                "base_model and into the pushed adapter_config.json.")
+    if license is not None and (not isinstance(license, str) or not license.strip()):
+        raise ValueError(f"{where}: license must be a Hub license id such as 'apache-2.0', got {license!r}")
+    if datasets is not None:
+        if isinstance(datasets, str) or not all(isinstance(d, str) and d.strip() for d in datasets):
+            raise ValueError(f"{where}: datasets must be a list of Hub dataset ids, e.g. ['openai/gsm8k'], "
+                             f"got {datasets!r}")
+
+
+def _write_base_model(folder: str, base_model: str) -> None:
+    """Sets ``base_model_name_or_path`` in every adapter_config.json of a saved adapter (the native one and the
+    ``lora/`` export), so AutoPeftModel finds the Hub base model."""
+    for root, _, files in os.walk(folder):
+        if "adapter_config.json" in files:
+            path = os.path.join(root, "adapter_config.json")
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            saved["base_model_name_or_path"] = base_model
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(saved, handle, indent=2, sort_keys=True)
+
+
 def model_card(peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
-               exported_lora_rank: Optional[int] = None) -> str:
-    """The README.md of an adapter: YAML metadata (library_name peft, pipeline_tag, base_model, tags naming the method
-    and ``base_model:adapter:<id>``) and a body with the method, its ranks, the trainable parameters, a training summary
-    and the exact code that loads it. With ``exported_lora_rank`` (the ``lora/`` folder :func:`push_adapter` adds),
-    also how to load and serve that plain-LoRA export without this package."""
+               exported_lora_rank: Optional[int] = None, base_model: Optional[str] = None,
+               license: Optional[str] = None, datasets: Optional[list[str]] = None) -> str:
+    """The README.md of an adapter: YAML metadata (library_name peft, pipeline_tag, base_model, license, datasets,
+    tags naming the method and ``base_model:adapter:<id>``) and a body with the method, its ranks, the trainable
+    parameters, a training summary and the exact code that loads it. ``base_model`` (a Hub id) replaces the config's
+    ``base_model_name_or_path``. With ``exported_lora_rank`` (the ``lora/`` folder :func:`push_adapter` adds), also
+    how to load and serve that plain-LoRA export without this package."""
     config = peft_model.peft_config[adapter_name]
     method = config.peft_type.value if hasattr(config.peft_type, "value") else str(config.peft_type)
-    base = config.base_model_name_or_path
+    base = base_model or config.base_model_name_or_path
     trainable, total = peft_model.get_nb_trainable_parameters()
     ours = method != "LORA"
     task = getattr(config.task_type, "value", config.task_type)
     data = ModelCardData(
-        library_name="peft", base_model=base or None, pipeline_tag=_PIPELINE_TAGS.get(task),
+        library_name="peft", base_model=base or None, pipeline_tag=_PIPELINE_TAGS.get(task), license=license,
+        datasets=list(datasets) if datasets else None,
         tags=["peft", method.lower()] + (["subspace-peft"] if ours else [])
         + ([f"base_model:adapter:{base}"] if _is_hub_id(base) else []),
     )
@@ -298,7 +339,8 @@ def push_adapter(
     peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
     private: bool = False, token: Optional[str] = None, commit_message: str = "Upload adapter",
     timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES, endpoint: Optional[str] = None,
-    export: Optional[str] = "lora",
+    export: Optional[str] = "lora", base_model: Optional[str] = None, license: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
 ) -> str:
     """Save ``adapter_name`` (safetensors) with :func:`model_card` as README.md and push it to ``repo_id``; returns
     the commit URL. The Hub endpoint is ``endpoint``, by default ``HF_ENDPOINT`` as for every huggingface_hub call.
@@ -315,12 +357,17 @@ def push_adapter(
     (to a temporary folder) before the first request. Transfers through Xet storage (``hf_xet``) run under that
     library's own timeouts.
 
-    Raises a ValueError before any network request if ``timeout`` is not a finite number > 0, ``max_retries`` not an
-    integer >= 0, or ``repo_id`` not a valid repo id.
+    ``base_model`` (a Hub model id) is written as the card's ``base_model`` and into the pushed adapter_config.json
+    files; it is required when the adapter's ``base_model_name_or_path`` is a local folder, which nobody else could
+    load. ``license`` (e.g. ``"apache-2.0"``) and ``datasets`` (Hub dataset ids) go into the card's metadata.
+
+    Raises a ValueError before anything is written or sent if ``timeout`` is not a finite number > 0, ``max_retries``
+    not an integer >= 0, ``repo_id`` not a valid repo id, or the base model a local path with no ``base_model``.
     """
     _check_timeouts(timeout, max_retries)
     choice("push_adapter", "export", export, ("lora", None))
     validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming the rule
+    _check_card_fields(peft_model.peft_config[adapter_name], base_model, license, datasets)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
@@ -337,8 +384,11 @@ def push_adapter(
                 rank = _lora_rank(export_lora(peft_model, os.path.join(source, "lora"), adapter_name))
             except ValueError as error:
                 raise ValueError(f"push_adapter: {error} (or pass export=None to push the adapter alone)") from None
+        if base_model is not None:
+            _write_base_model(source, base_model)
         with open(os.path.join(source, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(model_card(peft_model, repo_id, adapter_name, training_summary, exported_lora_rank=rank))
+            handle.write(model_card(peft_model, repo_id, adapter_name, training_summary, exported_lora_rank=rank,
+                                    base_model=base_model, license=license, datasets=datasets))
         with _bounded_client(timeout, _Budget(max_retries)):
             _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True),
                           f"create_repo('{repo_id}')", api.endpoint, timeout, max_retries)

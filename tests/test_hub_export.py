@@ -3,6 +3,7 @@ conventions and says how to serve it."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -95,3 +96,33 @@ def test_a_qpissa_adapter_is_pushed_without_an_export_that_would_not_fit_the_ori
             push_adapter(model, "user/qpissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0)
         files = set(hub.repos.files["user/qpissa"])
     assert "adapter_model.safetensors" in files and not any(name.startswith("lora/") for name in files)
+
+
+def test_a_local_base_model_is_refused_before_anything_is_sent_unless_base_model_names_the_hub_id(tmp_path):
+    model = trained_pissa()
+    config = model.peft_config["default"]
+    config.base_model_name_or_path, config.task_type = str(tmp_path / "smollm2-local-copy"), "CAUSAL_LM"
+    with FakeHub() as hub:
+        with pytest.raises(ValueError, match=r"local path .*smollm2-local-copy.* Pass base_model='<hub id>'"):
+            push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0)
+        assert "user/pissa" not in hub.repos.files  # refused before the repo was created
+        for bad in ("/abs/path", "a/b/c", ""):
+            with pytest.raises(ValueError, match="base_model must be a Hub model id"):
+                push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, base_model=bad)
+        with pytest.raises(ValueError, match="datasets must be a list of Hub dataset ids"):
+            push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, base_model="org/base",
+                         datasets="openai/gsm8k")
+        push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0,
+                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
+                     datasets=["openai/gsm8k"])
+        files = hub.repos.files["user/pissa"]
+    card = files["README.md"].decode()
+    for line in ("base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "license: apache-2.0", "- openai/gsm8k",
+                 "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct",
+                 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")'):
+        assert line in card, line
+    assert "smollm2-local-copy" not in card
+    for name in ("adapter_config.json", "lora/adapter_config.json"):
+        saved = json.loads(files[name])
+        assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct", name
+    assert config.base_model_name_or_path == str(tmp_path / "smollm2-local-copy")  # the user's config is untouched
