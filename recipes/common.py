@@ -41,13 +41,23 @@ def one_line(text: Any) -> str:
 
 @dataclass
 class RecipeSource:
-    """Where a recipe's values came from: the YAML file with each key's line, and the keys given as flags."""
+    """Where a recipe's values came from: the YAML file with each key's line, and the keys given as flags.
+
+    ``flags``: top-level keys given as ``--key value`` (the whole value from the flag); ``flag_names``: keys,
+    nested ones included (``"training.max_steps"``), mapped to the flag that set them (``"max_steps"``), for a
+    flag that changed one key of a mapping the file also sets."""
 
     path: Optional[str] = None
     lines: dict = field(default_factory=dict)  # "key" and "key.subkey" -> 1-based line in ``path``
     flags: set = field(default_factory=set)  # top-level keys given on the command line
+    flag_names: dict = field(default_factory=dict)  # "key" or "key.subkey" -> the flag (without --) that set it
 
     def where(self, key: str) -> Optional[str]:
+        candidate = key
+        while candidate:  # "training.max_steps", then "training"
+            if candidate in self.flag_names:
+                return f"--{self.flag_names[candidate]}"
+            candidate = _parent_key(candidate)
         top = re.split(r"[.\[]", key, maxsplit=1)[0]
         if top in self.flags:
             return f"--{top}"
@@ -55,8 +65,12 @@ class RecipeSource:
         while candidate:  # "tasks[1].model", then "tasks[1]", then "tasks"
             if candidate in self.lines:
                 return f"{self.path}:{self.lines[candidate]}"
-            candidate = candidate[:max(candidate.rfind("."), candidate.rfind("["), 0)]
+            candidate = _parent_key(candidate)
         return None
+
+
+def _parent_key(key: str) -> str:
+    return key[:max(key.rfind("."), key.rfind("["), 0)]
 
 
 def source_of(recipe) -> RecipeSource:
@@ -180,8 +194,6 @@ def load_recipe(cls: type[T], path: Optional[str], overrides: list[str]) -> T:
     """``cls(**yaml_values)`` with ``--key value`` overrides (values parsed as YAML: numbers, lists, dicts). Every
     problem (malformed YAML, an unknown or missing key, a wrong type or range) is a one-line :class:`RecipeError`
     naming the file and line, or the flag, of the key at fault."""
-    import difflib
-
     import yaml
 
     values, lines = read_yaml_recipe(path) if path is not None else ({}, {})
@@ -194,6 +206,15 @@ def load_recipe(cls: type[T], path: Optional[str], overrides: list[str]) -> T:
             raise RecipeError(f"--{key}: {raw!r} is not a valid YAML value ({problem}); fix: quote or "
                               "correct it (lists as [a, b], mappings as {key: value})") from None
         source.flags.add(key)
+    return build_recipe(cls, values, source)
+
+
+def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
+    """``cls(**values)``, its keys and values checked: an unknown or missing key, a wrong type or range is a
+    one-line :class:`RecipeError` naming the file and line, or the flag, of the key at fault."""
+    import difflib
+
+    path = source.path
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -1,79 +1,124 @@
-"""Fine-tune a causal LM with any of our methods (or LoRA) through transformers' Trainer and accelerate.
+"""Fine-tune a causal LM with any of our methods (or LoRA) through transformers' Trainer (or TRL's SFTTrainer) and
+accelerate.
 
     python recipes/finetune.py                                   # the default: SmolLM2-135M, PiSSA, CPU, minutes
     accelerate launch recipes/finetune.py --config recipes/configs/pissa.yaml [--max_steps 200 ...]
+    python recipes/finetune.py --help                            # every flag: the recipe's and TrainingArguments'
 
 The YAML (recipes/configs/*.yaml) names the model, the data, the method and its config, the quantisation and the
-training arguments; ``--key value`` flags override it. Before and after training the recipe prints the held-out
-loss and the exact-match rate of greedy answers. The output folder gets the adapter (safetensors), checkpoints
-(``--resume true`` continues from the last complete one), ``loss.png`` and ``metrics.json``; ``--push_to_hub
-user/repo`` pushes the adapter with a model card (method, ranks, trainable parameters, training summary, loading
-code).
+training arguments (its ``training:`` block); a flag (one per recipe field and per ``transformers.TrainingArguments``
+field: ``--max_steps 300``, ``--learning_rate 1e-3``, ``--method effort``) overrides its key only, and a mapping
+given as a flag (``--method_config '{r: 4}'``) merges key by key into the file's. Before and after training the
+recipe prints the held-out loss and the exact-match rate of greedy answers. The output folder gets the adapter
+(safetensors), checkpoints (``--resume true`` continues from the last complete one), ``loss.png`` and
+``metrics.json``; ``--push_to_hub user/repo`` pushes the adapter with a model card.
 
 Bad input (the YAML, a flag, the data file, the checkpoint to resume, the Hub repo id) stops the recipe before any
 model is loaded with one line, ``error: <file:line or flag>: <key> ... fix: ...``, and exit status 2; ``run()``
 called from Python raises it as :class:`common.RecipeError` (a ValueError).
+
+The run, top to bottom: :func:`configure` (the command line and the file), :func:`checked_inputs` (every check,
+before anything loads), :func:`load_model`, :func:`build_adapter`, :func:`prepare_data`, :func:`train`,
+:func:`evaluate`, :func:`save_and_push`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
+from checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401  (part of the recipe's API)
 from common import (RecipeError, as_float, check_field_types, check_finite_numbers, check_number, check_output_dir,
-                    check_positive_int, check_pretrained_source, check_repo_id, load_recipe, located, one_line,
-                    read_json_rows)
+                    check_positive_int, check_pretrained_source, check_repo_id, load_recipe, located,  # noqa: F401
+                    one_line)
+from data import check_answers_fit, collate, load_rows, tokenize
+from guards import check_distribution_took_effect, keep_4bit_layers_on_the_training_path  # noqa: F401
+from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
+from quantization import QUANTIZED_BASE_METHODS, Quantization
 
 METHODS = ("lora", "pissa", "svfit", "flora", "effort")
-QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANTIZATIONS = Quantization.names()
 DTYPES = ("float32", "bfloat16", "float16")
+TRAINERS = ("transformers", "trl")
 TRAINING_DEFAULTS = dict(
     max_steps=120, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=2e-4,
     logging_steps=10, save_steps=40, save_total_limit=2, lr_scheduler_type="constant", report_to=[],
-    seed=0, data_seed=0, disable_tqdm=False,
+    disable_tqdm=False,
 )
+# TRL's SFTConfig defaults that differ from TrainingArguments' (bf16 on, gradient checkpointing on): the recipe trains
+# the same way under either trainer unless told otherwise
+TRL_DEFAULTS = dict(bf16=False, gradient_checkpointing=False)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class FinetuneRecipe:
-    model: str = "smollm2"  # "smollm2" (packaged SmolLM2-135M-Instruct) or a local folder (safetensors)
-    dataset: str = "builtin:arithmetic"  # builtin:arithmetic, a datasets name, or a local .json/.jsonl/.csv file
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    train_size: int = 2000
-    eval_size: int = 64
-    max_length: int = 64
-    method: str = "pissa"
+    """The recipe's fields (each a ``--flag`` and a YAML key); ``training`` holds TrainingArguments' keys."""
+
+    model: str = field(default="smollm2", metadata=_help(
+        "smollm2 (the packaged SmolLM2-135M-Instruct), a local model folder (safetensors) or a Hub model id"))
+    dataset: str = field(default="builtin:arithmetic", metadata=_help(
+        "builtin:arithmetic, builtin:arithmetic-chat, a datasets name, or a local .json/.jsonl/.csv file"))
+    prompt_field: str = field(default="prompt", metadata=_help("the data's prompt column (prompt/answer data)"))
+    answer_field: str = field(default="answer", metadata=_help(
+        "the data's answer column (prompt/answer data; the loss is on the answer only)"))
+    messages_field: str = field(default="messages", metadata=_help(
+        "the data's conversation column (chat data: a list of {role, content}, rendered with the tokenizer's chat "
+        "template; the loss is on the assistant turns only), used when the prompt/answer columns are absent"))
+    train_size: int = field(default=2000, metadata=_help("training examples (after the held-out ones)"))
+    eval_size: int = field(default=64, metadata=_help("held-out examples (the data's first rows)"))
+    max_length: int = field(default=64, metadata=_help("tokens per example, prompt and answer together"))
+    method: str = field(default="pissa", metadata=_help(f"the adapter: one of {', '.join(METHODS)}"))
     method_config: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 8, "target_modules": "all-linear",
-                                                          "init": "randomized", "niter": 4})
-    quantization: str = "none"
-    dtype: str = "float32"  # the model's dtype; a 4-bit base is stored in it too (what FSDP shards)
-    training: dict = field(default_factory=dict)
-    output_dir: str = "runs/finetune"
-    resume: bool = False
-    push_to_hub: Optional[str] = None  # a repo id: the adapter and a model card are pushed after training
-    seed: int = 0
+                                                          "init": "randomized", "niter": 4}, metadata=_help(
+        "the method's config fields as a mapping ({r: 8, target_modules: all-linear}); a flag merges into the "
+        "file's key by key"))
+    quantization: str = field(default="none", metadata=_help(
+        f"one of {', '.join(QUANTIZATIONS)}: QLoRA (method lora) or QPiSSA (method pissa)"))
+    dtype: str = field(default="float32", metadata=_help(
+        f"the model's dtype, one of {', '.join(DTYPES)}; a 4-bit base is stored in it too (what FSDP shards)"))
+    trainer: str = field(default="transformers", metadata=_help(
+        "transformers (transformers.Trainer) or trl (TRL's SFTTrainer; its SFTConfig keys are allowed in "
+        "training:)"))
+    training: dict = field(default_factory=dict, metadata=_help(
+        "TrainingArguments keys as a mapping (the file's training: block); each is also a flag of its own"))
+    output_dir: str = field(default="runs/finetune", metadata=_help(
+        "the run's folder: adapter/, checkpoint-N/, loss.png, metrics.json"))
+    resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint in output_dir"))
+    push_to_hub: Optional[str] = field(default=None, metadata=_help(
+        "a Hub repo id (user/name): the adapter and a model card are pushed after training"))
+    hub_base_model: Optional[str] = field(default=None, metadata=_help(
+        "the Hub id of the base model, written to the model card and the pushed adapter_config.json; default: "
+        "HuggingFaceTB/SmolLM2-135M-Instruct for model smollm2, the model itself for a Hub id; needed for a local "
+        "model folder"))
+    hub_license: Optional[str] = field(default=None, metadata=_help("the model card's license (e.g. apache-2.0)"))
+    hub_datasets: Optional[list[str]] = field(default=None, metadata=_help(
+        "the model card's datasets (Hub dataset ids)"))
+    seed: int = field(default=0, metadata=_help("the data's and the training's seed (TrainingArguments seed and "
+                                                "data_seed unless training: sets them)"))
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file, model or network: a
         :class:`RecipeError` naming the key and the fix (``load_recipe`` adds the file and line)."""
         check_field_types(self)
-        for key, allowed in (("method", METHODS), ("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
+        for key, allowed in (("method", METHODS), ("dtype", DTYPES), ("quantization", QUANTIZATIONS),
+                             ("trainer", TRAINERS)):
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to "
                                   "one of them", key=key)
-        if self.quantization != "none" and self.method not in ("lora", "pissa"):
+        if self.quantization != Quantization.NONE.value and self.method not in QUANTIZED_BASE_METHODS:
             raise RecipeError(
                 f"quantization={self.quantization!r} needs a method that trains on a quantised base: 'lora' (QLoRA) "
                 f"or 'pissa' (QPiSSA). {self.method} takes its SVD or its update from the full-precision weights; "
                 "fix: set quantization: none", key="quantization"
             )
-        for key in ("model", "dataset", "prompt_field", "answer_field", "output_dir"):
+        for key in ("model", "dataset", "prompt_field", "answer_field", "messages_field", "output_dir"):
             if not getattr(self, key).strip():
                 raise RecipeError(f"{key} is empty; fix: set {key} (see recipes/configs/lora.yaml)", key=key)
         check_positive_int("train_size", self.train_size, "the number of training examples")
@@ -82,11 +127,36 @@ class FinetuneRecipe:
         check_finite_numbers("method_config", self.method_config)
         check_finite_numbers("training", self.training)
         check_repo_id("push_to_hub", self.push_to_hub)
+        check_repo_id("hub_base_model", self.hub_base_model)
+        if self.hub_datasets is not None and not all(isinstance(d, str) and d.strip() for d in self.hub_datasets):
+            raise RecipeError(f"hub_datasets must be a list of Hub dataset ids, got {self.hub_datasets!r}; fix: set "
+                              "hub_datasets to [user/name, ...]", key="hub_datasets")
+
+    @property
+    def quantized(self) -> Quantization:
+        return Quantization(self.quantization)
+
+
+# -- 1. configure: the command line over the YAML file, then every check before anything loads ---------------------
+
+def command_line():
+    """The recipe's ``HfArgumentParser``: a flag per recipe field and per TrainingArguments field."""
+    from transformers import TrainingArguments
+
+    from cli import RecipeArgumentParser
+
+    return RecipeArgumentParser(FinetuneRecipe, TrainingArguments, description=__doc__,
+                                training_defaults=TRAINING_DEFAULTS)
+
+
+def configure(argv: Optional[list[str]] = None) -> FinetuneRecipe:
+    """The recipe from ``argv`` (``--config`` file, then the flags, key by key); bad input is a RecipeError."""
+    return command_line().parse(argv)
 
 
 def peft_config(recipe: FinetuneRecipe):
-    """The method's config from ``method_config``; a key the config does not have, or a value it rejects, is a
-    :class:`RecipeError` naming it."""
+    """The method's config from ``method_config`` (and the quantisation's changes to it); a key the config does not
+    have, or a value it rejects, is a :class:`RecipeError` naming it."""
     import dataclasses
 
     from peft import LoraConfig, TaskType
@@ -113,116 +183,12 @@ def peft_config(recipe: FinetuneRecipe):
     for key, value in values.items():  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(config_fields[key].default, float) and isinstance(value, str) and as_float(value) is not None:
             values[key] = as_float(value)
-    if recipe.method == "pissa" and recipe.quantization != "none":
-        values["residual_quantization"] = "nf4" if recipe.quantization == "4bit" else "int8"
-        if recipe.quantization == "4bit":  # stored in the dtype FSDP shards in, as for QLoRA below
-            values.setdefault("residual_quant_storage", recipe.dtype)
+    values.update(recipe.quantized.method_config_changes(recipe.method, recipe.dtype, values))
     try:
         return config_class(task_type=TaskType.CAUSAL_LM, **values)
     except (ValueError, TypeError) as error:
         raise RecipeError(f"method_config: {config_class.__name__} rejects it: {one_line(error)}; fix: correct the "
                           "value it names", key="method_config") from None
-
-
-def _dataset_records(recipe: FinetuneRecipe) -> tuple[str, list[tuple[str, object]], Optional[list]]:
-    """(name, [(where, record)], columns or None): the data set's records, each with where it is (``file:line`` for
-    JSON lines and CSV) for error messages; columns for column-oriented sources (CSV, ``datasets``)."""
-    import csv
-
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = recipe.dataset
-    extension = os.path.splitext(path)[1].lower().lstrip(".")
-    if extension in ("json", "jsonl") and not os.path.isdir(path):
-        return path, read_json_rows(path, "dataset", key="dataset"), None
-    if extension == "csv" and not os.path.isdir(path):
-        reader = None
-        try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                records = [(f"{path}:{reader.line_num}", row) for row in reader]
-                return path, records, list(reader.fieldnames or [])
-        except FileNotFoundError:
-            raise RecipeError(f"dataset: no such file {path}; fix: set dataset to an existing .json, .jsonl or .csv "
-                              "file, a datasets name or builtin:arithmetic", key="dataset") from None
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
-            line = f":{reader.line_num}" if reader is not None else ""
-            raise RecipeError(f"{path}{line}: not readable as CSV ({one_line(error)}); fix: a UTF-8 CSV file with a "
-                              "header row") from None
-    if not os.path.exists(path):
-        try:
-            validate_repo_id(path)
-        except HFValidationError:
-            raise RecipeError(f"dataset: no such file or folder {path!r}, and it is no Hub dataset name either; fix: "
-                              "set dataset to an existing .json, .jsonl or .csv file, a datasets name or "
-                              "builtin:arithmetic", key="dataset") from None
-    from datasets import load_dataset
-
-    try:
-        if os.path.isfile(path):
-            data = load_dataset({"txt": "text", "jsonl": "json"}.get(extension, extension), data_files=path)["train"]
-        else:
-            data = load_dataset(path)["train"]
-    except Exception as error:  # noqa: BLE001  (datasets raises many kinds; each becomes one line naming the source)
-        raise RecipeError(f"dataset {path!r}: datasets.load_dataset failed ({type(error).__name__}: "
-                          f"{one_line(error)}); fix: set dataset to a local .json, .jsonl or .csv file, a data set "
-                          "with a 'train' split, or builtin:arithmetic", key="dataset") from None
-    return path, [(f"{path} row {index + 1}", row) for index, row in enumerate(data)], list(data.column_names)
-
-
-def _size_fix(rows: int, recipe: FinetuneRecipe) -> str:
-    if rows >= 2:
-        eval_size = min(recipe.eval_size, max(1, rows // 5))
-        return f"lower them (e.g. --eval_size {eval_size} --train_size {rows - eval_size}) or add rows"
-    return "add rows: the recipe needs at least one training and one held-out example"
-
-
-def load_rows(recipe: FinetuneRecipe) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows with the prompt and answer fields, checked before anything trains: the first
-    ``eval_size`` rows are held out, the next ``train_size`` train. A missing or malformed file, a missing or
-    non-text prompt/answer field, or fewer rows than ``train_size + eval_size`` is a :class:`RecipeError` naming the
-    file (and line) and the fix."""
-    from data import arithmetic_rows
-
-    if recipe.dataset.startswith("builtin:"):
-        if recipe.dataset != "builtin:arithmetic":
-            raise RecipeError(f"dataset {recipe.dataset!r} is no built-in data set; fix: set dataset to "
-                              "builtin:arithmetic, a local .json/.jsonl/.csv file or a datasets name", key="dataset")
-        return arithmetic_rows(recipe.train_size, recipe.seed), arithmetic_rows(recipe.eval_size, recipe.seed + 1)
-    name, records, columns = _dataset_records(recipe)
-    wanted = (("prompt", recipe.prompt_field, "prompt_field"), ("answer", recipe.answer_field, "answer_field"))
-    if not records:
-        raise RecipeError(f"dataset {name} holds no rows; fix: add rows with the fields {recipe.prompt_field!r} "
-                          f"(prompt_field) and {recipe.answer_field!r} (answer_field), or set dataset to another "
-                          "file")
-    if columns is None:  # JSON: a column is a field some record has
-        columns = sorted({k for _, record in records if isinstance(record, dict) for k in record})
-    missing = [field_name for _, field_name, _ in wanted if field_name not in columns]
-    if missing:
-        raise RecipeError(f"dataset {name} has no column(s) {missing}; its columns are {columns}; fix: set "
-                          "prompt_field / answer_field to the columns that hold the prompts and answers")
-    rows = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise RecipeError(f"{where}: a row must be a JSON object with the fields {recipe.prompt_field!r} and "
-                              f"{recipe.answer_field!r}, got a {type(record).__name__}; fix that row")
-        row = {}
-        for role, field_name, key in wanted:
-            value = record.get(field_name)
-            if not isinstance(value, str) or not value.strip():
-                what = "has no" if field_name not in record else (
-                    "has an empty" if isinstance(value, str) or value is None else
-                    f"has {value!r} ({type(value).__name__}), not text, in its")
-                raise RecipeError(f"{where}: the row {what} {field_name!r} field ({key}); fix: give every row a "
-                                  f"non-empty text {role} (quote numbers, e.g. \" 42\") or remove the row")
-            row[role] = value
-        rows.append(row)
-    needed = recipe.train_size + recipe.eval_size
-    if len(rows) < needed:
-        count = f"{len(rows)} row{'' if len(rows) == 1 else 's'}"
-        raise RecipeError(f"dataset {name} has {count}, fewer than train_size + eval_size = {recipe.train_size} + "
-                          f"{recipe.eval_size} = {needed}; fix: {_size_fix(len(rows), recipe)}")
-    return rows[recipe.eval_size:needed], rows[:recipe.eval_size]
 
 
 # TrainingArguments keys with a range the recipe checks before anything loads (the rest TrainingArguments checks)
@@ -240,28 +206,47 @@ _TRAINING_RANGES = {  # key: (low, high, low_open)
 }
 
 
-def training_arguments(recipe: FinetuneRecipe):
-    """transformers' TrainingArguments from the defaults and ``training``; an unknown key, a wrong type or a value
-    out of range (learning rate <= 0 or NaN, max_steps or a batch size < 1, ...) is a :class:`RecipeError` keyed
-    ``training.<key>``."""
-    import dataclasses
-    import difflib
+def training_arguments_class(recipe: FinetuneRecipe):
+    """transformers' TrainingArguments, or TRL's SFTConfig (a subclass) under ``trainer: trl``."""
+    if recipe.trainer == "trl":
+        from trl import SFTConfig
 
+        return SFTConfig
     from transformers import TrainingArguments
 
-    known = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    return TrainingArguments
+
+
+def training_arguments(recipe: FinetuneRecipe):
+    """TrainingArguments (SFTConfig under ``trainer: trl``) from the recipe's defaults and ``training``; an unknown
+    key, a wrong type or a value out of range (learning rate <= 0 or NaN, max_steps or a batch size < 1, ...) is a
+    :class:`RecipeError` keyed ``training.<key>``."""
+    import dataclasses
+    import difflib
+    import typing
+
+    arguments_class = training_arguments_class(recipe)
+    known = {f.name: f for f in dataclasses.fields(arguments_class) if f.init}
     unknown = sorted(str(k) for k in recipe.training if k not in known)
     if unknown:
         hints = [m[0] for k in unknown for m in [difflib.get_close_matches(k, list(known), n=1)] if m]
         raise RecipeError(f"training: unknown key(s) {unknown}{f' (did you mean {hints}?)' if hints else ''}; fix: "
-                          "use transformers.TrainingArguments field names", key=f"training.{unknown[0]}")
+                          f"use {arguments_class.__name__} field names", key=f"training.{unknown[0]}")
     # no use_cpu: transformers picks the device itself, and use_cpu=True would turn off DDP's gradient all-reduce
     # in a CPU run under accelerate launch
-    values = {**TRAINING_DEFAULTS, "output_dir": recipe.output_dir, "eval_strategy": "steps", **recipe.training}
+    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "data_seed": recipe.seed, "output_dir": recipe.output_dir,
+              "eval_strategy": "steps"}
+    if recipe.trainer == "trl":
+        values.update(TRL_DEFAULTS, max_length=recipe.max_length)
+    values.update(recipe.training)
     values.setdefault("eval_steps", values["save_steps"])
+    hints = typing.get_type_hints(arguments_class)
     for key, value in list(values.items()):  # PyYAML reads 1e-4 (no dot) as a string
         if key in known and isinstance(known[key].default, float) and isinstance(value, str):
             values[key] = as_float(value) if as_float(value) is not None else value
+        if hints.get(key) is bool and not isinstance(value, bool):
+            raise RecipeError(f"training.{key} must be true or false, got {value!r}; fix: set it to true or false",
+                              key=f"training.{key}")
     for key, what in _POSITIVE_TRAINING_INTS.items():
         if key == "max_steps" and values.get(key) == -1 and not isinstance(values[key], bool):
             continue  # transformers' own meaning: train for num_train_epochs
@@ -273,207 +258,72 @@ def training_arguments(recipe: FinetuneRecipe):
     if limit is not None:
         check_positive_int("training.save_total_limit", limit, "checkpoints kept; null keeps all")
     try:
-        return TrainingArguments(**values)
+        return arguments_class(**values)
     except (TypeError, ValueError) as error:
-        raise RecipeError(f"training: TrainingArguments rejects it: {one_line(error)}; fix: correct the key it "
-                          "names", key="training") from None
+        raise RecipeError(f"training: {arguments_class.__name__} rejects it: {one_line(error)}; fix: correct the key "
+                          "it names", key="training") from None
 
 
-def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """input_ids of prompt + answer + eos, with labels only on the answer (the prompt is masked with -100);
-    ``answer_length`` counts the answer's tokens without the eos."""
-    examples = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + answer)[:max_length],
-                         "answer_length": max(0, min(len(answer) - 1, max_length - len(prompt)))})
-    return examples
+def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
+    """The Hub id a pushed adapter names as its base model: ``hub_base_model``, else the packaged SmolLM2's Hub id,
+    else ``model`` when it is a Hub id; None for a local folder without ``hub_base_model``."""
+    from packaged_models import SMOLLM2_HUB_ID
+
+    if recipe.hub_base_model:
+        return recipe.hub_base_model
+    if recipe.model == "smollm2":
+        return SMOLLM2_HUB_ID
+    return None if os.path.exists(recipe.model) else recipe.model
 
 
-def collate(pad_id: int):
-    import torch
+def push_arguments(recipe: FinetuneRecipe) -> dict:
+    """``subspace_peft.push_adapter``'s keyword arguments for the Hub fields, checked before anything trains."""
+    import inspect
 
-    def pad(examples):
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_id)
-        labels = torch.full((len(examples), width), -100)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-            mask[i, : len(e["input_ids"])] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    import subspace_peft
 
-    return pad
-
-
-def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
-    """``eval_loss``: mean loss per answer token over ``examples`` (from :func:`tokenize`); ``exact_match``: share of
-    examples whose greedy continuation starts with the answer. One forward pass per batch gives both (the same on
-    every process).
-
-    Exact match is teacher-forced: greedy decoding produces the answer exactly when each answer token is the argmax
-    given the prompt and the answer tokens before it, which is what is checked (ties aside).
-    """
-    import torch
-
-    model.eval()
-    total = count = 0.0
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
-            outputs = model(**batch)
-            tokens = float((batch["labels"][:, 1:] != -100).sum())
-            total += float(outputs.loss) * tokens
-            count += tokens
-            predicted = outputs.logits.argmax(-1)
-            for row, example in enumerate(chunk):
-                # labels[t] is predicted at position t - 1; the answer's first token follows the prompt's last
-                positions = (batch["labels"][row] != -100).nonzero().flatten()[: example["answer_length"]]
-                if len(positions):
-                    hits += bool((predicted[row, positions - 1] == batch["labels"][row, positions]).all())
-    return {"eval_loss": total / count, "exact_match": hits / len(examples)}
+    base_model = hub_base_model(recipe)
+    if base_model is None:
+        raise RecipeError(f"push_to_hub: the model {recipe.model} is a local folder, and a pushed adapter names its "
+                          "base model by Hub id; fix: pass --hub_base_model <the Hub id of the model in that folder>",
+                          key="push_to_hub")
+    wanted = {"base_model": base_model, "license": recipe.hub_license, "datasets": recipe.hub_datasets}
+    accepted = inspect.signature(subspace_peft.push_adapter).parameters
+    given = {"base_model": recipe.hub_base_model, "license": recipe.hub_license, "datasets": recipe.hub_datasets}
+    refused = [name for name, value in given.items() if value is not None and name not in accepted]
+    if refused:
+        raise RecipeError(f"push_to_hub: this subspace_peft's push_adapter takes no {refused} argument; fix: update "
+                          f"subspace-peft, or leave out {', '.join('--hub_' + n.split('_')[0] for n in refused)}",
+                          key="push_to_hub")
+    # the derived base model id goes where push_adapter takes it; an older one reads it from the model config
+    return {name: value for name, value in wanted.items() if value is not None and name in accepted}
 
 
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
-                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+class CheckedInputs(NamedTuple):
+    config: object  # the method's peft config
+    rows: tuple  # (train rows, eval rows)
+    args: object  # TrainingArguments (SFTConfig under trainer: trl)
+    resume_from: Optional[str]  # the checkpoint to resume from (None: a new run)
+    push: Optional[dict] = None  # push_adapter's Hub keyword arguments (None: no push)
 
 
-def _file_problem(path: str) -> Optional[str]:
-    """Why the checkpoint file at ``path`` cannot be loaded, or None; read without unpickling anything: JSON parses,
-    a safetensors header parses and covers the file, a torch file is a zip archive whose members pass their CRC."""
-    import zipfile
-
-    if os.path.getsize(path) == 0:
-        return "is empty"
-    if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                json.load(handle)
-        except json.JSONDecodeError as error:
-            return f"is not valid JSON (line {error.lineno}: {error.msg}): truncated?"
-        except (OSError, ValueError) as error:
-            return f"cannot be read ({one_line(error)})"
-    elif path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="numpy") as handle:
-                list(handle.keys())
-        except Exception as error:  # noqa: BLE001  (SafetensorError derives from Exception only)
-            return f"is truncated or corrupt ({one_line(error)})"
-    elif path.endswith((".pt", ".pth", ".bin")):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-            return f"is truncated or corrupt (not a readable torch zip archive: {one_line(error)})"
-        if bad is not None:
-            return f"is corrupt (its member {bad} fails its CRC check)"
-    return None
+def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
+    """Every check of the recipe's input, done before any model is loaded or anything is written: the method
+    config, the model source, the data, the training arguments, the checkpoint to resume from, the Hub fields. A
+    problem is a :class:`RecipeError` naming the file and line (or flag) of the key at fault."""
+    with located(recipe):  # the checks that need no heavy import first: their errors come in a fraction of a second
+        check_model_source(recipe)
+        check_output_dir("output_dir", recipe.output_dir)
+        rows = load_rows(recipe)
+        save_only_model = bool(recipe.training.get("save_only_model", False))
+        resume_from = last_complete_checkpoint(recipe.output_dir, save_only_model) if recipe.resume else None
+        config = peft_config(recipe)
+        args = training_arguments(recipe)
+        push = push_arguments(recipe) if recipe.push_to_hub else None
+    return CheckedInputs(config, rows, args, resume_from, push)
 
 
-def checkpoint_problem(path: str, save_only_model: bool = False) -> Optional[str]:
-    """Why Trainer could not resume exactly from the ``checkpoint-N`` folder ``path``, or None if it can.
-
-    Complete means: ``trainer_state.json`` (which Trainer writes last) is there, every file in the folder is
-    loadable (:func:`_file_problem`), and the model weights, the optimizer and scheduler states and an RNG state are
-    all there (Trainer would otherwise resume with a fresh optimizer without a word). DeepSpeed keeps model and
-    optimizer in its ``global_step*`` folder; ``save_only_model`` checkpoints hold only the weights."""
-    names = set(os.listdir(path))
-    if "trainer_state.json" not in names:
-        return "trainer_state.json is missing: the save did not finish"
-    for root, subfolders, files in os.walk(path):
-        subfolders.sort()
-        for name in sorted(files):
-            problem = _file_problem(os.path.join(root, name))
-            if problem:
-                return f"{os.path.relpath(os.path.join(root, name), path)} {problem}"
-    folders = {n for n in names if os.path.isdir(os.path.join(path, n))}
-    deepspeed = any(n.startswith("global_step") for n in folders)
-    if not (deepspeed or names.intersection(_WEIGHT_FILES) or any(n.startswith("pytorch_model_fsdp") for n in names)):
-        return "adapter_model.safetensors is missing (no model weights)"
-    if save_only_model:
-        return None
-    if not deepspeed:
-        if not ({"optimizer.pt", "optimizer.bin"} & names or any(n.startswith("optimizer") for n in folders)):
-            return "optimizer.pt is missing"
-        if "scheduler.pt" not in names:
-            return "scheduler.pt is missing"
-    if not any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names):
-        return "rng_state.pth is missing"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str, save_only_model: bool = False) -> str:
-    """The newest ``checkpoint-N`` in ``output_dir`` that :func:`checkpoint_problem` finds complete. A run killed
-    while saving (or a file truncated since) leaves a newer, incomplete folder: it is skipped with one line on stderr
-    saying why and which checkpoint is used instead. No complete checkpoint is a :class:`RecipeError`."""
-    fix = "fix: set resume: false to start a new run, or output_dir to the run to continue"
-    if not os.path.isdir(output_dir):
-        raise RecipeError(f"resume: {output_dir} does not exist, so there is no checkpoint to resume from; {fix}",
-                          key="resume")
-    steps = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append((int(match.group(1)), os.path.join(output_dir, name)))
-    if not steps:
-        raise RecipeError(f"resume: {output_dir} holds no checkpoint-N folder to resume from; {fix}", key="resume")
-    skipped = []
-    for _, path in sorted(steps, reverse=True):
-        problem = checkpoint_problem(path, save_only_model)
-        if problem is None:
-            if skipped and int(os.environ.get("RANK", "0")) == 0:
-                print(f"resume: skipping incomplete checkpoint {'; '.join(skipped)}; resuming from {path}",
-                      file=sys.stderr)
-            return path
-        skipped.append(f"{path} ({problem})")
-    raise RecipeError(f"resume: no complete checkpoint in {output_dir}: {'; '.join(skipped)}; {fix}", key="resume")
-
-
-def save_loss_curve(log_history: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in log_history if "loss" in e]
-    losses = [e["loss"] for e in log_history if "loss" in e]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(steps, losses, label="train")
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    if evals:
-        axis.plot(*zip(*evals), "o-", label="eval")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def load_model_kwargs(recipe: FinetuneRecipe) -> dict:
-    """from_pretrained's keyword arguments: the dtype, and for QLoRA the bitsandbytes config."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    dtype = getattr(torch, recipe.dtype)
-    kwargs = dict(dtype=dtype, use_safetensors=True)
-    if recipe.quantization != "none" and recipe.method == "lora":  # QLoRA: quantise the base on load
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=recipe.quantization == "4bit", load_in_8bit=recipe.quantization == "8bit",
-            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            # 4-bit data stored in the model's dtype: FSDP shards and all-gathers it with the other parameters (and
-            # casts nothing when mixed precision uses that dtype); a single process computes the same
-            bnb_4bit_quant_storage=dtype,
-        )
-    return kwargs
-
+# -- 2. load the model ------------------------------------------------------------------------------------------------
 
 def model_path(recipe: FinetuneRecipe) -> str:
     from packaged_models import smollm2_path
@@ -497,7 +347,8 @@ def check_model_source(recipe: FinetuneRecipe) -> None:
 
 
 def load_tokenizer(recipe: FinetuneRecipe):
-    """The model's tokenizer, with an eos and a pad token; a model it cannot be loaded from is a RecipeError."""
+    """The model's tokenizer, with an eos and a pad token, padding on the right; a model it cannot be loaded from is
+    a RecipeError."""
     from transformers import AutoTokenizer
 
     path = model_path(recipe)
@@ -511,7 +362,16 @@ def load_tokenizer(recipe: FinetuneRecipe):
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     return tokenizer
+
+
+def load_model_kwargs(recipe: FinetuneRecipe) -> dict:
+    """from_pretrained's keyword arguments: the dtype, and the quantisation's (QLoRA: the bitsandbytes config)."""
+    import torch
+
+    dtype = getattr(torch, recipe.dtype)
+    return dict(dtype=dtype, use_safetensors=True, **recipe.quantized.model_kwargs(recipe.method, dtype))
 
 
 def load_model(recipe: FinetuneRecipe, tokenizer=None):
@@ -522,152 +382,173 @@ def load_model(recipe: FinetuneRecipe, tokenizer=None):
     return AutoModelForCausalLM.from_pretrained(model_path(recipe), **load_model_kwargs(recipe)), tokenizer
 
 
-def keep_4bit_layers_on_the_training_path(model) -> None:
-    """Stop bitsandbytes' CPU inference path for 4-bit layers, which evaluation would otherwise take.
-
-    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight on its first no-grad evaluation
-    forward, rounding the block scales to bf16, and ``state_dict()`` (every checkpoint save) unpacks it again without
-    restoring them. Measured: the same model's logits moved by 0.02 after a save, and under DDP the rank that saved
-    evaluated differently from the others. Kept on the training path, evaluation computes what training does.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 def fsdp_storage_mismatch(recipe: FinetuneRecipe, mixed_precision: str) -> Optional[str]:
-    """Why FSDP with this mixed precision would corrupt the recipe's 4-bit base, or None.
+    """:func:`guards.fsdp_storage_mismatch` for this recipe's quantisation and dtype."""
+    return _fsdp_storage_mismatch(recipe.quantization, recipe.dtype, mixed_precision)
 
-    FSDP casts every floating parameter to the mixed-precision dtype before gathering it, the 4-bit data stored as
-    floats included: the packed bytes are converted as if they were numbers. Measured (FSDP2 on CPU): float32
-    storage under bf16 mixed precision fails inside bitsandbytes with a shape error; bfloat16 storage works.
+
+# -- 3. build the adapter ---------------------------------------------------------------------------------------------
+
+def build_adapter(model, config):
+    """The peft model of ``config`` around ``model`` (the method's SVD or init runs here)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    keep_4bit_layers_on_the_training_path(model)
+    model.print_trainable_parameters()
+    return model
+
+
+# -- 4. data ----------------------------------------------------------------------------------------------------------
+
+def prepare_data(recipe: FinetuneRecipe, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
+    """(train set, held-out set), tokenised (``Dataset.map``): loss on the answer, or on the assistant turns."""
+    with located(recipe):
+        train_set = tokenize(train_rows, tokenizer, recipe.max_length)
+        eval_set = tokenize(eval_rows, tokenizer, recipe.max_length)
+        check_answers_fit(recipe.max_length, "held-out", eval_set)
+        check_answers_fit(recipe.max_length, "training", train_set)
+    return train_set, eval_set
+
+
+# -- 5. train ---------------------------------------------------------------------------------------------------------
+
+def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval_set):
+    """transformers' Trainer with ``DataCollatorForSeq2Seq``, or TRL's SFTTrainer (``trainer: trl``), which takes the
+    tokenised sets as they are (they hold labels) and pads them with its own collator."""
+    if recipe.trainer == "trl":
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             processing_class=tokenizer)
+    else:
+        from transformers import Trainer
+
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collate(tokenizer))
+    check_distribution_took_effect(trainer, recipe.quantization, recipe.dtype)
+    return trainer
+
+
+def train(trainer, resume_from: Optional[str]) -> None:
+    trainer.train(resume_from_checkpoint=resume_from)
+
+
+# -- 6. evaluate ------------------------------------------------------------------------------------------------------
+
+def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
+    """``eval_loss``: mean loss per answer token over ``examples`` (from :func:`tokenize`, a Dataset or a list);
+    ``exact_match``: share of examples whose greedy continuation is the answer (chat data: every assistant token).
+    One forward pass per batch gives both (the same on every process).
+
+    Exact match is teacher-forced: greedy decoding produces the answer exactly when each answer token is the argmax
+    given the prompt and the answer tokens before it, which is what is checked (ties aside).
     """
-    wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
-    if recipe.quantization != "4bit" or wanted is None or wanted == recipe.dtype:
-        return None
-    return (f"FSDP with mixed_precision {mixed_precision} would cast the 4-bit base, stored as {recipe.dtype}, to "
-            f"{wanted} and corrupt it: pass --dtype {wanted}")
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = [examples[index] for index in range(start, min(start + batch_size, len(examples)))]
+            batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
+            outputs = model(**batch)
+            tokens = float((batch["labels"][:, 1:] != -100).sum())
+            total += float(outputs.loss) * tokens
+            count += tokens
+            predicted = outputs.logits.argmax(-1)
+            for row, example in enumerate(chunk):
+                # labels[t] is predicted at position t - 1; the answer's first token follows the prompt's last
+                positions = (batch["labels"][row] != -100).nonzero().flatten()[: example["answer_length"]]
+                if len(positions):
+                    hits += bool((predicted[row, positions - 1] == batch["labels"][row, positions]).all())
+    return {"eval_loss": total / count, "exact_match": hits / len(examples)}
 
 
-def check_distribution_took_effect(trainer, recipe: FinetuneRecipe) -> None:
-    """Stop a run whose distribution accelerate quietly changed.
 
-    accelerate 1.x falls back to no distribution when a config asks for FSDP without GPUs (each process then trains
-    its own copy) and to DDP when ACCELERATE_USE_CPU=true (measured with recipes/accelerate/fsdp.yaml).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    asked = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
-    got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    mismatch = trainer.is_fsdp_enabled and fsdp_storage_mismatch(recipe, str(trainer.accelerator.mixed_precision))
-    if mismatch:
-        raise RecipeError(mismatch)
-    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
-        # FSDP1 inserts wrapper modules, and peft then finds no adapter under their names: it saves an empty adapter
-        raise RecipeError("accelerate config: FSDP1 is not supported; fix: set fsdp_version: 2 "
-                          "(recipes/accelerate/fsdp.yaml)")
-    if (world_size > 1 and trainer.accelerator.num_processes != world_size) or (asked and asked[0] != got):
-        raise RecipeError(
-            f"the launch asked for {asked[0] if asked else 'distribution'} over {world_size} "
-            f"process(es) but accelerate set up {got} with {trainer.accelerator.num_processes}. FSDP and DeepSpeed "
-            "need GPUs; fix: on CPU use DDP: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
-            "recipes/finetune.py"
-        )
+def save_loss_curve(log_history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log_history if "loss" in e]
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, losses, label="train")
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
-class CheckedInputs(NamedTuple):
-    config: object  # the method's peft config
-    rows: tuple  # (train rows, eval rows)
-    args: object  # TrainingArguments
-    resume_from: Optional[str]  # the checkpoint to resume from (None: a new run)
+
+def evaluate(model, eval_set, tokenizer, when: str) -> dict:
+    """:func:`answer_metrics` of the held-out set, printed as ``<when>: {...}``."""
+    metrics = answer_metrics(model, eval_set, collate(tokenizer))
+    print(f"{when}: {json.dumps(metrics)}")
+    return metrics
 
 
-def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
-    """Every check of the recipe's input, done before any model is loaded or anything is written: the method
-    config, the model source, the data, the training arguments, the checkpoint to resume from. A problem is a
-    :class:`RecipeError` naming the file and line (or flag) of the key at fault."""
-    with located(recipe):  # the checks that need no heavy import first: their errors come in a fraction of a second
-        check_model_source(recipe)
-        check_output_dir("output_dir", recipe.output_dir)
-        rows = load_rows(recipe)
-        save_only_model = bool(recipe.training.get("save_only_model", False))
-        resume_from = last_complete_checkpoint(recipe.output_dir, save_only_model) if recipe.resume else None
-        config = peft_config(recipe)
-        args = training_arguments(recipe)
-    return CheckedInputs(config, rows, args, resume_from)
+# -- 7. save and push -------------------------------------------------------------------------------------------------
 
-
-def check_answers_fit(recipe: FinetuneRecipe, tokenizer, split: str, rows: list[dict], examples: list[dict]) -> None:
-    """Stop (held-out rows) or warn (training rows) when ``max_length`` leaves an example no answer token: a
-    held-out one would count as a miss whatever the model answers, a training one teaches nothing."""
-    cut = [row for row, example in zip(rows, examples) if example["answer_length"] == 0]
-    if not cut:
+def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: Optional[dict]) -> None:
+    """adapter/, loss.png and metrics.json in ``output_dir`` (process 0), and the push to the Hub if asked."""
+    # under FSDP every rank takes part in gathering the sharded adapter (FSDP2: get_model_state_dict, full)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():
         return
-    need = max(len(tokenizer(row["prompt"] + row["answer"], add_special_tokens=False)["input_ids"]) + 1 for row in cut)
-    message = (f"max_length {recipe.max_length} leaves {len(cut)} of {len(rows)} {split} examples no answer token "
-               f"(the longest of them needs {need} tokens); fix: set max_length to at least {need} or shorten the "
-               "prompts")
-    if split == "held-out" or len(cut) == len(rows):
-        raise RecipeError(message, key="max_length")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {message}", file=sys.stderr)
+    model.save_pretrained(os.path.join(recipe.output_dir, "adapter"), state_dict=state_dict)
+    save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
+    with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    if recipe.push_to_hub:
+        import subspace_peft
 
+        before, after, args = metrics["before"], metrics["after"], trainer.args
+        summary = {"data": recipe.dataset, "steps": trainer.state.global_step, "trainer": recipe.trainer,
+                   "learning rate": args.learning_rate, "batch size per device": args.per_device_train_batch_size,
+                   "quantization": recipe.quantization,
+                   "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
+                   "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}"}
+        url = subspace_peft.push_adapter(model, recipe.push_to_hub, training_summary=summary, **(push or {}))
+        print(f"pushed: {url}")
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
 
 def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
     """Train and evaluate; ``inputs`` is :func:`checked_inputs` of ``recipe`` if the caller already has it. Bad
     input raises :class:`RecipeError` (a ValueError) before the model is loaded."""
-    from peft import get_peft_model
-    from transformers import Trainer
-
-    config, (train_rows, eval_rows), args, resume_from = inputs if inputs is not None else checked_inputs(recipe)
+    config, (train_rows, eval_rows), args, resume_from, push = (inputs if inputs is not None
+                                                                else checked_inputs(recipe))
     with located(recipe):
         tokenizer = load_tokenizer(recipe)
-        train_set = tokenize(train_rows, tokenizer, recipe.max_length)
-        eval_set = tokenize(eval_rows, tokenizer, recipe.max_length)
-        check_answers_fit(recipe, tokenizer, "held-out", eval_rows, eval_set)
-        check_answers_fit(recipe, tokenizer, "training", train_rows, train_set)
+    train_set, eval_set = prepare_data(recipe, tokenizer, train_rows, eval_rows)
     model, tokenizer = load_model(recipe, tokenizer)
-    model = get_peft_model(model, config)
-    keep_4bit_layers_on_the_training_path(model)
-    model.print_trainable_parameters()
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collate(tokenizer.pad_token_id))
-    check_distribution_took_effect(trainer, recipe)
+    model = build_adapter(model, config)
+    trainer = make_trainer(recipe, model, tokenizer, args, train_set, eval_set)
     # Not trainer.evaluate() before trainer.train(): accelerate then marks the model as prepared for evaluation and a
     # distributed run trains without DDP's gradient all-reduce (transformers 5.x, measured).
-    before = answer_metrics(model, trainer.eval_dataset, trainer.data_collator)
-    print(f"before: {json.dumps(before)}")
-    trainer.train(resume_from_checkpoint=resume_from)
-    after = answer_metrics(model, trainer.eval_dataset, trainer.data_collator)
-    print(f"after: {json.dumps(after)}")
-    metrics = {"before": before, "after": after, "method": recipe.method,
+    before = evaluate(model, eval_set, tokenizer, "before")
+    train(trainer, resume_from)
+    after = evaluate(model, eval_set, tokenizer, "after")
+    metrics = {"before": before, "after": after, "method": recipe.method, "trainer": recipe.trainer,
                "trainable_parameters": model.get_nb_trainable_parameters()[0]}
-    # under FSDP every rank takes part in gathering the sharded adapter (FSDP2: get_model_state_dict, full)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-    if trainer.is_world_process_zero():
-        model.save_pretrained(os.path.join(recipe.output_dir, "adapter"), state_dict=state_dict)
-        save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
-        with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
-        if recipe.push_to_hub:
-            import subspace_peft
-
-            summary = {"data": recipe.dataset, "steps": trainer.state.global_step,
-                       "learning rate": args.learning_rate, "batch size per device": args.per_device_train_batch_size,
-                       "quantization": recipe.quantization,
-                       "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
-                       "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}"}
-            print(f"pushed: {subspace_peft.push_adapter(model, recipe.push_to_hub, training_summary=summary)}")
+    save_and_push(recipe, trainer, model, metrics, push)
     return metrics
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The command line: a bad input is ``error: <one line>`` on stderr and exit status 2 (as argparse's)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML recipe (recipes/configs/*.yaml); without it the defaults run")
-    args, overrides = parser.parse_known_args(argv)
     try:
-        recipe = load_recipe(FinetuneRecipe, args.config, overrides)
-        run(recipe)
+        run(configure(argv))
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

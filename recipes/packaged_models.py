@@ -15,6 +15,7 @@ from typing import Optional
 from subspace_peft.linalg.cache import cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the packaged GGUF was converted from
 
 
 def _package_dir(name: str) -> Path:

@@ -249,7 +249,7 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_model):
         ids = prompt[0].tolist() + greedy + [eos]
         examples.append({"input_ids": ids, "labels": [-100] * length + greedy + [eos],
                          "answer_length": len(greedy)})
-    collator = collate(tokenizer.pad_token_id)
+    collator = collate(tokenizer)  # transformers' DataCollatorForSeq2Seq (labels padded with -100)
     assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 1.0  # batches mix lengths: padding is ignored
     for example in examples[::2]:  # a wrong second answer token in half of them
         example["input_ids"][-3] = example["labels"][-3] = (example["labels"][-3] + 1) % 1000

@@ -1,0 +1,62 @@
+"""Guards for the environments accelerate, bitsandbytes and FSDP set up: each stops (or repairs) a run that would
+otherwise train something other than what was asked, quietly."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from common import RecipeError
+
+
+def keep_4bit_layers_on_the_training_path(model) -> None:
+    """Stop bitsandbytes' CPU inference path for 4-bit layers, which evaluation would otherwise take.
+
+    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight on its first no-grad evaluation
+    forward, rounding the block scales to bf16, and ``state_dict()`` (every checkpoint save) unpacks it again without
+    restoring them. Measured: the same model's logits moved by 0.02 after a save, and under DDP the rank that saved
+    evaluated differently from the others. Kept on the training path, evaluation computes what training does.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def fsdp_storage_mismatch(quantization: str, dtype: str, mixed_precision: str) -> Optional[str]:
+    """Why FSDP with this mixed precision would corrupt the recipe's 4-bit base, or None.
+
+    FSDP casts every floating parameter to the mixed-precision dtype before gathering it, the 4-bit data stored as
+    floats included: the packed bytes are converted as if they were numbers. Measured (FSDP2 on CPU): float32
+    storage under bf16 mixed precision fails inside bitsandbytes with a shape error; bfloat16 storage works.
+    """
+    wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
+    if quantization != "4bit" or wanted is None or wanted == dtype:
+        return None
+    return (f"FSDP with mixed_precision {mixed_precision} would cast the 4-bit base, stored as {dtype}, to "
+            f"{wanted} and corrupt it: pass --dtype {wanted}")
+
+
+def check_distribution_took_effect(trainer, quantization: str, dtype: str) -> None:
+    """Stop a run whose distribution accelerate quietly changed.
+
+    accelerate 1.x falls back to no distribution when a config asks for FSDP without GPUs (each process then trains
+    its own copy) and to DDP when ACCELERATE_USE_CPU=true (measured with recipes/accelerate/fsdp.yaml).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    asked = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
+    got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    mismatch = trainer.is_fsdp_enabled and fsdp_storage_mismatch(quantization, dtype,
+                                                                 str(trainer.accelerator.mixed_precision))
+    if mismatch:
+        raise RecipeError(mismatch)
+    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
+        # FSDP1 inserts wrapper modules, and peft then finds no adapter under their names: it saves an empty adapter
+        raise RecipeError("accelerate config: FSDP1 is not supported; fix: set fsdp_version: 2 "
+                          "(recipes/accelerate/fsdp.yaml)")
+    if (world_size > 1 and trainer.accelerator.num_processes != world_size) or (asked and asked[0] != got):
+        raise RecipeError(
+            f"the launch asked for {asked[0] if asked else 'distribution'} over {world_size} "
+            f"process(es) but accelerate set up {got} with {trainer.accelerator.num_processes}. FSDP and DeepSpeed "
+            "need GPUs; fix: on CPU use DDP: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+            "recipes/finetune.py"
+        )
