@@ -260,8 +260,9 @@ def training_arguments(recipe: FinetuneRecipe):
     try:
         return arguments_class(**values)
     except (TypeError, ValueError) as error:
+        named = [k for k, v in recipe.training.items() if k in str(error) or (isinstance(v, str) and v in str(error))]
         raise RecipeError(f"training: {arguments_class.__name__} rejects it: {one_line(error)}; fix: correct the key "
-                          "it names", key="training") from None
+                          "it names", key=f"training.{named[0]}" if named else "training") from None
 
 
 def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
