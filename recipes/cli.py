@@ -49,7 +49,8 @@ def _text_value(raw: str):
 
 
 def _is_text(kind) -> bool:
-    return kind is str or typing.get_origin(kind) is typing.Literal or (isinstance(kind, type) and issubclass(kind, Enum))
+    return (kind is str or typing.get_origin(kind) is typing.Literal
+            or (isinstance(kind, type) and issubclass(kind, Enum)))
 
 
 class RecipeArgumentParser:
@@ -71,7 +72,8 @@ class RecipeArgumentParser:
         self.recipe_class, self.training_class = recipe_class, training_class
         self.recipe_fields = {f.name: f for f in dataclasses.fields(recipe_class)}
         self.training_fields = {f.name: f for f in dataclasses.fields(training_class) if f.init}
-        recipe_group = type("RecipeFlags", (recipe_class,), {"_argument_group_name": f"recipe ({recipe_class.__name__})"})
+        recipe_group = type("RecipeFlags", (recipe_class,),
+                            {"_argument_group_name": f"recipe ({recipe_class.__name__})"})
         training_group = type("TrainingFlags", (training_class,),
                               {"_argument_group_name": f"training (transformers.{training_class.__name__}; the YAML "
                                                        "file's training: block)"})

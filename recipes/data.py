@@ -118,8 +118,9 @@ def _chat_row(where: str, record: dict, field_name: str) -> dict:
     fix = (f"fix: make {field_name!r} a list of {{\"role\": ..., \"content\": ...}} with at least one assistant turn, "
            "or remove the row")
     if not isinstance(messages, list) or not messages:
-        raise RecipeError(f"{where}: the row's {field_name!r} field (messages_field) is "
-                          f"{'empty' if messages in ([], None) else type(messages).__name__}, not a conversation; {fix}")
+        kind = "empty" if messages in ([], None) else type(messages).__name__
+        raise RecipeError(f"{where}: the row's {field_name!r} field (messages_field) is {kind}, not a conversation; "
+                          f"{fix}")
     for index, message in enumerate(messages):
         if (not isinstance(message, dict) or message.get("role") not in ROLES
                 or not isinstance(message.get("content"), str)):

@@ -468,28 +468,6 @@ def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) 
 
 
 
-def save_loss_curve(log_history: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in log_history if "loss" in e]
-    losses = [e["loss"] for e in log_history if "loss" in e]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(steps, losses, label="train")
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    if evals:
-        axis.plot(*zip(*evals), "o-", label="eval")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-
 def evaluate(model, eval_set, tokenizer, when: str) -> dict:
     """:func:`answer_metrics` of the held-out set, printed as ``<when>: {...}``."""
     metrics = answer_metrics(model, eval_set, collate(tokenizer))
@@ -522,6 +500,28 @@ def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: O
         print(f"pushed: {url}")
 
 
+def save_loss_curve(log_history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log_history if "loss" in e]
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, losses, label="train")
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+
 # -- the run ----------------------------------------------------------------------------------------------------------
 
 def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
@@ -541,6 +541,7 @@ def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
     train(trainer, resume_from)
     after = evaluate(model, eval_set, tokenizer, "after")
     metrics = {"before": before, "after": after, "method": recipe.method, "trainer": recipe.trainer,
+               "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
                "trainable_parameters": model.get_nb_trainable_parameters()[0]}
     save_and_push(recipe, trainer, model, metrics, push)
     return metrics

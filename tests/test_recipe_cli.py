@@ -210,10 +210,9 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
     import json
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["method"] == "effort" and metrics["trainer"] == "transformers"
-    state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text()) \
-        if (tmp_path / "run" / "checkpoint-3").exists() else None
+    # the appended --max_steps 3 won over the README's 300; effort.yaml's learning rate stayed
+    assert (metrics["method"], metrics["trainer"], metrics["steps"], metrics["learning_rate"]) == \
+        ("effort", "transformers", 3, 1e-3)
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "EFFORT" and adapter["residual_rank"] == 1
-    assert state is None or state["global_step"] == 3
-    assert "'learning_rate': '0.001'" in proc.stdout or "'learning_rate': 0.001" in proc.stdout, proc.stdout[-2000:]
