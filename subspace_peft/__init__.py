@@ -11,6 +11,7 @@ for _name in ("PISSA", "SVFIT", "EFFORT", "FLORA"):
     add_peft_type_member(_name)
 
 from . import merging  # noqa: E402
+from .callbacks import RegulariserCallback, add_regulariser_callback  # noqa: E402
 from .export import export_lora  # noqa: E402
 from .hub import model_card, push_adapter  # noqa: E402
 from .registry import Method, register  # noqa: E402
@@ -28,5 +29,5 @@ register(Method("flora", FLoRAConfig, FLoRAModel))
 __version__ = "0.1.0"
 __all__ = [
     "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig", "SVFitModel",
-    "LayerSpectrum", "Spectrum", "export_lora", "merging", "model_card", "push_adapter", "spectrum", "__version__",
+    "LayerSpectrum", "RegulariserCallback", "Spectrum", "add_regulariser_callback", "export_lora", "merging", "model_card", "push_adapter", "spectrum", "__version__",
 ]

@@ -35,8 +35,9 @@ for step in range(3):
     opt.zero_grad()
 sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
-    if method == "effort":  # the regularisers were computed inside each sharded layer's forward
-        print("LOSSES_FROM_LAYERS", model.base_model._losses_from_layers)
+    if method == "effort":  # the regularisers were computed inside each sharded layer's forward, in every pass
+        log = model.base_model._regulariser_log
+        print("REGULARISER_PASSES", log.passes, sorted(log.sums))
     model.save_pretrained(out, state_dict=sd)
     print("SAVED", method, float(loss.detach()))
 # every rank waits for rank 0's save before tearing down: a rank leaving early while another still used gloo

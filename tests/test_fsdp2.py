@@ -65,7 +65,7 @@ def test_fsdp2_trains_and_saves_an_adapter_that_loads(method, tmp_path):
 
     proc = run_two_ranks("fsdp2_worker.py", method, str(tmp_path))
     if method == "effort":
-        assert "LOSSES_FROM_LAYERS True" in proc.stdout
+        assert "REGULARISER_PASSES 3 ['loss', 'norm', 'orth']" in proc.stdout
     model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -70,9 +70,7 @@ def test_values_at_the_edges_of_their_ranges_give_finite_outputs(config):
     model = get_peft_model(build("mlp"), config)
     model.train()
     out = model(**inputs("mlp"))
-    loss = out.float().pow(2).mean()
-    if hasattr(model.base_model, "subspace_loss"):
-        loss = loss + model.base_model.subspace_loss()
+    loss = out.float().pow(2).mean()  # Effort's regularisers reach the gradient through its layers
     loss.backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None)

@@ -21,8 +21,9 @@ class EffortConfig(SVDInitConfig):
     with no frozen copy of the weight, so outputs equal the base model's at init.
 
     Two regularisers keep the update in the minor subspace; ``model.subspace_loss()`` returns their weighted sum
-    over all adapted layers, and during training (``model.train()``) it is added to the ``loss`` the model returns,
-    so transformers' Trainer and plain loops that use ``outputs.loss`` need no extra code:
+    over all adapted layers, and during training (``model.train()``) its gradient is added to that of whatever loss
+    is computed from the model's outputs (Trainer, TRL, a hand-written loop; see
+    :func:`subspace_peft.add_regulariser_callback` for logging it):
 
     * ``orth_weight`` * ``||[U_k U_res]^T [U_k U_res] - I||_F^2 + ||[V_k V_res]^T [V_k V_res] - I||_F^2``
       (the ``U^T U - I`` form, right for every weight shape; ``U U^T`` cannot be ``I`` when d_out > d_in);

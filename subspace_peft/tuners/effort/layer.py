@@ -16,6 +16,7 @@ from ..factor_layers import create_layer as create_factor_layer
 from ..svfit.layer import SingularValues
 from ..targets import weight_matrix
 from .losses import LossInputs, group_losses, shorter_side_principal, thin_product
+from .regulariser import RegulariserPass
 
 
 class EffortLayer(FactorLayer):
@@ -35,11 +36,8 @@ class EffortLayer(FactorLayer):
         # SVD-free; the loss is invariant to the principal vectors' sign/rotation): (stamp, principal, initial thin),
         # the principal vectors of the shorter side for non-square W only.
         self.effort_derived: dict[str, tuple] = {}
-        # Under FSDP2 the weights are sharded outside each layer's own forward, so the model asks the layers to
-        # compute their loss terms during their forward (EffortModel switches this per forward pass).
-        self.collect_losses = False
-        self.collected_losses: list[tuple[str, dict]] = []
-        self.register_forward_hook(EffortLayer._collect_losses_hook)
+        # set by EffortModel for each training forward pass: this layer ties its regulariser terms to the gradient
+        self.regulariser_pass: Optional[RegulariserPass] = None
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -82,6 +80,8 @@ class EffortLayer(FactorLayer):
 
     def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         s, s0 = self.effort_S[name].weight, self.effort_S0[name].weight
+        if self.regulariser_pass is not None:
+            s = self.regulariser_pass.tie(self, name, s)
         dtype = s.dtype
         if x.is_floating_point():
             x = self._cast_input_dtype(x, dtype)
@@ -111,12 +111,6 @@ class EffortLayer(FactorLayer):
         initial = self._triplet(adapter, initial=True)
         principal, initial_thin = self._derived(adapter, weight, initial)
         return LossInputs(weight, self._triplet(adapter), initial, principal, initial_thin)
-
-    def _collect_losses_hook(self, args, output):  # registered unbound: called as hook(module, args, output)
-        if self.collect_losses and self.training and torch.is_grad_enabled() and not self.disable_adapters:
-            for name in self.active_adapters:
-                if name in self.r:
-                    self.collected_losses.append((name, self.subspace_losses(name)))
 
     def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
         """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""

@@ -1,26 +1,29 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from ...checks import number
 from ..svd_tuner import SVDTuner
 from ..targets import Target, pattern_value, weight_matrix
 from .config import EffortConfig
 from .layer import EffortLayer, create_layer
 from .losses import group_losses
+from .regulariser import RegulariserLog, RegulariserPass
 
 
 class EffortModel(SVDTuner):
     """Creates an Effort model: each targeted weight's r minor singular components train, the rest stays frozen.
 
-    In training mode (``model.train()``) with gradients enabled, a forward hook adds :meth:`subspace_loss` to the
-    ``loss`` the wrapped model returns (when it returns one), so transformers' Trainer trains with Effort's
-    regularisers and no extra code. When the loss is computed outside the model, add ``model.subspace_loss()``.
-    ``unload()`` and ``merge_and_unload()`` remove the hook.
+    In training mode (``model.train()``) with gradients enabled, every forward pass ties Effort's weighted
+    regularisers to the gradient of whatever loss is computed from the model's outputs (transformers' Trainer, TRL's
+    SFTTrainer, a hand-written ``cross_entropy(logits, labels)``): the gradient is that of task loss +
+    :meth:`subspace_loss`, and the loss value the caller sees is the task loss alone. With a Trainer, add
+    :func:`subspace_peft.add_regulariser_callback` to log the regulariser and count it once per optimizer step under
+    gradient accumulation. ``unload()`` and ``merge_and_unload()`` remove the hook.
     """
 
     prefix: str = "effort_"
@@ -29,9 +32,10 @@ class EffortModel(SVDTuner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._losses_from_layers = False
-        self._loss_hooks = [self.model.register_forward_pre_hook(self._choose_where_losses_are_computed),
-                            self.model.register_forward_hook(self._add_subspace_loss)]
+        self._regulariser_log = RegulariserLog()
+        self._regulariser_every_pass, self._regulariser_step = True, None
+        self._regulariser_handed_out = self._warned_no_callback = False
+        self._loss_hooks = [self.model.register_forward_pre_hook(self._hand_out_regulariser, with_kwargs=True)]
 
     def _rank(self, target: Target, config: EffortConfig) -> int:
         return pattern_value(config.rank_pattern, target.key, config.residual_rank)
@@ -90,35 +94,51 @@ class EffortModel(SVDTuner):
     def _effort_layers(self) -> list[EffortLayer]:
         return [module for module in self.model.modules() if isinstance(module, EffortLayer)]
 
-    def _choose_where_losses_are_computed(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook: with FSDP2-sharded weights (DTensors outside each layer's forward) the layers compute
-        their loss terms inside their own forward; otherwise the post hook computes them batched."""
+    # -- the regulariser's gradient, whoever computes the loss (see regulariser.py) ---------------------------------
+    def start_optimizer_step(self, grad_scale: float = 1.0) -> None:
+        """Count the regulariser once in the optimizer step that starts now: the next training forward pass ties it
+        to the gradient (at ``grad_scale``: the loss scale of fp16 mixed precision, else 1), the step's other
+        micro-batches do not. :class:`~subspace_peft.RegulariserCallback` calls this at every Trainer step; call it
+        yourself in a hand-written loop with gradient accumulation. Until the first call every training pass ties it."""
+        number("start_optimizer_step", "grad_scale", grad_scale, "pass the fp16 loss scale, or 1", low=0,
+               low_open=True)
+        self._regulariser_every_pass, self._regulariser_step = False, grad_scale
+
+    def regularise_every_pass(self) -> None:
+        """Back to the default after :meth:`start_optimizer_step`: every training forward pass ties the regulariser
+        at scale 1 (right for loops that step after every backward)."""
+        self._regulariser_step = None
+        self._regulariser_every_pass = True
+
+    def pop_regulariser_log(self) -> dict[str, float]:
+        """Mean ``effort_loss`` (weighted), ``effort_orth`` and ``effort_norm`` (unweighted) per training pass since
+        the last call, as the layers computed them; then resets. Empty if no pass computed them."""
+        return self._regulariser_log.pop_means("effort_")
+
+    def _hand_out_regulariser(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        """Forward pre-hook on the wrapped model: in a training pass with gradients, every Effort layer gets this
+        pass's :class:`RegulariserPass`; otherwise (evaluation, generation, the rest of an optimizer step's
+        micro-batches) none."""
         training = module.training and torch.is_grad_enabled()
-        if not training and not self._losses_from_layers:
-            return  # evaluation and generation: nothing to switch, no walk over the modules
-        layers = self._effort_layers()
-        self._losses_from_layers = training and any(
-            isinstance(layer.get_base_layer().weight, DTensor) for layer in layers)
-        for layer in layers:
-            layer.collect_losses = self._losses_from_layers
-            layer.collected_losses = []
-
-    def _collected_loss(self) -> torch.Tensor:
-        total = None
+        due = training and (self._regulariser_every_pass or self._regulariser_step is not None)
+        if not due and not self._regulariser_handed_out:
+            return  # nothing to clear: no walk over the modules
+        if due and self._regulariser_every_pass and "num_items_in_batch" in kwargs and not self._warned_no_callback:
+            self._warned_no_callback = True
+            warnings.warn("Effort is training under a Trainer without subspace_peft.add_regulariser_callback(trainer): "
+                          "its regulariser is not logged, and with gradient accumulation it counts once per "
+                          "micro-batch instead of once per optimizer step", stacklevel=2)
+        handed = None
+        if due:
+            weights = {name: (config.orth_weight, config.norm_weight) for name, config in self.peft_config.items()}
+            scale = 1.0 if self._regulariser_every_pass else self._regulariser_step
+            handed = RegulariserPass(weights, scale, self._regulariser_log)
+            self._regulariser_log.passes += 1
+            if not self._regulariser_every_pass:
+                self._regulariser_step = None  # the step's later micro-batches: no regulariser
         for layer in self._effort_layers():
-            for name, losses in layer.collected_losses:
-                term = self._weighted(name, losses)
-                total = term if total is None else total + term
-            layer.collected_losses = []
-        return total if total is not None else torch.zeros(())
-
-    def _add_subspace_loss(self, module: nn.Module, args: Any, outputs: Any):
-        """Forward hook on the wrapped model (so every PeftModel class, with or without task_type, goes through it)."""
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if module.training and torch.is_grad_enabled() and isinstance(loss, torch.Tensor):
-            extra = self._collected_loss() if self._losses_from_layers else self.subspace_loss()
-            outputs["loss"] = loss + extra.to(device=loss.device, dtype=loss.dtype)
-        return outputs
+            layer.regulariser_pass = handed
+        self._regulariser_handed_out = handed is not None
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         for hook in self._loss_hooks:
