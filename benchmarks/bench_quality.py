@@ -118,7 +118,7 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
     model, tokenizer = build(method)
     splits = afinn_splits()
     train_set = tokenize(splits["train"], tokenizer, 64)
-    collator = collate(tokenizer.pad_token_id)
+    collator = collate(tokenizer)
     order = random.Random(1).sample(range(len(train_set)), len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -126,14 +126,13 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
     model.train()
     for step in range(steps):
         picks = [order[(step * BATCH + i) % len(order)] for i in range(BATCH)]
-        loss = model(**collator([train_set[i] for i in picks])).loss
-        # Effort's forward hook added its weighted losses; the curves compare the task loss
-        regulariser = float(model.base_model.subspace_loss()) if method == "effort" else 0.0
-        loss.backward()
+        loss = model(**collator([train_set[i] for i in picks])).loss  # the task loss
+        loss.backward()  # Effort's layers tie their weighted regularisers to this gradient
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss) - regulariser)
-        regularisers.append(regulariser)
+        logged = model.base_model.pop_regulariser_log() if method == "effort" else {}
+        losses.append(float(loss))
+        regularisers.append(logged.get("effort_loss", 0.0))
     seconds = time.perf_counter() - start
     validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
     model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
@@ -163,7 +162,7 @@ def evaluate(method: str, run_dir: str | None) -> dict:
             model = PeftModel.from_pretrained(model, run_dir)
             keep_4bit_layers_on_the_training_path(model)
     test = afinn_splits()["test"]
-    collator = collate(tokenizer.pad_token_id)
+    collator = collate(tokenizer)
     chunks = pretraining_like_chunks(tokenizer)
     model.eval()
     with torch.no_grad():

@@ -244,16 +244,10 @@ MODEL_INPUTS = ("input_ids", "labels")  # what the collator batches (attention_m
 
 def collate(tokenizer):
     """transformers' ``DataCollatorForSeq2Seq``: right-padded input_ids and attention_mask, labels padded with
-    -100, from examples of :func:`tokenize` (extra columns are dropped). Given a pad token id instead of a
-    tokenizer (as benchmarks/bench_quality.py does), TRL's language-modelling collator, which pads the same way."""
-    if isinstance(tokenizer, int):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    -100, from examples of :func:`tokenize` (extra columns are dropped)."""
+    from transformers import DataCollatorForSeq2Seq
 
-        pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer)
-    else:
-        from transformers import DataCollatorForSeq2Seq
-
-        pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest", return_tensors="pt")
+    pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest", return_tensors="pt")
 
     def collator(examples):
         return dict(pad([{key: example[key] for key in MODEL_INPUTS} for example in examples]))

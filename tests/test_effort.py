@@ -193,8 +193,9 @@ def test_no_frozen_tensor_of_the_weight_size_is_kept():
     shapes = {"tall": (20, 10), "square": (20, 20), "wide": (6, 20)}
     for name, layer in effort_layers(model).items():
         d_out, d_in = shapes[name]
-        adapter_numbers = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer"))
-        assert adapter_numbers == 2 * 2 * (d_out + d_in + 1), name  # trainable U, s, V and their initial values
+        trained = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer"))
+        initial = sum(b.numel() for n, b in layer.named_buffers() if not n.startswith("base_layer"))
+        assert trained == initial == 2 * (d_out + d_in + 1), name  # trainable U, s, V; their initial values (buffers)
         n = min(d_out, d_in)
         _stamp, principal, initial_thin = layer.effort_derived["default"]
         assert initial_thin.shape == (n, 2), name  # W V_0 or W^T U_0, on the shorter side

@@ -68,6 +68,22 @@ def test_only_adapter_parameters_train_and_count_matches_formula(case):
     assert model.get_nb_trainable_parameters()[0] == case.trainable
 
 
+def test_every_adapter_parameter_trains_and_frozen_adapter_tensors_are_saved_buffers(case):
+    from peft import get_peft_model_state_dict
+
+    _, model = make(case)
+    prefix = f"{case.peft_type.lower()}_"
+    parameters = [n for n, _ in model.named_parameters() if prefix in n]
+    assert parameters and all(p.requires_grad for n, p in model.named_parameters() if prefix in n), parameters
+    frozen = [n for n, _ in model.named_buffers() if prefix in n]
+    saved = get_peft_model_state_dict(model)
+    # peft's convention: what an adapter keeps but does not train is a buffer, saved with the adapter
+    for name in frozen:
+        key = name.removeprefix("base_model.model.").replace(".default.", ".")
+        assert any(k.endswith(key) for k in saved), (name, sorted(saved))
+    assert len(saved) == len(parameters) + len(frozen)
+
+
 def test_layers_expose_in_and_out_features_as_peft_lora_layers_do(case):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer

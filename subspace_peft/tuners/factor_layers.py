@@ -78,10 +78,7 @@ class FactorLayer(BaseTunerLayer):
         else:
             weights = [value.to(device).clone(memory_format=torch.contiguous_format)
                        for value in self._factor_weights(*factors)]
-        modules = tuple(TensorLeaf(weight) for weight in weights)
-        for module in modules:
-            module.requires_grad_(trainable)
-        return modules
+        return tuple(TensorLeaf(weight, trainable=trainable) for weight in weights)
 
     def adapter_tensors(self, adapter: Optional[str] = None):
         """(key relative to this layer, adapter name, tensor) of every tensor an adapter keeps on this layer (what its

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -45,8 +46,11 @@ class PlannedTuner(BaseTuner):
     supports_grouped_conv = False
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module, peft_config, *args: Any, **kwargs: Any) -> None:
+        # PeftModel passes {name: config}; peft's inject_adapter_in_model (what transformers' load_adapter and
+        # add_adapter call) passes the config alone and then keeps only the model: no load hook of ours runs after it
+        self.injected_without_peft_model = isinstance(peft_config, PeftConfig)
+        super().__init__(model, peft_config, *args, **kwargs)
         self.register_load_state_dict_pre_hook(_check_checkpoint_before_load)
         self.register_load_state_dict_post_hook(_complete_layers_after_load)
 

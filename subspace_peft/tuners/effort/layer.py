@@ -49,12 +49,11 @@ class EffortLayer(FactorLayer):
         self.effort_Vh[adapter_name], self.effort_U[adapter_name] = self._new_factors(r, vectors, trainable=True)
         self.effort_Vh0[adapter_name], self.effort_U0[adapter_name] = self._new_factors(r, vectors, trainable=False)
         device = self.get_base_layer().weight.device
-        values, initial_values = SingularValues(r, device), SingularValues(r, device)
+        values, initial_values = SingularValues(r, device), SingularValues(r, device, trainable=False)
         if factors is not None:
             with torch.no_grad():
                 values.weight.copy_(factors[2])
                 initial_values.weight.copy_(factors[2])
-        initial_values.requires_grad_(False)
         self.effort_S[adapter_name], self.effort_S0[adapter_name] = values, initial_values
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)

@@ -42,6 +42,13 @@ class PiSSAModel(SVDTuner):
         return pattern_value(config.alpha_pattern, planned.target.key, config.lora_alpha)
 
     def _check_plan(self, model: nn.Module, config: PiSSAConfig, plan: dict) -> None:
+        if config.residual_quantization and self.injected_without_peft_model:
+            raise ValueError(
+                "QPiSSA adapters load through peft only: transformers' model.load_adapter()/add_adapter() and "
+                "peft.inject_adapter_in_model() skip the step that quantises the residual from the adapter's loaded "
+                "factors, so the model would not be the one saved. Use PeftModel.from_pretrained(base, path) (or "
+                "get_peft_model for a new adapter)"
+            )
         if config.residual_quantization:
             self._check_qpissa(model, plan)
         elif any(isinstance(m, PiSSALayer) and any(m.residual_in_base.values()) for m in model.modules()):

@@ -15,8 +15,8 @@ from ..leaf import TensorLeaf
 class SingularValues(TensorLeaf):
     """r singular values as a leaf module with a ``.weight`` (so FSDP1 with use_orig_params=False can wrap it)."""
 
-    def __init__(self, r: int, device=None) -> None:
-        super().__init__((r,), device)
+    def __init__(self, r: int, device=None, trainable: bool = True) -> None:
+        super().__init__((r,), device, trainable)
 
     def extra_repr(self) -> str:
         return f"r={self.weight.shape[0]}"
@@ -42,12 +42,11 @@ class SVFitLayer(FactorLayer):
         vectors = None if factors is None else factors[:2]
         self.svfit_Vh[adapter_name], self.svfit_U[adapter_name] = self._new_factors(r, vectors, trainable=False)
         device = self.get_base_layer().weight.device
-        sigma, sigma0 = SingularValues(r, device), SingularValues(r, device)
+        sigma, sigma0 = SingularValues(r, device), SingularValues(r, device, trainable=False)
         if factors is not None:
             with torch.no_grad():
                 sigma.weight.copy_(factors[2])
                 sigma0.weight.copy_(factors[2])
-        sigma0.requires_grad_(False)
         self.svfit_sigma[adapter_name], self.svfit_sigma0[adapter_name] = sigma, sigma0
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
