@@ -416,7 +416,8 @@ def prepare_data(recipe: FinetuneRecipe, tokenizer, train_rows: list[dict], eval
 
 def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval_set):
     """transformers' Trainer with ``DataCollatorForSeq2Seq``, or TRL's SFTTrainer (``trainer: trl``), which takes the
-    tokenised sets as they are (they hold labels) and pads them with its own collator."""
+    tokenised sets as they are (they hold labels) and pads them with its own collator; for Effort, with
+    :func:`subspace_peft.add_regulariser_callback`."""
     if recipe.trainer == "trl":
         from trl import SFTTrainer
 
@@ -427,6 +428,10 @@ def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval
 
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collate(tokenizer))
+    if recipe.method == "effort":  # logs effort_loss; counts it once per optimizer step under gradient accumulation
+        import subspace_peft
+
+        subspace_peft.add_regulariser_callback(trainer)
     check_distribution_took_effect(trainer, recipe.quantization, recipe.dtype)
     return trainer
 

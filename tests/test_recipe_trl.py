@@ -39,6 +39,8 @@ def test_every_method_trains_through_trl_sft_trainer(tiny_model, tmp_path, metho
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 3 and all("mean_token_accuracy" in entry for entry in logged)  # TRL's own metrics
+    if method == "effort":  # the regulariser's callback logs it beside TRL's metrics
+        assert all(entry["effort_loss"] >= 0 and "effort_orth" in entry for entry in logged)
 
 
 def test_trl_keeps_the_recipe_labels(tiny_model, tmp_path, monkeypatch):  # noqa: F811
