@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ...checks import number
 from ..svd_tuner import SVDTuner
@@ -74,16 +75,12 @@ class EffortModel(SVDTuner):
 
     def subspace_losses(self) -> dict[str, torch.Tensor]:
         """Unweighted ``{"orth": ..., "norm": ...}`` summed over every adapted layer and active adapter."""
-        totals: dict[str, torch.Tensor] = {}
-        for losses in self._adapter_losses().values():
-            for key, value in losses.items():
-                totals[key] = totals[key] + value if key in totals else value
-        return totals
+        return _summed(self._adapter_losses())
 
-    def subspace_loss(self) -> torch.Tensor:
+    def subspace_loss(self, per_adapter: Optional[dict] = None) -> torch.Tensor:
         """``orth_weight * L_orth + norm_weight * L_norm`` summed over all adapted layers (zero at init)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
-        for name, losses in self._adapter_losses().items():
+        for name, losses in (per_adapter if per_adapter is not None else self._adapter_losses()).items():
             total = total + self._weighted(name, losses)
         return total
 
@@ -129,14 +126,20 @@ class EffortModel(SVDTuner):
                           "its regulariser is not logged, and with gradient accumulation it counts once per "
                           "micro-batch instead of once per optimizer step", stacklevel=2)
         handed = None
+        layers = self._effort_layers()
         if due:
             weights = {name: (config.orth_weight, config.norm_weight) for name, config in self.peft_config.items()}
             scale = 1.0 if self._regulariser_every_pass else self._regulariser_step
             handed = RegulariserPass(weights, scale, self._regulariser_log)
+            if not any(_whole_only_in_forward(layer) for layer in layers):
+                per_adapter = self._adapter_losses()
+                if per_adapter:
+                    handed.total = self.subspace_loss(per_adapter)
+                    self._regulariser_log.add({"loss": handed.total, **_summed(per_adapter)})
             self._regulariser_log.passes += 1
             if not self._regulariser_every_pass:
                 self._regulariser_step = None  # the step's later micro-batches: no regulariser
-        for layer in self._effort_layers():
+        for layer in layers:
             layer.regulariser_pass = handed
         self._regulariser_handed_out = handed is not None
 
@@ -144,3 +147,18 @@ class EffortModel(SVDTuner):
         for hook in self._loss_hooks:
             hook.remove()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def _summed(per_adapter: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    totals: dict[str, torch.Tensor] = {}
+    for losses in per_adapter.values():
+        for key, value in losses.items():
+            totals[key] = totals[key] + value if key in totals else value
+    return totals
+
+
+def _whole_only_in_forward(layer: EffortLayer) -> bool:
+    """Whether the layer's weight is whole only inside its forward: sharded by FSDP2 (a DTensor) or partitioned by
+    DeepSpeed ZeRO-3 (a parameter with a ``ds_id``)."""
+    weight = layer.get_base_layer().weight
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")

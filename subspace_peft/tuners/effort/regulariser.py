@@ -1,19 +1,28 @@
 """How Effort's regularisers reach the gradient, whoever computes the task loss.
 
-Each adapted layer computes its own weighted term during its forward and ties it to the singular values ``s`` it
-multiplies the input with (:class:`AddGradientOf`): the forward value of ``s`` is unchanged, and whenever a backward
-pass reaches ``s`` (every loss computed from the model's outputs does: transformers' Trainer, TRL's fused-head losses,
-a hand-written ``cross_entropy(logits, labels)``), the term's gradient is added at ``grad_scale``. So the gradient is
-that of ``task loss + orth_weight * L_orth + norm_weight * L_norm`` with no change to the loss the caller computes.
+The weighted regulariser is tied to the singular values ``s`` an adapted layer multiplies its input with
+(:class:`AddGradientOf`): the forward value of ``s`` is unchanged, and when a backward pass reaches ``s`` (every loss
+computed from the model's outputs does: transformers' Trainer, TRL's fused-head losses, a hand-written
+``cross_entropy(logits, labels)``), the regulariser's gradient is added at ``grad_scale``. So the gradient is that of
+``task loss + orth_weight * L_orth + norm_weight * L_norm`` with no change to the loss the caller computes.
 
-Computing the term inside the layer's forward also keeps it right where weights exist only there: FSDP2 (sharded
-outside the forward) and gradient checkpointing (recomputed in the backward pass; the term is tied once, in the pass
-that builds the graph the backward uses).
+Two ways, per forward pass (:class:`RegulariserPass`):
+
+* batched (the default): the model computes the total before the pass, layers of one shape together, and the first
+  layer that runs with gradients ties all of it;
+* per layer, where weights exist whole only inside each layer's forward (FSDP2, DeepSpeed ZeRO-3): each layer
+  computes and ties its own term there.
+
+Gradient checkpointing: reentrant checkpointing runs the first pass without gradients, so the tie happens in the
+recomputation; non-reentrant checkpointing checks that the recomputation saves what the first pass saved, so the
+layer that tied in the first pass ties again when recomputed inside the backward pass (that graph is not
+backpropagated).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 import torch
 
 
@@ -53,22 +62,27 @@ class RegulariserLog:
 
 @dataclass
 class RegulariserPass:
-    """What the model hands its layers for one training forward pass: each adapter's loss weights, the gradient
-    scale, and the log their terms go to. A layer ties each adapter's term once per pass (``tied``)."""
+    """What the model hands its layers for one training forward pass: the precomputed weighted ``total`` (batched)
+    or, when it is None, each adapter's loss weights for the layers to compute their own terms; the gradient scale;
+    the log the per-layer terms go to."""
 
     weights: dict[str, tuple[float, float]]  # adapter -> (orth_weight, norm_weight)
     grad_scale: float
     log: RegulariserLog
-    tied: set = field(default_factory=set)  # (id(layer), adapter)
+    total: Optional[torch.Tensor] = None
+    tied: set = field(default_factory=set)  # (id(layer), adapter) that tied in this pass
 
     def tie(self, layer, adapter: str, carrier: torch.Tensor) -> torch.Tensor:
-        """``carrier`` with ``layer``'s weighted term for ``adapter`` tied to its gradient, once per pass; again only
-        when gradient checkpointing recomputes the layer inside the backward pass (non-reentrant checkpointing
-        checks that the recomputation saves what the first pass saved; that recomputed graph is not backpropagated)."""
+        """``carrier``, with the regulariser tied to its gradient if this layer ties in this pass."""
         if adapter not in self.weights or not torch.is_grad_enabled():
             return carrier  # no_grad first pass of reentrant checkpointing: tied in the recomputation instead
         key = (id(layer), adapter)
         recomputing = torch._C._current_graph_task_id() != -1
+        if self.total is not None:
+            if self.tied and not (recomputing and key in self.tied):
+                return carrier  # the total is tied once per pass, by the first layer that ran
+            self.tied.add(key)
+            return AddGradientOf.apply(carrier, self.total.to(carrier.dtype), self.grad_scale)
         if key in self.tied and not recomputing:
             return carrier  # a layer called twice in one pass: its term counts once
         losses = layer.subspace_losses(adapter)
@@ -78,5 +92,3 @@ class RegulariserPass:
             self.tied.add(key)
             self.log.add({"loss": term, "orth": losses["orth"], "norm": losses["norm"]})
         return AddGradientOf.apply(carrier, term.to(carrier.dtype), self.grad_scale)
-def current_pass(layer) -> Optional[RegulariserPass]:
-    return getattr(layer, "regulariser_pass", None)
