@@ -30,6 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
+import subspace_peft  # the method records (and our methods registered with peft)
+from subspace_peft.methods import DEFAULT_METHOD
+
 from checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401  (part of the recipe's API)
 from common import (RecipeError, as_float, check_field_types, check_finite_numbers, check_number, check_output_dir,
                     check_positive_int, check_pretrained_source, check_repo_id, load_recipe, located,  # noqa: F401
@@ -39,7 +42,8 @@ from guards import check_distribution_took_effect, keep_4bit_layers_on_the_train
 from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
 from quantization import QUANTIZED_BASE_METHODS, Quantization
 
-METHODS = ("lora", "pissa", "svfit", "flora", "effort")
+RECORDS = {method.name: method for method in subspace_peft.METHODS}
+METHODS = tuple(RECORDS)
 QUANTIZATIONS = Quantization.names()
 DTYPES = ("float32", "bfloat16", "float16")
 TRAINERS = ("transformers", "trl")
@@ -74,9 +78,8 @@ class FinetuneRecipe:
     train_size: int = field(default=2000, metadata=_help("training examples (after the held-out ones)"))
     eval_size: int = field(default=64, metadata=_help("held-out examples (the data's first rows)"))
     max_length: int = field(default=64, metadata=_help("tokens per example, prompt and answer together"))
-    method: str = field(default="pissa", metadata=_help(f"the adapter: one of {', '.join(METHODS)}"))
-    method_config: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 8, "target_modules": "all-linear",
-                                                          "init": "randomized", "niter": 4}, metadata=_help(
+    method: str = field(default=DEFAULT_METHOD.name, metadata=_help(f"the adapter: one of {', '.join(METHODS)}"))
+    method_config: dict = field(default_factory=lambda: dict(DEFAULT_METHOD.recipe_defaults), metadata=_help(
         "the method's config fields as a mapping ({r: 8, target_modules: all-linear}); a flag merges into the "
         "file's key by key"))
     quantization: str = field(default="none", metadata=_help(
@@ -159,18 +162,14 @@ def peft_config(recipe: FinetuneRecipe):
     have, or a value it rejects, is a :class:`RecipeError` naming it."""
     import dataclasses
 
-    from peft import LoraConfig, TaskType
+    from peft import TaskType
 
-    import subspace_peft
-
-    classes = {"lora": LoraConfig, "pissa": subspace_peft.PiSSAConfig, "svfit": subspace_peft.SVFitConfig,
-               "flora": subspace_peft.FLoRAConfig, "effort": subspace_peft.EffortConfig}
-    config_class = classes[recipe.method]
+    config_class = RECORDS[recipe.method].config_cls
     config_fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = sorted(set(recipe.method_config) - set(config_fields))
     if unknown and recipe.method_config == FinetuneRecipe().method_config:
-        raise RecipeError(f"method_config is not set, and the default one is PiSSA's ({unknown} are no "
-                          f"{config_class.__name__} fields); fix: set method_config for {recipe.method} (see "
+        raise RecipeError(f"method_config is not set, and the default one is {DEFAULT_METHOD.title}'s ({unknown} "
+                          f"are no {config_class.__name__} fields); fix: set method_config for {recipe.method} (see "
                           f"recipes/configs/{recipe.method}.yaml)", key="method")
     if unknown:
         import difflib
@@ -280,8 +279,6 @@ def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
 def push_arguments(recipe: FinetuneRecipe) -> dict:
     """``subspace_peft.push_adapter``'s keyword arguments for the Hub fields, checked before anything trains."""
     import inspect
-
-    import subspace_peft
 
     base_model = hub_base_model(recipe)
     if base_model is None:
@@ -429,8 +426,6 @@ def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collate(tokenizer))
     if recipe.method == "effort":  # logs effort_loss; counts it once per optimizer step under gradient accumulation
-        import subspace_peft
-
         subspace_peft.add_regulariser_callback(trainer)
     check_distribution_took_effect(trainer, recipe.quantization, recipe.dtype)
     return trainer
@@ -493,8 +488,6 @@ def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: O
     with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     if recipe.push_to_hub:
-        import subspace_peft
-
         before, after, args = metrics["before"], metrics["after"], trainer.args
         summary = {"data": recipe.dataset, "steps": trainer.state.global_step, "trainer": recipe.trainer,
                    "learning rate": args.learning_rate, "batch size per device": args.per_device_train_batch_size,

@@ -21,16 +21,21 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from subspace_peft.merging import MERGE_METHODS, Parameter
+from subspace_peft.merging.registry import all_parameters
+
 from common import (RecipeError, check_field_types, check_number, check_output_dir, check_positive_int,
                     check_pretrained_source, load_recipe, located, one_line, read_json_rows)
 
-METHODS = ("task_arithmetic", "ties", "dare", "concrete_task_arithmetic", "concrete_adamerging")
+METHODS = tuple(MERGE_METHODS)
 TASK_KEYS = ("name", "model", "adapter", "unlabeled")
-CHOICES = {"lambda_granularity": ("task", "layer"), "final_mask": ("expectation", "sample", "hard")}
 
 
 @dataclass
 class MergeRecipe:
+    """The recipe's keys: the inputs, the method, one field per parameter of the merge methods (with the schema's
+    default; ``subspace_peft.merging.MERGE_METHODS``) and the recipe's own settings."""
+
     base: str
     tasks: list  # [{"name": ..., "model": dir} or {"name": ..., "adapter": dir}, "unlabeled": jsonl]
     method: str = "task_arithmetic"
@@ -59,10 +64,9 @@ class MergeRecipe:
         if self.method not in METHODS:
             raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}; fix: set method to one of them",
                               key="method")
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise RecipeError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to one "
-                                  "of them", key=key)
+        for parameter in all_parameters():
+            if parameter.choices:
+                check_parameter(parameter, getattr(self, parameter.name))
         for key in ("base", "model_class", "output_dir"):
             if not getattr(self, key).strip():
                 raise RecipeError(f"{key} is empty; fix: set {key} (see recipes/configs/merge.yaml)", key=key)
@@ -84,24 +88,43 @@ class MergeRecipe:
                 if name != "name" and (not isinstance(value, str) or not value.strip()):
                     raise RecipeError(f"{label}: {name} must be a non-empty string, got {value!r}; fix: set it to a "
                                       "path (or a name)", key=f"{key}.{name}")
-            if self.method.startswith("concrete") and not task.get("unlabeled"):
+            if self.merge_method.needs_unlabeled and not task.get("unlabeled"):
                 raise RecipeError(
                     f"{label} has no 'unlabeled' file, which {self.method} needs (a JSON-lines file with a 'text' "
                     "field); fix: add 'unlabeled: path/to/texts.jsonl' to it", key=key)
-        check_number("scaling", self.scaling, fix="set scaling to the weight of each task vector, e.g. 0.3")
-        check_number("density", self.density, 0.0, 1.0, low_open=True,
-                     fix="set density to the share of entries TIES keeps, in (0, 1], e.g. 0.2")
-        check_number("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True,
-                     fix="set drop_rate to the share of entries DARE drops, in [0, 1), e.g. 0.9")
-        check_positive_int("steps", self.steps, "Concrete mask training steps")
-        for key in ("lr", "lambda_lr", "temperature"):
-            check_number(key, getattr(self, key), 0.0, low_open=True)
-        check_number("initial_logits", self.initial_logits)
+        for parameter in all_parameters():
+            if not parameter.choices:
+                check_parameter(parameter, getattr(self, parameter.name))
         check_positive_int("batch_size", self.batch_size, "unlabeled texts per batch")
         check_positive_int("max_length", self.max_length, "tokens per unlabeled text")
-        if self.modules is not None and (not self.modules or not all(isinstance(m, str) and m for m in self.modules)):
-            raise RecipeError(f"modules must be null or a non-empty list of module names, got {self.modules!r}; fix: "
-                              "set modules: [query, value] (or null to mask every changed parameter)", key="modules")
+
+    @property
+    def merge_method(self):
+        return MERGE_METHODS[self.method]
+
+    def merge_parameters(self) -> dict:
+        """The method's parameters, from the fields of the same names."""
+        return {parameter.name: getattr(self, parameter.name) for parameter in self.merge_method.parameters}
+
+
+def check_parameter(parameter: Parameter, value) -> None:
+    """``value`` fits ``parameter``'s schema (its choices, its range, a non-empty list of strings), else a
+    :class:`RecipeError` keyed by its name. The recipe's field types are checked before (``check_field_types``)."""
+    key = parameter.name
+    if parameter.optional and value is None:
+        return
+    if parameter.choices:
+        if value not in parameter.choices:
+            raise RecipeError(f"{key} must be one of {parameter.choices}, got {value!r}; fix: set {key} to one of "
+                              "them", key=key)
+    elif parameter.type is int and parameter.low == 1 and parameter.high is None:
+        check_positive_int(key, value, parameter.help)
+    elif parameter.type in (int, float):
+        check_number(key, value, parameter.low, parameter.high, parameter.low_open, parameter.high_open,
+                     fix=parameter.fix())
+    elif parameter.type is list and (not value or not all(isinstance(item, str) and item for item in value)):
+        raise RecipeError(f"{key} must be {'null or ' if parameter.optional else ''}a non-empty list of strings, got "
+                          f"{value!r}; fix: set {key} to {parameter.help}", key=key)
 
 
 def read_unlabeled(path: str, what: str, key: str) -> list[str]:
@@ -138,7 +161,7 @@ def checked_inputs(recipe: MergeRecipe) -> Optional[list[list[str]]]:
             check_pretrained_source(f"tasks[{index}].{kind}", task[kind],
                                     "config.json" if kind == "model" else "adapter_config.json", fix)
         check_output_dir("output_dir", recipe.output_dir)
-        if not recipe.method.startswith("concrete"):
+        if not recipe.merge_method.needs_unlabeled:
             return None
         return [read_unlabeled(task["unlabeled"], f"tasks[{index}].unlabeled", f"tasks[{index}].unlabeled")
                 for index, task in enumerate(recipe.tasks)]
@@ -175,23 +198,13 @@ def run(recipe: MergeRecipe) -> str:
         else:
             adapted = PeftModel.from_pretrained(load_pretrained(model_class, recipe.base), task["adapter"])
             vectors.append(merging.adapter_task_vector(adapted, base=base))
-    if recipe.method == "task_arithmetic":
-        merged, masks = merging.task_arithmetic(base, vectors, recipe.scaling), None
-    elif recipe.method == "ties":
-        merged, masks = merging.ties_merging(base, vectors, recipe.scaling, recipe.density), None
-    elif recipe.method == "dare":
-        merged, masks = merging.dare_merging(base, vectors, recipe.scaling, recipe.drop_rate, recipe.seed), None
-    else:
+    unlabeled = None
+    if texts is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(recipe.base)
         unlabeled = [_unlabeled_batches(task_texts, tokenizer, recipe.batch_size, recipe.max_length)
                      for task_texts in texts]
-        result = merging.concrete_merge(
-            base, vectors, unlabeled, method=recipe.method.removeprefix("concrete_"), scaling=recipe.scaling,
-            lambda_granularity=recipe.lambda_granularity, steps=recipe.steps, lr=recipe.lr,
-            lambda_lr=recipe.lambda_lr, temperature=recipe.temperature, initial_logits=recipe.initial_logits,
-            seed=recipe.seed, modules=recipe.modules, final_mask=recipe.final_mask, return_masks=recipe.save_masks,
-        )
-        merged, masks = result.model, result.masks
+    merged, masks = merging.merge(recipe.method, base, vectors, unlabeled, return_masks=recipe.save_masks,
+                                  **recipe.merge_parameters())
     os.makedirs(recipe.output_dir, exist_ok=True)
     merged.save_pretrained(recipe.output_dir, safe_serialization=True)
     try:

@@ -19,16 +19,20 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HfHubHTTPError, validate_repo_id
 
 from .checks import choice, integer, number
+from .registry import known_methods, method_record
 
-DISPLAY_NAMES = {"PISSA": "PiSSA", "SVFIT": "SVFit", "FLORA": "FLoRA", "EFFORT": "Effort", "LORA": "LoRA"}
-# Config fields that describe an adapter's size, per method, in the order a reader wants them.
-_SIZE_FIELDS = ("r", "lora_alpha", "residual_rank", "energy", "conv_ranks", "scale", "rank_pattern", "alpha_pattern",
-                "init", "residual_quantization", "orth_weight", "norm_weight")
+
+def _card_fields(config) -> tuple[str, ...]:
+    """The size fields of the config's method record; for a method without a record, every record's."""
+    record = method_record(config.peft_type)
+    if record is not None:
+        return record.card_fields
+    return tuple(dict.fromkeys(name for method in known_methods() for name in method.card_fields))
 
 
 def _config_lines(config) -> list[str]:
     lines = []
-    for name in _SIZE_FIELDS:
+    for name in _card_fields(config):
         value = getattr(config, name, None)
         if value not in (None, {}, [], ()):
             lines.append(f"- `{name}`: `{value}`")
@@ -36,6 +40,17 @@ def _config_lines(config) -> list[str]:
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     lines.append(f"- `target_modules`: `{targets}`")
     return lines
+
+
+def _display_name(method: str) -> str:
+    record = method_record(method)
+    return record.title if record is not None else method
+
+
+def _is_ours(method: str) -> bool:
+    """Whether ``import subspace_peft`` registers the method (else it is peft's own)."""
+    record = method_record(method)
+    return record is not None and not record.peft_builtin
 
 
 # peft task types -> the Hub's pipeline tags
@@ -97,7 +112,7 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
     method = config.peft_type.value if hasattr(config.peft_type, "value") else str(config.peft_type)
     base = base_model or config.base_model_name_or_path
     trainable, total = peft_model.get_nb_trainable_parameters()
-    ours = method != "LORA"
+    ours = _is_ours(method)
     task = getattr(config.task_type, "value", config.task_type)
     data = ModelCardData(
         library_name="peft", base_model=base or None, pipeline_tag=_PIPELINE_TAGS.get(task), license=license,
@@ -117,7 +132,7 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
         f"base = {model_class}.from_pretrained({base_line})",
         f'model = PeftModel.from_pretrained(base, "{repo_id}")',
     ]
-    name = DISPLAY_NAMES.get(method, method)
+    name = _display_name(method)
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",

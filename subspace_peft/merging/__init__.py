@@ -1,11 +1,14 @@
 """Model merging: task vectors from fine-tuned models or adapters; task arithmetic, TIES, DARE; Concrete Task
-Arithmetic and Concrete AdaMerging."""
+Arithmetic and Concrete AdaMerging. ``MERGE_METHODS`` names each with its parameter schema; ``merge`` runs one by
+name."""
 
 from .baselines import dare_merging, merge_task_vectors, task_arithmetic, ties_merging
 from .concrete import ConcreteMergeResult, concrete_merge, prediction_entropy
+from .registry import MERGE_METHODS, Merged, MergeMethod, Parameter, merge, merge_method
 from .task_vectors import TaskVector, adapter_task_vector, task_vector
 
 __all__ = [
-    "ConcreteMergeResult", "TaskVector", "adapter_task_vector", "concrete_merge", "dare_merging",
-    "merge_task_vectors", "prediction_entropy", "task_arithmetic", "task_vector", "ties_merging",
+    "MERGE_METHODS", "ConcreteMergeResult", "MergeMethod", "Merged", "Parameter", "TaskVector", "adapter_task_vector",
+    "concrete_merge", "dare_merging", "merge", "merge_method", "merge_task_vectors", "prediction_entropy",
+    "task_arithmetic", "task_vector", "ties_merging",
 ]
