@@ -10,8 +10,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from safetensors.torch import save_file
 
-from .tuners.factor_layers import FactorLayer
-from .tuners.targets import CONV_TYPES
+from .tuners.base import CONV_TYPES, FactorLayer
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 
@@ -21,7 +20,7 @@ def _lora_weights(layer: FactorLayer, adapter: str):
     a, b, scale = layer.lora_factors(adapter)
     a, b = a.detach(), b.detach()
     if not isinstance(layer.get_base_layer(), torch.nn.Embedding):  # LoRA's embedding factors are plain matrices
-        a, b = layer._factor_weights(a, b)
+        a, b = layer.geometry.factor_weights(a, b)
     return a, b, scale * b.shape[1]
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checks import all_finite
-from .linalg.svd import energy_rank
+from .linalg.svd import energy_rank, singular_values
 
 
 def _check_energy(energy, where: str) -> float:
@@ -175,7 +175,8 @@ def spectrum(
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from tqdm.auto import tqdm
 
-    from .tuners.targets import SUPPORTED_NAMES, SUPPORTED_TYPES, base_layer_of, weight_matrix
+    from .tuners.base.geometry import SUPPORTED_NAMES, SUPPORTED_TYPES, weight_matrix
+    from .tuners.base.targets import base_layer_of
 
     if isinstance(model, PeftModel):
         model = model.get_base_model()
@@ -207,7 +208,7 @@ def spectrum(
     with torch.no_grad():
         for name, base in tqdm(selected, desc="spectrum", disable=not show_progress or len(selected) < 8, leave=False):
             matrix = weight_matrix(base).float()
-            values = torch.linalg.svdvals(matrix).cpu()
+            values = singular_values(matrix).cpu()
             if not all_finite(values):  # a finite weight beyond fp32's range overflows in the fp32 decomposition
                 raise ValueError(f"layer '{name}': its singular values overflow fp32 (weight entries up to "
                                  f"{float(base.weight.detach().abs().max()):.3g}): rescale the weight to read its "

@@ -30,7 +30,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .svd import SVDSettings
+from .settings import SVDSettings
 
 # Bump when the layout or the meaning of an entry changes: entries of another format are misses.
 FORMAT = "subspace_peft.svd_cache.v2"

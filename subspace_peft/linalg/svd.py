@@ -7,61 +7,17 @@ Pure torch, no peft imports. Every function works on the weight's own device and
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-SVDMethod = Literal["exact", "randomized"]
-SVDComponents = Literal["principal", "minor"]
+from .cache import weight_fingerprint
+from .settings import SVDComponents, SVDSettings
 
 # Weights of one shape are stacked and decomposed together while the stack stays under this many elements
 # (fp32: 4 bytes each). Measured on CPU, stacking large weights is slower than a loop (LAPACK already
 # uses every core), so only small matrices, where per-call overhead dominates, are batched.
 DEFAULT_BATCH_ELEMENTS = 256 * 1024
-
-
-@dataclass(frozen=True)
-class SVDSettings:
-    """How a truncated SVD is computed.
-
-    ``method="exact"`` runs a full LAPACK SVD and keeps the top ``rank`` triplets. ``method="randomized"`` runs the
-    Halko-Martinsson-Tropp range finder (Algorithm 4.4 in arXiv:0909.4061) with ``oversample`` extra columns and
-    ``niter`` power iterations, from a Gaussian test matrix drawn from a generator seeded with ``seed``: the same
-    settings give the same factors whatever the global RNG state.
-
-    ``components="principal"`` keeps the ``rank`` largest singular triplets, ``"minor"`` the ``rank`` smallest of
-    the ``min(m, n)`` (Effort trains those). Minor components need the exact method: a range finder only sees the
-    dominant subspace.
-    """
-
-    method: SVDMethod = "exact"
-    niter: int = 2
-    oversample: int = 16
-    seed: int = 0
-    components: SVDComponents = "principal"
-
-    def __post_init__(self):
-        if self.method not in ("exact", "randomized"):
-            raise ValueError(f"SVD method must be 'exact' or 'randomized', got {self.method!r}")
-        if self.components not in ("principal", "minor"):
-            raise ValueError(f"SVD components must be 'principal' or 'minor', got {self.components!r}")
-        if self.components == "minor" and self.method != "exact":
-            raise ValueError(
-                "the minor singular components need an exact SVD (a randomized SVD only finds the dominant "
-                "subspace): use init='svd'"
-            )
-        if self.niter < 0:
-            raise ValueError(f"niter must be >= 0, got {self.niter}")
-        if self.oversample < 0:
-            raise ValueError(f"oversample must be >= 0, got {self.oversample}")
-
-    def key(self) -> str:
-        if self.components == "minor":
-            return "exact-minor"
-        if self.method == "exact":
-            return "exact"
-        return f"randomized-niter{self.niter}-p{self.oversample}-seed{self.seed}"
 
 
 def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
@@ -192,6 +148,11 @@ def truncated_svd_batched(
     return results
 
 
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of a 2-D ``weight``, descending, in fp32 on its device (no singular vectors)."""
+    return torch.linalg.svdvals(_as_fp32(weight))
+
+
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest r whose top-r singular values hold at least ``energy`` of sum(sigma^2) (the Frobenius energy)."""
     if not 0.0 < energy <= 1.0:
@@ -221,8 +182,6 @@ def truncated_svds(
     more than a handful.
     """
     from tqdm.auto import tqdm
-
-    from .cache import weight_fingerprint
 
     results: dict[str, tuple] = {}
     fingerprints: dict[str, str] = {}

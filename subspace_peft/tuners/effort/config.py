@@ -5,9 +5,9 @@ from typing import Literal, Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...linalg.svd import SVDSettings
 from ...checks import integer, number
-from ..base_config import SVDInitConfig
+from ...linalg.settings import SVDSettings
+from ..base.config import SVDInitConfig
 
 
 @dataclass

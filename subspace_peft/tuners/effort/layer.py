@@ -11,21 +11,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorModule, LinearFactors
-from ..factor_layers import create_layer as create_factor_layer
-from ..svfit.layer import SingularValues
-from ..targets import weight_matrix
+from ..base import FactorLayer, LayerPlan, weight_matrix
 from .losses import LossInputs, group_losses, shorter_side_principal, thin_product
 from .regulariser import RegulariserPass
 
 
 class EffortLayer(FactorLayer):
+    """Effort on nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d (the weight reshaped to (c_out, c_in *
+    prod(kernel))) and nn.Embedding (the factorised matrix is W^T)."""
+
     adapter_layer_names = ("effort_U", "effort_S", "effort_Vh")
     other_param_names = ("effort_U0", "effort_S0", "effort_Vh0", "effort_derived", "r")
 
-    def _init_layer(self, base_layer: nn.Module) -> None:
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
+    def _init_adapter_containers(self) -> None:
         self.effort_U = nn.ModuleDict({})  # shaped like a B factor
         self.effort_S = nn.ModuleDict({})
         self.effort_Vh = nn.ModuleDict({})  # shaped like an A factor
@@ -38,23 +36,18 @@ class EffortLayer(FactorLayer):
         self.effort_derived: dict[str, tuple] = {}
         # set by EffortModel for each training forward pass: this layer ties its regulariser terms to the gradient
         self.regulariser_pass: Optional[RegulariserPass] = None
-        self._disable_adapters = False
-        self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, r: int, factors: Optional[tuple]) -> None:
-        """``factors`` = (Vh_0, U_0, s_0), the minor triplets, or None: empty, for a saved adapter's checkpoint."""
+    def update_layer(self, adapter_name: str, plan: LayerPlan) -> None:
+        """``plan.factors`` = (Vh_0, U_0, s_0), the minor triplets, or None: empty, for a saved adapter's
+        checkpoint."""
+        r, factors = plan.r, plan.factors
         self.r[adapter_name] = r
         self.effort_derived.pop(adapter_name, None)
         vectors = None if factors is None else factors[:2]
         self.effort_Vh[adapter_name], self.effort_U[adapter_name] = self._new_factors(r, vectors, trainable=True)
         self.effort_Vh0[adapter_name], self.effort_U0[adapter_name] = self._new_factors(r, vectors, trainable=False)
-        device = self.get_base_layer().weight.device
-        values, initial_values = SingularValues(r, device), SingularValues(r, device, trainable=False)
-        if factors is not None:
-            with torch.no_grad():
-                values.weight.copy_(factors[2])
-                initial_values.weight.copy_(factors[2])
-        self.effort_S[adapter_name], self.effort_S0[adapter_name] = values, initial_values
+        values = None if factors is None else factors[2]
+        self.effort_S[adapter_name], self.effort_S0[adapter_name] = self._new_singular_values(r, values)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -62,14 +55,14 @@ class EffortLayer(FactorLayer):
         """(U (d_out, r), s (r,), Vh (r, d_in)) in fp32."""
         u, s, vh = (self.effort_U0, self.effort_S0, self.effort_Vh0) if initial else (
             self.effort_U, self.effort_S, self.effort_Vh)
-        vh_matrix, u_matrix = self._factor_matrices(vh[adapter].weight.float(), u[adapter].weight.float())
+        vh_matrix, u_matrix = self.geometry.factor_matrices(vh[adapter].weight.float(), u[adapter].weight.float())
         return u_matrix, s[adapter].weight.float(), vh_matrix
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``U diag(s) Vh - U_0 diag(s_0) Vh_0`` shaped like the base weight, in fp32."""
         u, s, vh = self._triplet(adapter)
         u0, s0, vh0 = self._triplet(adapter, initial=True)
-        return self._delta_from_matrix(u @ (s[:, None] * vh) - u0 @ (s0[:, None] * vh0))
+        return self.geometry.delta_from_matrix(u @ (s[:, None] * vh) - u0 @ (s0[:, None] * vh0))
 
     def lora_factors(self, adapter: str):
         """The update is exactly the rank-2r LoRA ([diag(s) Vh; diag(s_0) Vh_0], [U, -U_0]) at scale 1."""
@@ -84,8 +77,10 @@ class EffortLayer(FactorLayer):
         dtype = s.dtype
         if x.is_floating_point():
             x = self._cast_input_dtype(x, dtype)
-        current = self._low_rank(x, self.effort_Vh[name].weight.to(dtype), self.effort_U[name].weight.to(dtype), s)
-        initial = self._low_rank(x, self.effort_Vh0[name].weight.to(dtype), self.effort_U0[name].weight.to(dtype), s0)
+        vh, u = self.effort_Vh[name].weight.to(dtype), self.effort_U[name].weight.to(dtype)
+        vh0, u0 = self.effort_Vh0[name].weight.to(dtype), self.effort_U0[name].weight.to(dtype)
+        current = self.geometry.low_rank(x, vh, u, s)
+        initial = self.geometry.low_rank(x, vh0, u0, s0)
         return current - initial
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
@@ -117,22 +112,3 @@ class EffortLayer(FactorLayer):
 
     def __repr__(self) -> str:
         return "effort." + super().__repr__()
-
-
-class Linear(LinearFactors, FactorModule, EffortLayer):
-    """Effort on nn.Linear and transformers' Conv1D."""
-
-
-class Conv(ConvFactors, FactorModule, EffortLayer):
-    """Effort on nn.Conv1d/2d/3d (the weight reshaped to (c_out, c_in * prod(kernel)))."""
-
-
-class Embedding(EmbeddingFactors, FactorModule, EffortLayer):
-    """Effort on nn.Embedding (the factorised matrix is W^T)."""
-
-
-LAYER_CLASSES = {LinearFactors: Linear, ConvFactors: Conv, EmbeddingFactors: Embedding}
-
-
-def create_layer(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module:
-    return create_factor_layer(LAYER_CLASSES, target, adapter_name, **kwargs)

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ...linalg.svd import truncated_svd
+
 # A principal singular value below this share of the largest is treated as this share when dividing by it: it only
 # occurs in numerically rank-deficient weights, whose principal directions there are round-off anyway.
 MIN_RELATIVE_SINGULAR_VALUE = 1e-6
@@ -41,10 +43,9 @@ class LossInputs:
 def shorter_side_principal(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(``Q_k``, ``S_k``): the top ``k = n - r`` singular vectors of W's shorter side (U_k if d_out < d_in, else
     V_k) and singular values, in fp32. A min(d_out, d_in)^2 tensor, never the size of W itself."""
-    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    k = s.shape[0] - r
-    basis = u[:, :k] if weight.shape[0] < weight.shape[1] else vh[:k].T
-    return basis.contiguous(), s[:k].clamp_min(s[0] * MIN_RELATIVE_SINGULAR_VALUE)
+    u, s, vh = truncated_svd(weight, min(weight.shape) - r)
+    basis = u if weight.shape[0] < weight.shape[1] else vh.T
+    return basis.contiguous(), s.clamp_min(s[0] * MIN_RELATIVE_SINGULAR_VALUE)
 
 
 def thin_product(weight: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ...checks import number
-from ..svd_tuner import SVDTuner
-from ..targets import Target, pattern_value, weight_matrix
+from ..base import SVDTuner, Target, pattern_value, weight_matrix
 from .config import EffortConfig
-from .layer import EffortLayer, create_layer
+from .layer import EffortLayer
 from .losses import group_losses
 from .regulariser import RegulariserLog, RegulariserPass
 
@@ -50,9 +49,6 @@ class EffortModel(SVDTuner):
                     f"the top min(d_out, d_in) - residual_rank components stay frozen. Choose residual_rank <= {n - 1} "
                     "(or set rank_pattern for this layer)."
                 )
-
-    def _new_module(self, config: EffortConfig, adapter_name, target, planned, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs)
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
     def _adapter_losses(self) -> dict[str, dict[str, torch.Tensor]]:

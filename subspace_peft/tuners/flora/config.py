@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 from peft.utils.peft_types import PeftType
 
 from ...checks import number
-from ..base_config import TargetConfig
+from ..base.config import TargetConfig
 
 RankSpec = Union[int, tuple[int, ...], list[int]]
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
-from ..planned_tuner import PlannedLayer, PlannedTuner
-from ..targets import CONV_TYPES, Target, pattern_value
+import math
+
+import torch
+from torch import nn
+
+from ..base import CONV_TYPES, LayerPlan, PlannedTuner, Target, geometry_for, pattern_value
 from .config import FLoRAConfig, RankSpec
-from .layer import FLoRALayer, create_layer, mode_sizes
+from .layer import FLoRALayer
 
 
 def user_mode_names(n_modes: int) -> list[str]:
@@ -13,7 +17,7 @@ def user_mode_names(n_modes: int) -> list[str]:
 
 def resolve_ranks(spec: RankSpec, target: Target) -> tuple[int, ...]:
     """Per-mode ranks in weight order (out, in, k_1, ...) from an int (a cap) or a tuple (in, out, k_1, ...)."""
-    sizes = mode_sizes(target.base)
+    sizes = geometry_for(target.base).mode_sizes
     if isinstance(spec, int):
         return tuple(min(spec, size) for size in sizes)
     spec = tuple(spec)
@@ -54,12 +58,21 @@ class FLoRAModel(PlannedTuner):
             spec = config.conv_ranks if conv and config.conv_ranks is not None else config.r
         return resolve_ranks(spec, target)
 
-    def _initial_factors(self, plan: dict, config: FLoRAConfig) -> dict:
-        # FLoRA's layers initialise themselves (zero core, Kaiming factors): nothing to compute up front
-        return {key: True for key in plan}
+    def _plan_layer(self, target: Target, config: FLoRAConfig) -> LayerPlan:
+        return LayerPlan(target, self._rank(target, config), scale=config.scale, dropout=config.flora_dropout)
 
-    def _layer_kwargs(self, config: FLoRAConfig, planned: PlannedLayer, factors) -> dict:
-        return dict(ranks=planned.r, scale=config.scale, dropout=config.flora_dropout, init_weights=factors is not None)
+    def _initial_factors(self, plans: dict[str, LayerPlan], config: FLoRAConfig) -> dict:
+        return {key: initial_tucker_factors(plan) for key, plan in plans.items()}
 
-    def _new_module(self, config: FLoRAConfig, adapter_name, target, planned, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs)
+
+def initial_tucker_factors(plan: LayerPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """FLoRA's init: a zero core (so the update is zero) and Kaiming-uniform factors (size_m, r_m), on the base
+    weight's device."""
+    device = plan.target.base.weight.device
+    core = torch.zeros(plan.r, device=device)
+    factors = []
+    for size, rank in zip(geometry_for(plan.target.base).mode_sizes, plan.r):
+        factor = torch.empty((size, rank), device=device)
+        nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+        factors.append(factor)
+    return core, factors

@@ -12,19 +12,18 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..factor_layers import ConvFactors, EmbeddingFactors, FactorLayer, FactorModule, LinearFactors
-from ..factor_layers import create_layer as create_factor_layer
+from ..base import FactorLayer, LayerPlan
 from .bnb import quantize_residual
 
 
 class PiSSALayer(FactorLayer):
-    adapter_layer_names = ("pissa_A", "pissa_B")
-    other_param_names = ("pissa_A0", "pissa_B0", "r", "lora_alpha", "scaling", "pissa_dropout", "residual_in_base")
+    """PiSSA on nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d, nn.Embedding and a bitsandbytes residual
+    (QPiSSA)."""
 
-    def _init_layer(self, base_layer: nn.Module) -> None:
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
+    adapter_layer_names = ("pissa_A", "pissa_B")
+    other_param_names = ("pissa_A0", "pissa_B0", "r", "scaling", "pissa_dropout", "residual_in_base")
+
+    def _init_adapter_containers(self) -> None:
         self.scaling: dict[str, float] = {}
         self.residual_in_base: dict[str, bool] = {}
         self.pissa_dropout = nn.ModuleDict({})
@@ -33,33 +32,24 @@ class PiSSALayer(FactorLayer):
         # frozen copies of the initial factors, as modules shaped like pissa_A / pissa_B
         self.pissa_A0 = nn.ModuleDict({})
         self.pissa_B0 = nn.ModuleDict({})
-        self._disable_adapters = False
-        self.merged_adapters = []
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        factors: Optional[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Add adapter ``adapter_name``. ``factors`` are the initial (A, B) matrices, or None: empty, for a saved
-        adapter's checkpoint to fill in. For QPiSSA, ``quantize_residual_into_base`` follows."""
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / r
+    def update_layer(self, adapter_name: str, plan: LayerPlan) -> None:
+        """Add adapter ``adapter_name`` at rank ``plan.r`` and scale ``plan.scale`` from the initial (A, B) matrices
+        ``plan.factors`` (None: empty, for a saved adapter's checkpoint). For QPiSSA, ``quantize_residual_into_base``
+        follows."""
+        r = self.r[adapter_name] = plan.r
+        self.scaling[adapter_name] = plan.scale
         self.residual_in_base[adapter_name] = False
-        use_dropout = lora_dropout > 0 and self.supports_dropout
-        self.pissa_dropout[adapter_name] = nn.Dropout(lora_dropout) if use_dropout else nn.Identity()
-        self.pissa_A[adapter_name], self.pissa_B[adapter_name] = self._new_factors(r, factors, trainable=True)
-        self.pissa_A0[adapter_name], self.pissa_B0[adapter_name] = self._new_factors(r, factors, trainable=False)
+        use_dropout = plan.dropout > 0 and self.supports_dropout
+        self.pissa_dropout[adapter_name] = nn.Dropout(plan.dropout) if use_dropout else nn.Identity()
+        self.pissa_A[adapter_name], self.pissa_B[adapter_name] = self._new_factors(r, plan.factors, trainable=True)
+        self.pissa_A0[adapter_name], self.pissa_B0[adapter_name] = self._new_factors(r, plan.factors, trainable=False)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _matrices(self, adapter: str, initial: bool):
         a, b = (self.pissa_A0, self.pissa_B0) if initial else (self.pissa_A, self.pissa_B)
-        return self._factor_matrices(a[adapter].weight.float(), b[adapter].weight.float())
+        return self.geometry.factor_matrices(a[adapter].weight.float(), b[adapter].weight.float())
 
     def get_delta_weight(self, adapter: str, initial: bool = False) -> torch.Tensor:
         """``s (B A - B_0 A_0)`` (or ``s B A`` when the base holds the residual) shaped like the base weight, in fp32.
@@ -69,12 +59,12 @@ class PiSSALayer(FactorLayer):
         s = self.scaling[adapter]
         a0, b0 = self._matrices(adapter, initial=True)
         if initial:
-            return self._delta_from_matrix(s * (b0 @ a0))
+            return self.geometry.delta_from_matrix(s * (b0 @ a0))
         a, b = self._matrices(adapter, initial=False)
         delta = b @ a
         if not self.residual_in_base[adapter]:
             delta = delta - b0 @ a0
-        return self._delta_from_matrix(s * delta)
+        return self.geometry.delta_from_matrix(s * delta)
 
     def quantize_residual_into_base(self, adapter: str, kind: str, storage: Optional[str] = None) -> None:
         """QPiSSA (Meng et al., section 4.3): replace the full-precision base layer by bitsandbytes' quantised
@@ -104,10 +94,10 @@ class PiSSALayer(FactorLayer):
         b = self.pissa_B[name].weight
         if x.is_floating_point():
             x = self._cast_input_dtype(x, a.dtype)
-        out = self._low_rank(self.pissa_dropout[name](x), a, b)
+        out = self.geometry.low_rank(self.pissa_dropout[name](x), a, b)
         if not self.residual_in_base[name]:
             a0, b0 = self.pissa_A0[name].weight.to(a.dtype), self.pissa_B0[name].weight.to(a.dtype)
-            out = out - self._low_rank(x, a0, b0)
+            out = out - self.geometry.low_rank(x, a0, b0)
         return out * self.scaling[name]
 
     def _base_is_the_original(self) -> bool:
@@ -119,28 +109,9 @@ class PiSSALayer(FactorLayer):
         for name in self.pissa_A0.keys():
             if self.residual_in_base[name]:
                 a0, b0 = self.pissa_A0[name].weight, self.pissa_B0[name].weight
-                principal = self._low_rank(x.to(a0.dtype), a0, b0) * self.scaling[name]
+                principal = self.geometry.low_rank(x.to(a0.dtype), a0, b0) * self.scaling[name]
                 result = result + principal.to(result.dtype)
         return result
 
     def __repr__(self) -> str:
         return "pissa." + super().__repr__()
-
-
-class Linear(LinearFactors, FactorModule, PiSSALayer):
-    """PiSSA on nn.Linear, transformers' Conv1D and a bitsandbytes residual (QPiSSA)."""
-
-
-class Conv(ConvFactors, FactorModule, PiSSALayer):
-    """PiSSA on nn.Conv1d/2d/3d."""
-
-
-class Embedding(EmbeddingFactors, FactorModule, PiSSALayer):
-    """PiSSA on nn.Embedding."""
-
-
-LAYER_CLASSES = {LinearFactors: Linear, ConvFactors: Conv, EmbeddingFactors: Embedding}
-
-
-def create_layer(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module:
-    return create_factor_layer(LAYER_CLASSES, target, adapter_name, **kwargs)

@@ -9,11 +9,10 @@ from torch import nn
 
 from ...checks import choice, integer, number
 from ...linalg.svd import truncated_svd
-from ..svd_tuner import PlannedLayer, SVDTuner
-from ..targets import Target, pattern_value
+from ..base import LayerPlan, SVDTuner, Target, pattern_value
 from .bnb import require_bitsandbytes
 from .config import PiSSAConfig
-from .layer import PiSSALayer, create_layer
+from .layer import PiSSALayer
 
 
 def pissa_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float):
@@ -37,9 +36,10 @@ class PiSSAModel(SVDTuner):
     def _rank(self, target: Target, config: PiSSAConfig) -> int:
         return pattern_value(config.rank_pattern, target.key, config.r)
 
-    @staticmethod
-    def _alpha(planned: PlannedLayer, config: PiSSAConfig) -> float:
-        return pattern_value(config.alpha_pattern, planned.target.key, config.lora_alpha)
+    def _plan_layer(self, target: Target, config: PiSSAConfig) -> LayerPlan:
+        r = self._rank(target, config)
+        alpha = pattern_value(config.alpha_pattern, target.key, config.lora_alpha)
+        return LayerPlan(target, r, scale=alpha / r, dropout=config.lora_dropout)
 
     def _check_plan(self, model: nn.Module, config: PiSSAConfig, plan: dict) -> None:
         if config.residual_quantization and self.injected_without_peft_model:
@@ -65,24 +65,16 @@ class PiSSAModel(SVDTuner):
                 "QPiSSA (residual_quantization) replaces the base weights by one adapter's quantised residual, so it "
                 "must be the model's first and only adapter: start from the full-precision base model"
             )
-        for key, planned in plan.items():
-            if type(planned.target.base) is not nn.Linear:
+        for key, layer_plan in plan.items():
+            if type(layer_plan.target.base) is not nn.Linear:
                 raise ValueError(
                     f"QPiSSA quantises nn.Linear residuals only, but layer '{key}' is "
-                    f"{type(planned.target.base).__name__}: restrict target_modules to linear layers or set "
+                    f"{type(layer_plan.target.base).__name__}: restrict target_modules to linear layers or set "
                     "residual_quantization=None"
                 )
 
-    def _factors_from_svd(self, u, s, vh, planned: PlannedLayer, config: PiSSAConfig):
-        return pissa_factors(u, s, vh, scaling=self._alpha(planned, config) / planned.r)
-
-    def _layer_kwargs(self, config: PiSSAConfig, planned: PlannedLayer, factors) -> dict:
-        return dict(
-            r=planned.r, lora_alpha=self._alpha(planned, config), lora_dropout=config.lora_dropout, factors=factors,
-        )
-
-    def _new_module(self, config: PiSSAConfig, adapter_name, target, planned, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs)
+    def _factors_from_svd(self, u, s, vh, plan: LayerPlan):
+        return pissa_factors(u, s, vh, scaling=plan.scale)
 
     def _finish_layer(self, layer: PiSSALayer, adapter_name: str, config: PiSSAConfig) -> None:
         if config.residual_quantization:
@@ -119,7 +111,7 @@ class PiSSAModel(SVDTuner):
             a, b, a0, b0 = combined[key]
             for (a_module, b_module), (a_matrix, b_matrix) in (
                     ((layer.pissa_A, layer.pissa_B), (a, b)), ((layer.pissa_A0, layer.pissa_B0), (a0, b0))):
-                a_weight, b_weight = layer._factor_weights(a_matrix, b_matrix)
+                a_weight, b_weight = layer.geometry.factor_weights(a_matrix, b_matrix)
                 a_module[adapter_name].weight.copy_(a_weight)
                 b_module[adapter_name].weight.copy_(b_weight)
 

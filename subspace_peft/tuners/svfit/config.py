@@ -6,7 +6,7 @@ from typing import Literal, Optional
 from peft.utils.peft_types import PeftType
 
 from ...checks import integer, number
-from ..base_config import SVDInitConfig
+from ..base.config import SVDInitConfig
 
 
 @dataclass

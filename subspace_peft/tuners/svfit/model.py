@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import torch
-
-from ...linalg.svd import energy_rank
-from ..base_config import is_saved_adapter_config
-from ..svd_tuner import SVDTuner
-from ..targets import Target, pattern_value, weight_matrix
+from ...linalg.svd import energy_rank, singular_values
+from ..base import SVDTuner, Target, pattern_value, weight_matrix
+from ..base.config import is_saved_adapter_config
 from .config import SVFitConfig
-from .layer import SVFitLayer, create_layer
+from .layer import SVFitLayer
 
 
 class SVFitModel(SVDTuner):
@@ -36,12 +33,8 @@ class SVFitModel(SVDTuner):
                     "Load it onto the base model it was trained on, or save it again with this version."
                 )
             return r
-        spectrum = torch.linalg.svdvals(weight_matrix(target.base).detach().float())
-        return energy_rank(spectrum, config.energy)
+        return energy_rank(singular_values(weight_matrix(target.base)), config.energy)
 
     def _check_plan(self, model, config: SVFitConfig, plan: dict) -> None:
         if config.energy is not None and not is_saved_adapter_config(config):
-            config.energy_ranks = {key: planned.r for key, planned in plan.items()}
-
-    def _new_module(self, config: SVFitConfig, adapter_name, target, planned, layer_kwargs):
-        return create_layer(target, adapter_name, **layer_kwargs)
+            config.energy_ranks = {key: layer_plan.r for key, layer_plan in plan.items()}

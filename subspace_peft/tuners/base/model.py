@@ -1,17 +1,18 @@
 """The model side all our tuners share: plan and check every target, prepare every layer's initial tensors, then
 inject; or, for a saved adapter, build empty layers and fill them from its checkpoint.
 
-Subclasses say how a layer's rank is chosen and checked (``_rank``, ``_check_rank``, ``_check_plan``), which
-initial tensors it starts from (``_initial_factors``: SVD factors for the SVD-initialised methods), how a layer is
-built (``_layer_kwargs`` and ``_new_module``) and what completes a layer once its tensors hold values
-(``_finish_layer``, e.g. QPiSSA's quantised residual). Everything that can fail runs before the first module is
-replaced, so a ValueError leaves the user's model exactly as it was.
+A subclass says how a layer is planned (``_rank``, or ``_plan_layer`` for a scale or dropout: one
+:class:`LayerPlan` per layer), checked (``_check_rank``, ``_check_plan``), which initial tensors it starts from
+(``_initial_factors``: SVD factors for :class:`SVDTuner`, FLoRA's own init otherwise) and what completes a layer
+once its tensors hold values (``_finish_layer``, e.g. QPiSSA's quantised residual). The plan is the one thing
+passed down to the method's layer class (``tuner_layer_cls(target, adapter_name, plan)``). Everything that can fail
+runs before the first module is replaced, so a ValueError leaves the user's model exactly as it was.
 
 Loading a saved adapter (``PeftModel.from_pretrained``, ``load_adapter``, ``AutoPeftModelFor*``) never initialises:
-the config read by ``from_pretrained`` is marked (see ``base_config``), its layers are built empty, and the
-checkpoint is checked as a whole before a single tensor is copied: every tensor the layers need must be in the file
-with the layer's shape (``ignore_mismatched_sizes=True`` drops the mismatched ones, and only those layers are
-initialised afresh, as peft does for LoRA).
+the config read by ``from_pretrained`` is marked (see ``config``), its layers are planned without factors and built
+empty, and the checkpoint is checked as a whole before a single tensor is copied: every tensor the layers need must
+be in the file with the layer's shape (``ignore_mismatched_sizes=True`` drops the mismatched ones, and only those
+layers are initialised afresh, as peft does for LoRA).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import warnings
 from abc import abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,15 +30,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .base_config import expect_checkpoint, is_saved_adapter_config, mark_checkpoint_loaded
-from .factor_layers import FactorLayer
-from .targets import Target, check_target, find_targets
-
-
-@dataclass
-class PlannedLayer:
-    target: Target
-    r: Any  # the method's rank: an int, or per-mode ranks
+from ...linalg.cache import SVDCache
+from ...linalg.svd import truncated_svds
+from .config import expect_checkpoint, is_saved_adapter_config, mark_checkpoint_loaded
+from .geometry import weight_matrix
+from .layer import FactorLayer
+from .plan import LayerPlan
+from .targets import Target, check_rank, check_target, find_targets
 
 
 class PlannedTuner(BaseTuner):
@@ -59,52 +57,53 @@ class PlannedTuner(BaseTuner):
         state_dict=None,
     ) -> None:
         config = self.peft_config[adapter_name]
-        plan = self._plan(model, config)
-        from_checkpoint = low_cpu_mem_usage or is_saved_adapter_config(config)
-        factors = {} if from_checkpoint else self._initial_factors(plan, config)
-        self._pending = {"plan": plan, "factors": factors, "from_checkpoint": from_checkpoint}
+        plans = self._plan(model, config)
+        if not (low_cpu_mem_usage or is_saved_adapter_config(config)):
+            self._add_initial_factors(plans, config)
+        # peft's inject_adapter calls _create_and_replace once per module with no room for our arguments: each
+        # layer's plan waits here, for that one call
+        self._plans_to_inject = plans
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                 low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
             )
         finally:
-            del self._pending
+            del self._plans_to_inject
 
     @abstractmethod
     def _rank(self, target: Target, config) -> Any:
         """The rank this method gives ``target`` under ``config``."""
 
-    def _check_rank(self, target: Target, rank: Any) -> None:
-        """Raise a ValueError naming the layer if ``rank`` does not fit it."""
+    def _plan_layer(self, target: Target, config) -> LayerPlan:
+        """The plan of ``target``'s layer under ``config``, without its initial tensors."""
+        return LayerPlan(target, self._rank(target, config))
 
-    def _check_plan(self, model: nn.Module, config, plan: dict) -> None:
+    def _check_rank(self, plan: LayerPlan) -> None:
+        """Raise a ValueError naming the layer if ``plan.r`` does not fit it."""
+
+    def _check_plan(self, model: nn.Module, config, plans: dict[str, LayerPlan]) -> None:
         """Method-specific checks of the whole plan (raise ValueError)."""
 
     @abstractmethod
-    def _initial_factors(self, plan: dict, config) -> dict:
-        """Per planned layer, what it starts from (passed to ``_layer_kwargs``; None is kept for empty layers)."""
-
-    def _layer_kwargs(self, config, planned: PlannedLayer, factors) -> dict:
-        """Keyword arguments of the layer's ``update_layer``; by default the rank and the initial tensors (None: empty
-        tensors for a checkpoint to fill in)."""
-        return dict(r=planned.r, factors=factors)
-
-    @abstractmethod
-    def _new_module(self, config, adapter_name: str, target: nn.Module, planned: PlannedLayer, layer_kwargs):
-        """A new tuner layer wrapping ``target``."""
+    def _initial_factors(self, plans: dict[str, LayerPlan], config) -> dict:
+        """Per planned layer, the initial tensors its layer starts from (``LayerPlan.factors``)."""
 
     def _finish_layer(self, layer: FactorLayer, adapter_name: str, config) -> None:
         """Complete ``layer`` once ``adapter_name``'s tensors hold their values (after init, or after loading)."""
 
-    def _plan(self, model: nn.Module, config) -> dict[str, PlannedLayer]:
-        plan = {}
+    def _plan(self, model: nn.Module, config) -> dict[str, LayerPlan]:
+        plans = {}
         for target in find_targets(self, model, config):
             check_target(target, self.method_name, grouped_ok=self.supports_grouped_conv)
-            plan[target.key] = PlannedLayer(target, self._rank(target, config))
-            self._check_rank(target, plan[target.key].r)
-        self._check_plan(model, config, plan)
-        return plan
+            plans[target.key] = self._plan_layer(target, config)
+            self._check_rank(plans[target.key])
+        self._check_plan(model, config, plans)
+        return plans
+
+    def _add_initial_factors(self, plans: dict[str, LayerPlan], config) -> None:
+        for key, factors in self._initial_factors(plans, config).items():
+            plans[key].factors = factors
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -140,16 +139,13 @@ class PlannedTuner(BaseTuner):
         raise ValueError(message)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        planned = self._pending["plan"][current_key]
-        from_checkpoint = self._pending["from_checkpoint"]
-        factors = self._pending["factors"].pop(current_key, None)
-        layer_kwargs = self._layer_kwargs(config, planned, factors)
+        plan = self._plans_to_inject.pop(current_key)
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, **layer_kwargs)
+            target.update_layer(adapter_name, plan)
             layer = target
         else:
-            layer = self._new_module(config, adapter_name, target, planned, layer_kwargs)
-        if from_checkpoint:
+            layer = self.tuner_layer_cls(target, adapter_name, plan)
+        if plan.factors is None:
             layer.awaiting_checkpoint.add(adapter_name)
         else:
             self._finish_layer(layer, adapter_name, config)
@@ -218,14 +214,40 @@ class PlannedTuner(BaseTuner):
     def _initialise_afresh(self, key: str, layer: FactorLayer, adapter_name: str) -> None:
         """Initialise one layer's adapter as a new one would be (its checkpoint tensors were dropped as mismatched)."""
         config = self.peft_config[adapter_name]
-        planned = PlannedLayer(Target(key, layer.get_base_layer()), layer.r[adapter_name])
-        factors = self._initial_factors({key: planned}, config)[key]
+        plans = {key: self._plan_layer(Target(key, layer.get_base_layer()), config)}
+        self._add_initial_factors(plans, config)
         trainable = {name: p.requires_grad for name, p in layer.named_parameters() if f".{adapter_name}." in name}
-        layer.update_layer(adapter_name, **self._layer_kwargs(config, planned, factors))
+        layer.update_layer(adapter_name, plans[key])
         for name, parameter in layer.named_parameters():
             if name in trainable:
                 parameter.requires_grad_(trainable[name])
         self._finish_layer(layer, adapter_name, config)
+
+
+def svd_cache_for(config) -> SVDCache | None:
+    if not config.svd_cache:
+        return None
+    return SVDCache(None if config.svd_cache is True else config.svd_cache)
+
+
+class SVDTuner(PlannedTuner):
+    """The SVD-initialised tuners (PiSSA, SVFit, Effort): every target's SVD is taken (or read from the cache) in one
+    pass before the first module is replaced; a subclass says which initial tensors a layer takes from its singular
+    triplets (``_factors_from_svd``)."""
+
+    def _check_rank(self, plan: LayerPlan) -> None:
+        check_rank(plan.target, plan.r, self.method_name)
+
+    def _factors_from_svd(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, plan: LayerPlan):
+        """The layer's initial tensors from its singular triplets; by default ``(Vh, U, S)``."""
+        return vh, u, s
+
+    def _initial_factors(self, plans: dict[str, LayerPlan], config) -> dict:
+        weights = {key: weight_matrix(plan.target.base) for key, plan in plans.items()}
+        ranks = {key: plan.r for key, plan in plans.items()}
+        desc = f"{self.method_name} init"
+        svds = truncated_svds(weights, ranks, config.svd_settings(), svd_cache_for(config), desc=desc)
+        return {key: self._factors_from_svd(*svds.pop(key), plans[key]) for key in list(svds)}
 
 
 def _pass_adapter_names(module, args, kwargs, adapter_names):

@@ -14,8 +14,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..checks import SEED_MAX, integer
-from ..linalg.svd import SVDSettings
+from ...checks import SEED_MAX, integer
+from ...linalg.settings import SVDSettings
 
 # Compute bounds for values a config file can set (a randomized SVD costs (2 niter + 2) passes over the weight).
 MAX_NITER = 64

@@ -1,8 +1,9 @@
-"""What every SVD-factor tuner layer shares: the geometry of A/B factor pairs per layer type, merging, forward.
+"""What every tuner layer of the family shares: construction from a layer plan, adapter tensors, merging, forward.
 
 A method's update is a sum of rank-r products ``B A x`` with ``A`` (r, d_in) and ``B`` (d_out, r) matrices. How such
-a pair is stored and applied depends on the layer type only (the geometry mixins below); what trains and how the
-update is formed depends on the method (its ``FactorLayer`` subclass). The base weight itself is never rewritten.
+a pair is stored and applied depends on the layer type only (``self.geometry``, see ``geometry.py``); what trains and
+how the update is formed depends on the method (its one ``FactorLayer`` subclass). The base weight itself is never
+rewritten.
 """
 
 from __future__ import annotations
@@ -12,46 +13,55 @@ from abc import abstractmethod
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .leaf import TensorLeaf
-from .targets import CONV_TYPES, weight_matrix
-
-_POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from .geometry import geometry_for
+from .leaf import SingularValues, TensorLeaf
+from .plan import LayerPlan
 
 
-class FactorLayer(BaseTunerLayer):
-    """Merging, unmerging and the forward pass of a tuner whose update is ``get_delta_weight`` / ``_adapter_output``."""
+class FactorLayer(nn.Module, BaseTunerLayer):
+    """A tuner layer wrapping any supported ``base_layer``, constructed like peft's layers with its first adapter.
 
-    supports_dropout = True
+    Subclasses create their adapter containers in ``_init_adapter_containers`` and add an adapter from its
+    :class:`LayerPlan` in ``update_layer``; merging, unmerging and the forward pass follow from ``get_delta_weight``
+    and ``_adapter_output``.
+    """
 
-    # -- per layer type (geometry mixins) ---------------------------------------------------------------------------
-    @abstractmethod
-    def _factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of the (A, B) weights of rank ``r`` for this layer type, as ``_low_rank`` takes them."""
+    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: LayerPlan) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.geometry = geometry_for(self.get_base_layer())
+        self.r: dict[str, Any] = {}
+        self.awaiting_checkpoint: set[str] = set()  # adapters built empty, whose checkpoint has not been loaded yet
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._init_adapter_containers()
+        # as on peft's LoRA layers (code that inspects adapted layers reads them): Linear/Conv1D in and out features,
+        # ConvNd channels, Embedding (num_embeddings, embedding_dim)
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, plan)
 
-    @abstractmethod
-    def _low_rank(
-        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """``B diag(scale) A x`` (``B A x`` without ``scale``) for factor weights shaped like the modules' weights."""
+    @property
+    def supports_dropout(self) -> bool:
+        return self.geometry.supports_dropout
 
-    def _factor_weights(self, a_matrix: torch.Tensor, b_matrix: torch.Tensor):
-        """Module-shaped weights from A (r, d_in) and B (d_out, r) matrices."""
-        return a_matrix, b_matrix
-
-    def _factor_matrices(self, a_weight: torch.Tensor, b_weight: torch.Tensor):
-        """Inverse of ``_factor_weights``: A (r, d_in) and B (d_out, r)."""
-        return a_weight, b_weight
-
-    def _delta_from_matrix(self, delta: torch.Tensor) -> torch.Tensor:
-        """A (d_out, d_in) delta reshaped like the base weight."""
-        return delta
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.geometry.fan_in_fan_out
 
     # -- per method -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _init_adapter_containers(self) -> None:
+        """Create the method's (empty) per-adapter ModuleDicts and dicts."""
+
+    @abstractmethod
+    def update_layer(self, adapter_name: str, plan: LayerPlan) -> None:
+        """Add (or replace) adapter ``adapter_name`` as ``plan`` says (``plan.factors is None``: empty tensors for a
+        checkpoint to fill in)."""
+
     @abstractmethod
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The adapter's update, shaped like the base weight, in fp32."""
@@ -74,11 +84,22 @@ class FactorLayer(BaseTunerLayer):
         the meta device under ``low_cpu_mem_usage``)."""
         device = self.get_base_layer().weight.device
         if factors is None:
-            weights = [torch.empty(shape, device=device) for shape in self._factor_shapes(r)]
+            weights = [torch.empty(shape, device=device) for shape in self.geometry.factor_shapes(r)]
         else:
             weights = [value.to(device).clone(memory_format=torch.contiguous_format)
-                       for value in self._factor_weights(*factors)]
+                       for value in self.geometry.factor_weights(*factors)]
         return tuple(TensorLeaf(weight, trainable=trainable) for weight in weights)
+
+    def _new_singular_values(self, r: int, values: Optional[torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+        """(trainable, frozen) leaf modules of ``r`` singular values, both holding ``values`` (None: empty, for a
+        checkpoint to fill in)."""
+        device = self.get_base_layer().weight.device
+        current, initial = SingularValues(r, device), SingularValues(r, device, trainable=False)
+        if values is not None:
+            with torch.no_grad():
+                current.weight.copy_(values)
+                initial.weight.copy_(values)
+        return current, initial
 
     def adapter_tensors(self, adapter: Optional[str] = None):
         """(key relative to this layer, adapter name, tensor) of every tensor an adapter keeps on this layer (what its
@@ -175,113 +196,3 @@ class FactorLayer(BaseTunerLayer):
                 self._check_loaded(name)
                 result = result + self._adapter_output(x, name).to(result.dtype)
         return result
-
-
-class FactorModule(nn.Module):
-    """The nn.Module side of a factor layer, constructed like peft's layers: wrap ``base_layer``, add one adapter.
-
-    A method's concrete layers are ``class Linear(LinearFactors, FactorModule, MethodLayer)``: geometry first, then
-    this, then the method's FactorLayer subclass, which sets up its adapter containers in ``_init_layer``.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
-        super().__init__()
-        self.awaiting_checkpoint: set[str] = set()  # adapters built empty, whose checkpoint has not been loaded yet
-        self._init_layer(base_layer)
-        # as on peft's LoRA layers (code that inspects adapted layers reads them): Linear/Conv1D in and out features,
-        # ConvNd channels, Embedding (num_embeddings, embedding_dim)
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, **kwargs)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return FactorLayer.forward(self, x, *args, **kwargs)
-
-
-# -- geometry of factor pairs per layer type ---------------------------------------------------------------------
-class LinearFactors:
-    """nn.Linear, transformers' Conv1D (stored (in, out): ``fan_in_fan_out``) and bitsandbytes Linear layers."""
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return isinstance(self.get_base_layer(), Conv1D)
-
-    def _factor_shapes(self, r):
-        base = self.get_base_layer()
-        d_out, d_in = (base.out_features, base.in_features) if hasattr(base, "out_features") else weight_matrix(base).shape
-        return (r, d_in), (d_out, r)
-
-    def _low_rank(self, x, a, b, scale=None):
-        hidden = F.linear(x, a)
-        return F.linear(hidden if scale is None else hidden * scale, b)
-
-    def _delta_from_matrix(self, delta):
-        return delta.T if self.fan_in_fan_out else delta
-
-
-
-class ConvFactors:
-    """nn.Conv1d/2d/3d: A convolves like the base layer (kernel, stride, padding, dilation); B is pointwise."""
-
-    def _factor_shapes(self, r):
-        base = self.get_base_layer()
-        # A convolves like the base layer (its kernel), B is pointwise
-        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r) + (1,) * len(base.kernel_size)
-
-    def _low_rank(self, x, a, b, scale=None):
-        base = self.get_base_layer()
-        hidden = base._conv_forward(x, a, None)
-        if scale is not None:
-            hidden = hidden * scale.reshape(-1, *([1] * len(base.kernel_size)))
-        return _POINTWISE_CONV[len(base.kernel_size)](hidden, b)
-
-    def _factor_weights(self, a_matrix, b_matrix):
-        base = self.get_base_layer()
-        r = a_matrix.shape[0]
-        ones = (1,) * len(base.kernel_size)
-        return a_matrix.reshape(r, base.in_channels, *base.kernel_size), b_matrix.reshape(base.out_channels, r, *ones)
-
-    def _factor_matrices(self, a_weight, b_weight):
-        return a_weight.flatten(1), b_weight.flatten(1)
-
-    def _delta_from_matrix(self, delta):
-        return delta.reshape(self.get_base_layer().weight.shape)
-
-
-
-class EmbeddingFactors:
-    """nn.Embedding: the factorised matrix is W^T (dim, num_embeddings), as in peft's LoRA; A is a lookup table."""
-
-    supports_dropout = False  # token ids cannot be dropped out; peft's LoRA embedding has no dropout either
-
-    def _factor_shapes(self, r):
-        base = self.get_base_layer()
-        return (base.num_embeddings, r), (base.embedding_dim, r)  # A is a lookup table of r-vectors
-
-    def _low_rank(self, x, a, b, scale=None):
-        hidden = F.embedding(x, a, padding_idx=self.get_base_layer().padding_idx)
-        return F.linear(hidden if scale is None else hidden * scale, b)
-
-    def _factor_weights(self, a_matrix, b_matrix):
-        return a_matrix.T, b_matrix
-
-    def _factor_matrices(self, a_weight, b_weight):
-        return a_weight.T, b_weight
-
-    def _delta_from_matrix(self, delta):
-        return delta.T
-
-
-
-def geometry_for(base: nn.Module) -> type:
-    if isinstance(base, CONV_TYPES):
-        return ConvFactors
-    if isinstance(base, nn.Embedding):
-        return EmbeddingFactors
-    return LinearFactors
-
-
-def create_layer(classes: dict[type, type], target: nn.Module, adapter_name: str, **kwargs) -> nn.Module:
-    """Wrap ``target`` in the method's class for its geometry (``classes`` maps geometry mixin -> layer class)."""
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    return classes[geometry_for(base)](target, adapter_name, **kwargs)

@@ -24,3 +24,13 @@ class TensorLeaf(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}"
+
+
+class SingularValues(TensorLeaf):
+    """r singular values as a leaf module with a ``.weight`` (so FSDP1 with use_orig_params=False can wrap it)."""
+
+    def __init__(self, r: int, device=None, trainable: bool = True) -> None:
+        super().__init__((r,), device, trainable)
+
+    def extra_repr(self) -> str:
+        return f"r={self.weight.shape[0]}"
