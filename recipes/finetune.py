@@ -413,8 +413,8 @@ def prepare_data(recipe: FinetuneRecipe, tokenizer, train_rows: list[dict], eval
 
 def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval_set):
     """transformers' Trainer with ``DataCollatorForSeq2Seq``, or TRL's SFTTrainer (``trainer: trl``), which takes the
-    tokenised sets as they are (they hold labels) and pads them with its own collator; for Effort, with
-    :func:`subspace_peft.add_regulariser_callback`."""
+    tokenised sets as they are (they hold labels) and pads them with its own collator; for a method with a
+    regulariser (Effort), with :func:`subspace_peft.add_regulariser_callback`."""
     if recipe.trainer == "trl":
         from trl import SFTTrainer
 
@@ -425,8 +425,8 @@ def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval
 
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collate(tokenizer))
-    if recipe.method == "effort":  # logs effort_loss; counts it once per optimizer step under gradient accumulation
-        subspace_peft.add_regulariser_callback(trainer)
+    if subspace_peft.callbacks.regularised_tuner(model) is not None:  # Effort: logs its regulariser, counted
+        subspace_peft.add_regulariser_callback(trainer)  # once per optimizer step under gradient accumulation
     check_distribution_took_effect(trainer, recipe.quantization, recipe.dtype)
     return trainer
 
