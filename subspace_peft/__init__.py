@@ -20,7 +20,12 @@ from .tuners.svfit import SVFitConfig, SVFitModel
 for _method in METHODS:
     register(_method)
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+try:
+    __version__ = version("subspace-peft")  # the one version, pyproject.toml's
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.1.0.dev0"
 __all__ = [
     "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig",
     "SVFitModel",

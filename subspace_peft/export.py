@@ -38,9 +38,10 @@ def export_lora(peft_model, out_dir: str | os.PathLike, adapter_name: str = "def
     A QPiSSA adapter exports at rank r and belongs on its quantised residual base (``peft_model.get_base_model()``).
     """
     config = peft_model.peft_config[adapter_name]
-    if config.bias != "none":
+    bias = getattr(config, "bias", "none")  # a method without a bias option trains none
+    if bias != "none":
         raise ValueError(
-            f"export_lora writes the adapter's factors only, but this adapter trains biases (bias={config.bias!r}); "
+            f"export_lora writes the adapter's factors only, but this adapter trains biases (bias={bias!r}); "
             "merge it instead (merge_and_unload) or train with bias='none'"
         )
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)

@@ -1,4 +1,4 @@
-"""The PEFT parity checklist (../shared/PEFT_PARITY.md) as data: a method plugs in by adding cases to CASES.
+"""The PEFT parity checklist (tests/PARITY.md) as data: a method plugs in by adding cases to CASES.
 
 A case names a tiny model (tests/tiny_models.py), a config factory and the trainable-parameter count its formula
 gives. tests/test_parity.py runs every check on every case.
