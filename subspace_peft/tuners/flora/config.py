@@ -43,12 +43,22 @@ class FLoRAConfig(TargetConfig):
         bias: ``"none"``, ``"all"`` or ``"flora_only"``: which biases train.
     """
 
-    r: int = field(default=8)
-    conv_ranks: Optional[tuple[int, ...]] = field(default=None)
-    scale: float = field(default=1.0)
-    flora_dropout: float = field(default=0.0)
-    rank_pattern: Optional[dict] = field(default_factory=dict)
-    bias: Literal["none", "all", "flora_only"] = field(default="none")
+    r: int = field(default=8, metadata={"help": (
+        "Rank of every mode (a positive int, capped at each mode's size) of 2-D weights (Linear, Conv1D, "
+        "Embedding) and of convolutions without conv_ranks.")})
+    conv_ranks: Optional[tuple[int, ...]] = field(default=None, metadata={"help": (
+        "Per-mode ranks of convolution weights, ordered (in, out, k_1, ...), e.g. (16, 16, 2, 2) for Conv2d "
+        "(the official ConvNeXt setting, with scale=4).")})
+    scale: float = field(default=1.0, metadata={"help": (
+        "Multiplies the update (a float); 1 by default, 4 in the official ConvNeXt setting.")})
+    flora_dropout: float = field(default=0.0, metadata={"help": (
+        "Dropout probability on the adapter's input, in [0, 1); 0 switches dropout off. Not applied to "
+        "Embedding layers.")})
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
+        "Per-module ranks: a mapping from a module-name regex to an int or a per-mode tuple; wins over r and "
+        "conv_ranks.")})
+    bias: Literal["none", "all", "flora_only"] = field(default="none", metadata={"help": (
+        "Which biases train: 'none', 'all' or 'flora_only' (those of the adapted layers only).")})
 
     def __post_init__(self):
         super().__post_init__()

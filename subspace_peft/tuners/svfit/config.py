@@ -28,11 +28,19 @@ class SVFitConfig(SVDInitConfig):
         bias: ``"none"``, ``"all"`` or ``"svfit_only"``: which biases train.
     """
 
-    r: int = field(default=8)
-    energy: Optional[float] = field(default=None)
-    rank_pattern: Optional[dict] = field(default_factory=dict)
-    bias: Literal["none", "all", "svfit_only"] = field(default="none")
-    energy_ranks: Optional[dict] = field(default=None)
+    r: int = field(default=8, metadata={"help": (
+        "Number of singular values trained per layer (a positive int), e.g. 8-64; ignored where energy or "
+        "rank_pattern decides.")})
+    energy: Optional[float] = field(default=None, metadata={"help": (
+        "If set, in (0, 1]: each layer's r is the smallest whose top singular values hold this share of the "
+        "weight's Frobenius energy (the paper uses 0.99). Costs one extra svdvals per layer.")})
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
+        "Per-module override of r: a mapping from a module-name regex to its rank; wins over energy.")})
+    bias: Literal["none", "all", "svfit_only"] = field(default="none", metadata={"help": (
+        "Which biases train: 'none', 'all' or 'svfit_only' (those of the adapted layers only).")})
+    energy_ranks: Optional[dict] = field(default=None, metadata={"help": (
+        "Ranks chosen by energy (module name -> r), written by the tuner and saved with the adapter so that "
+        "reloading needs no SVD. Not meant to be set by hand.")})
 
     def __post_init__(self):
         super().__post_init__()
