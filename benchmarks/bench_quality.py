@@ -50,8 +50,16 @@ LRS = {
     "flora": [1e-4, 3e-4, 1e-3],
     "effort": [1e-4, 3e-4, 1e-3],
 }
-LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft)", "pissa": "PiSSA", "svfit": "SVFit", "flora": "FLoRA",
-          "effort": "Effort", "qlora": "QLoRA (peft, nf4 base)", "qpissa": "QPiSSA (nf4 residual)"}
+LABELS = {
+    "full": "full fine-tuning",
+    "lora": "LoRA (peft)",
+    "pissa": "PiSSA",
+    "svfit": "SVFit",
+    "flora": "FLoRA",
+    "effort": "Effort",
+    "qlora": "QLoRA (peft, nf4 base)",
+    "qpissa": "QPiSSA (nf4 residual)",
+}
 BATCH = 8
 PRETRAIN_MODULES = ["json.decoder", "argparse", "textwrap", "functools", "pathlib", "csv", "statistics", "shutil"]
 
@@ -74,7 +82,7 @@ def pretraining_like_chunks(tokenizer, count: int = 32, length: int = 128) -> li
     ids: list[int] = []
     for name in PRETRAIN_MODULES:
         ids += tokenizer(inspect.getsource(importlib.import_module(name)), add_special_tokens=False)["input_ids"]
-    chunks = [ids[start:start + length] for start in range(0, len(ids) - length, length)]
+    chunks = [ids[start : start + length] for start in range(0, len(ids) - length, length)]
     return chunks[:: max(1, len(chunks) // count)][:count]
 
 
@@ -90,8 +98,9 @@ def method_recipe(method: str):
         "flora": {"r": RANK, "target_modules": "all-linear"},
         "effort": {"residual_rank": RANK, "target_modules": "all-linear"},
     }
-    return FinetuneRecipe(method=base if base != "full" else "lora", method_config=configs.get(base, {}),
-                          quantization=quantization)
+    return FinetuneRecipe(
+        method=base if base != "full" else "lora", method_config=configs.get(base, {}), quantization=quantization
+    )
 
 
 def build(method: str):
@@ -136,10 +145,16 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
     seconds = time.perf_counter() - start
     validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
     model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
-    return {"method": method, "lr": lr, "train_losses": losses, "regulariser": regularisers,
-            "validation_loss": validation["eval_loss"],
-            "validation_exact_match": validation["exact_match"],
-            "train_seconds": seconds, "trainable": sum(p.numel() for p in trainable)}
+    return {
+        "method": method,
+        "lr": lr,
+        "train_losses": losses,
+        "regulariser": regularisers,
+        "validation_loss": validation["eval_loss"],
+        "validation_exact_match": validation["exact_match"],
+        "train_seconds": seconds,
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def evaluate(method: str, run_dir: str | None) -> dict:
@@ -167,7 +182,8 @@ def evaluate(method: str, run_dir: str | None) -> dict:
     model.eval()
     with torch.no_grad():
         pretrain = statistics.mean(
-            float(model(input_ids=torch.tensor([chunk]), labels=torch.tensor([chunk])).loss) for chunk in chunks)
+            float(model(input_ids=torch.tensor([chunk]), labels=torch.tensor([chunk])).loss) for chunk in chunks
+        )
     metrics = answer_metrics(model, tokenize(test, tokenizer, 64), collator)
     return {"test_loss": metrics["eval_loss"], "exact_match": metrics["exact_match"], "pretrain_loss": pretrain}
 
@@ -176,12 +192,13 @@ def quantisation_errors() -> dict:
     """Nuclear-norm error of QLoRA (W - deq(Q(W))) and QPiSSA (W - deq(Q(W - BA)) - BA) at init, summed over the
     all-linear layers of SmolLM2 at r=16, nf4."""
     import torch
+    from safetensors.torch import load_file
     from torch import nn
 
-    from models import smollm2_path
-    from safetensors.torch import load_file
     from subspace_peft.linalg import truncated_svd
     from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
+
+    from models import smollm2_path
 
     weights = load_file(os.path.join(smollm2_path(), "model.safetensors"))
     qlora = qpissa = 0.0
@@ -190,7 +207,9 @@ def quantisation_errors() -> dict:
             continue
         weight = weight.float()
         plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        qlora += torch.linalg.matrix_norm(weight - dequantized_weight(quantize_residual(plain, weight, "nf4")), ord="nuc").item()
+        qlora += torch.linalg.matrix_norm(
+            weight - dequantized_weight(quantize_residual(plain, weight, "nf4")), ord="nuc"
+        ).item()
         u, s, vh = truncated_svd(weight, RANK)
         principal = (u * s) @ vh
         residual = dequantized_weight(quantize_residual(plain, weight - principal, "nf4"))
@@ -215,10 +234,14 @@ def plot_curves(best: dict[str, dict], path: str) -> None:
     for method, run in best.items():
         losses = run["train_losses"]
         window = 10  # moving average over 10 steps (80 examples): single batches of 8 words are noisy
-        smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+        smooth = [statistics.mean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
         axis.plot(range(1, len(losses) + 1), smooth, label=f"{LABELS[method]} (lr {run['lr']:g})")
-    axis.set(xlabel="step (batch 8)", ylabel="task loss per answer token (10-step mean)", yscale="log",
-             title="SmolLM2-135M on AFINN-165 word valence, each method at its best learning rate")
+    axis.set(
+        xlabel="step (batch 8)",
+        ylabel="task loss per answer token (10-step mean)",
+        yscale="log",
+        title="SmolLM2-135M on AFINN-165 word valence, each method at its best learning rate",
+    )
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -258,8 +281,12 @@ def main() -> None:
             result = child_call(["--train", method, str(lr), "--steps", str(args.steps), "--run-dir", run_dir])
             result["run_dir"] = run_dir
             sweep.setdefault(method, []).append(result)
-            print(f"{method} lr {lr:g}: validation loss {result['validation_loss']:.4f} "
-                  f"({result['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{method} lr {lr:g}: validation loss {result['validation_loss']:.4f} "
+                f"({result['train_seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         best[method] = min(sweep[method], key=lambda r: r["validation_loss"])
         for run in sweep[method]:
             if run is not best[method]:
@@ -268,7 +295,9 @@ def main() -> None:
         if full_precision in best:
             lr = best[full_precision]["lr"]
             run_dir = os.path.join(runs_root, f"{quantised}-{lr:g}")
-            best[quantised] = child_call(["--train", quantised, str(lr), "--steps", str(args.steps), "--run-dir", run_dir])
+            best[quantised] = child_call(
+                ["--train", quantised, str(lr), "--steps", str(args.steps), "--run-dir", run_dir]
+            )
             best[quantised]["run_dir"] = run_dir
             print(f"{quantised} lr {lr:g}: validation loss {best[quantised]['validation_loss']:.4f}", file=sys.stderr)
     base = child_call(["--evaluate", "lora"])
@@ -280,29 +309,72 @@ def main() -> None:
     plot_curves(best, os.path.join(args.out, "loss_curves.png"))
     sweep_table = markdown_table(
         ["method", *[f"lr {i + 1}" for i in range(3)]],
-        [[LABELS[m], *[f"{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}" for r in runs]]
-         for m, runs in sweep.items()])
-    result_rows = [["base model (no fine-tuning)", "-", "-", f"{base['test_loss']:.4f}", f"{base['exact_match']:.3f}",
-                    f"{base['pretrain_loss']:.4f}", "-"]]
+        [
+            [LABELS[m], *[f"{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}" for r in runs]]
+            for m, runs in sweep.items()
+        ],
+    )
+    result_rows = [
+        [
+            "base model (no fine-tuning)",
+            "-",
+            "-",
+            f"{base['test_loss']:.4f}",
+            f"{base['exact_match']:.3f}",
+            f"{base['pretrain_loss']:.4f}",
+            "-",
+        ]
+    ]
     for method, run in best.items():
-        result_rows.append([LABELS[method], f"{run['trainable']:,}", f"{run['lr']:g}", f"{run['test_loss']:.4f}",
-                            f"{run['exact_match']:.3f}", f"{run['pretrain_loss']:.4f}",
-                            f"{run['pretrain_loss'] - base['pretrain_loss']:+.4f}"])
+        result_rows.append(
+            [
+                LABELS[method],
+                f"{run['trainable']:,}",
+                f"{run['lr']:g}",
+                f"{run['test_loss']:.4f}",
+                f"{run['exact_match']:.3f}",
+                f"{run['pretrain_loss']:.4f}",
+                f"{run['pretrain_loss'] - base['pretrain_loss']:+.4f}",
+            ]
+        )
     results_table = markdown_table(
-        ["method", "trainable params", "best lr", "test loss", "test exact match", "pretraining-like loss",
-         "forgetting (rise)"], result_rows)
+        [
+            "method",
+            "trainable params",
+            "best lr",
+            "test loss",
+            "test exact match",
+            "pretraining-like loss",
+            "forgetting (rise)",
+        ],
+        result_rows,
+    )
     quant_table = markdown_table(
         ["", "QLoRA", "QPiSSA", "QPiSSA / QLoRA"],
-        [["nuclear-norm quantisation error at init (sum over layers)", f"{errors['qlora']:.1f}",
-          f"{errors['qpissa']:.1f}", f"{errors['ratio']:.3f}"],
-         ["test loss after the same steps", f"{best['qlora']['test_loss']:.4f}" if "qlora" in best else "-",
-          f"{best['qpissa']['test_loss']:.4f}" if "qpissa" in best else "-", ""]])
-    report = (f"SmolLM2-135M-Instruct, AFINN-165 word valence, {args.steps} steps of batch 8, all linear layers, "
-              f"r={RANK}. Wall time {time.perf_counter() - started:.0f} s.\n\n"
-              f"Validation loss / exact match per learning rate (the sweep; the lowest loss picks the rate):\n\n{sweep_table}\n\n"
-              f"Each method at its best learning rate (400 test words; pretraining-like text: 32 chunks of 128 "
-              f"tokens of Python standard-library source):\n\n{results_table}\n\n"
-              f"QPiSSA against QLoRA (nf4, r={RANK}):\n\n{quant_table}\n")
+        [
+            [
+                "nuclear-norm quantisation error at init (sum over layers)",
+                f"{errors['qlora']:.1f}",
+                f"{errors['qpissa']:.1f}",
+                f"{errors['ratio']:.3f}",
+            ],
+            [
+                "test loss after the same steps",
+                f"{best['qlora']['test_loss']:.4f}" if "qlora" in best else "-",
+                f"{best['qpissa']['test_loss']:.4f}" if "qpissa" in best else "-",
+                "",
+            ],
+        ],
+    )
+    report = (
+        f"SmolLM2-135M-Instruct, AFINN-165 word valence, {args.steps} steps of batch 8, all linear layers, "
+        f"r={RANK}. Wall time {time.perf_counter() - started:.0f} s.\n\n"
+        f"Validation loss / exact match per learning rate (the sweep; the lowest loss picks the "
+        f"rate):\n\n{sweep_table}\n\n"
+        f"Each method at its best learning rate (400 test words; pretraining-like text: 32 chunks of 128 "
+        f"tokens of Python standard-library source):\n\n{results_table}\n\n"
+        f"QPiSSA against QLoRA (nf4, r={RANK}):\n\n{quant_table}\n"
+    )
     with open(os.path.join(args.out, "quality.md"), "w") as handle:
         handle.write(report)
     with open(os.path.join(args.out, "quality.json"), "w") as handle:

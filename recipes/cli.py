@@ -49,8 +49,9 @@ def _text_value(raw: str):
 
 
 def _is_text(kind) -> bool:
-    return (kind is str or typing.get_origin(kind) is typing.Literal
-            or (isinstance(kind, type) and issubclass(kind, Enum)))
+    return (
+        kind is str or typing.get_origin(kind) is typing.Literal or (isinstance(kind, type) and issubclass(kind, Enum))
+    )
 
 
 class RecipeArgumentParser:
@@ -72,19 +73,34 @@ class RecipeArgumentParser:
         self.recipe_class, self.training_class = recipe_class, training_class
         self.recipe_fields = {f.name: f for f in dataclasses.fields(recipe_class)}
         self.training_fields = {f.name: f for f in dataclasses.fields(training_class) if f.init}
-        recipe_group = type("RecipeFlags", (recipe_class,),
-                            {"_argument_group_name": f"recipe ({recipe_class.__name__})"})
-        training_group = type("TrainingFlags", (training_class,),
-                              {"_argument_group_name": f"training (transformers.{training_class.__name__}; the YAML "
-                                                       "file's training: block)"})
+        recipe_group = type(
+            "RecipeFlags", (recipe_class,), {"_argument_group_name": f"recipe ({recipe_class.__name__})"}
+        )
+        training_group = type(
+            "TrainingFlags",
+            (training_class,),
+            {
+                "_argument_group_name": f"training (transformers.{training_class.__name__}; the YAML "
+                "file's training: block)"
+            },
+        )
         # a recipe field of the same name as a TrainingArguments one (output_dir, seed, push_to_hub) is the recipe's
-        self.parser = Parser([training_group, recipe_group], description=description, allow_abbrev=False,
-                             usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]   (--help lists every flag)",
-                             conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.parser = Parser(
+            [training_group, recipe_group],
+            description=description,
+            allow_abbrev=False,
+            usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]   (--help lists every flag)",
+            conflict_handler="resolve",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         groups = self.parser._action_groups  # --help: the recipe's flags first
         groups.append(groups.pop(groups.index(next(g for g in groups if g.title.startswith("training")))))
-        self.parser.add_argument("--config", type=str, default=argparse.SUPPRESS,
-                                 help="a YAML recipe (recipes/configs/*.yaml); flags override it key by key")
+        self.parser.add_argument(
+            "--config",
+            type=str,
+            default=argparse.SUPPRESS,
+            help="a YAML recipe (recipes/configs/*.yaml); flags override it key by key",
+        )
         hints = {**typing.get_type_hints(training_class), **typing.get_type_hints(recipe_class)}
         training_defaults = training_defaults or {}
         for action in self.parser._actions:
@@ -98,8 +114,13 @@ class RecipeArgumentParser:
             kind = field.type if not isinstance(field.type, str) else hints[action.dest]
             action.type = _text_value if _is_text(kind) else _yaml_value
             if recipe_field is not None:
-                default = (field.default if field.default is not dataclasses.MISSING else
-                           field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+                default = (
+                    field.default
+                    if field.default is not dataclasses.MISSING
+                    else field.default_factory()
+                    if field.default_factory is not dataclasses.MISSING
+                    else None
+                )
                 action.help = f"{action.help or ''} (default: {default})".strip()
             elif action.dest in training_defaults:
                 action.help = f"{action.help or ''} (recipe default: {training_defaults[action.dest]})".strip()
@@ -123,11 +144,14 @@ class RecipeArgumentParser:
         source = RecipeSource(path=path, lines=lines)
         self._lift_training_keys(values, lines, path)
         for dest, value in given.items():
-            if isinstance(value, _Unparsed) or (isinstance(value, list) and any(isinstance(v, _Unparsed)
-                                                                                for v in value)):
+            if isinstance(value, _Unparsed) or (
+                isinstance(value, list) and any(isinstance(v, _Unparsed) for v in value)
+            ):
                 bad = value if isinstance(value, _Unparsed) else next(v for v in value if isinstance(v, _Unparsed))
-                raise RecipeError(f"--{dest}: {bad.raw!r} is not a valid YAML value ({bad.problem}); fix: quote or "
-                                  "correct it (lists as [a, b], mappings as {key: value})")
+                raise RecipeError(
+                    f"--{dest}: {bad.raw!r} is not a valid YAML value ({bad.problem}); fix: quote or "
+                    "correct it (lists as [a, b], mappings as {key: value})"
+                )
             if dest in self.recipe_fields:
                 self._set(values, source, dest, value, dest)
             else:
@@ -158,8 +182,10 @@ class RecipeArgumentParser:
             if not isinstance(training, dict):
                 return  # the type check names training's line
             if key in training:
-                raise RecipeError(f"{path}:{lines.get(key)}: {key} is set twice (also in training:, line "
-                                  f"{lines.get(f'training.{key}')}); fix: keep one of them")
+                raise RecipeError(
+                    f"{path}:{lines.get(key)}: {key} is set twice (also in training:, line "
+                    f"{lines.get(f'training.{key}')}); fix: keep one of them"
+                )
             training[key] = values.pop(key)
             if key in lines:
                 lines[f"training.{key}"] = lines[key]
@@ -167,19 +193,24 @@ class RecipeArgumentParser:
     def _refuse(self, rest: list[str]) -> None:
         flags = [token.split("=", 1)[0] for token in rest if token.startswith("-")]
         if not flags:
-            raise RecipeError(f"command line: expected --key value pairs, got {rest[0]!r}; fix: write each override "
-                              "as --key value, quoting a value with spaces (e.g. --method_config '{r: 4}')")
+            raise RecipeError(
+                f"command line: expected --key value pairs, got {rest[0]!r}; fix: write each override "
+                "as --key value, quoting a value with spaces (e.g. --method_config '{r: 4}')"
+            )
         names = [flag.lstrip("-") for flag in flags]
         close = difflib.get_close_matches("--" + names[0].replace("-", "_"), self.flag_names(), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise RecipeError(f"{flags[0]}: unknown recipe keys {names} (no recipe field or "
-                          f"{self.training_class.__name__} field has that name); {hint}fix: rename or remove it "
-                          "(--help lists the flags)")
+        raise RecipeError(
+            f"{flags[0]}: unknown recipe keys {names} (no recipe field or "
+            f"{self.training_class.__name__} field has that name); {hint}fix: rename or remove it "
+            "(--help lists the flags)"
+        )
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = (_deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
-                       else value)
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged

@@ -70,7 +70,7 @@ class RecipeSource:
 
 
 def _parent_key(key: str) -> str:
-    return key[:max(key.rfind("."), key.rfind("["), 0)]
+    return key[: max(key.rfind("."), key.rfind("["), 0)]
 
 
 def source_of(recipe) -> RecipeSource:
@@ -84,7 +84,7 @@ def locate(error: RecipeError, source: RecipeSource) -> RecipeError:
     where, message = source.where(error.key), str(error)
     top = re.split(r"[.\[]", error.key, maxsplit=1)[0]
     if where == f"--{top}" and message.startswith(f"{top}: "):  # "--resume: ...", not "--resume: resume: ..."
-        message = message[len(top) + 2:]
+        message = message[len(top) + 2 :]
     located_error = RecipeError(f"{where}: {message}" if where else message)
     located_error.__cause__ = error.__cause__
     return located_error
@@ -115,8 +115,10 @@ def _key_lines(text: str, path: str) -> dict:
     for key_node, value_node in root.value:
         key = str(key_node.value)
         if key in lines:
-            raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {key} is set twice (first on line "
-                              f"{lines[key]}); fix: keep one of them")
+            raise RecipeError(
+                f"{path}:{key_node.start_mark.line + 1}: {key} is set twice (first on line "
+                f"{lines[key]}); fix: keep one of them"
+            )
         lines[key] = key_node.start_mark.line + 1
         if isinstance(value_node, yaml.MappingNode):
             for sub_key, _ in value_node.value:
@@ -143,14 +145,16 @@ def read_yaml_recipe(path: str) -> tuple[dict, dict]:
     import yaml
 
     if os.path.isdir(path):
-        raise RecipeError(f"--config {path}: is a folder; fix: pass the YAML recipe file itself "
-                          "(e.g. recipes/configs/pissa.yaml)")
+        raise RecipeError(
+            f"--config {path}: is a folder; fix: pass the YAML recipe file itself (e.g. recipes/configs/pissa.yaml)"
+        )
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
-        raise RecipeError(f"--config {path}: no such file; fix: pass an existing YAML recipe "
-                          "(e.g. recipes/configs/pissa.yaml)") from None
+        raise RecipeError(
+            f"--config {path}: no such file; fix: pass an existing YAML recipe (e.g. recipes/configs/pissa.yaml)"
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"--config {path}: cannot be read ({error}); fix: pass a readable UTF-8 YAML file") from None
     try:
@@ -160,8 +164,10 @@ def read_yaml_recipe(path: str) -> tuple[dict, dict]:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise RecipeError(f"{path}:1: the recipe must be a YAML mapping of key: value lines, got a "
-                          f"{type(values).__name__}; fix: write one 'key: value' per line")
+        raise RecipeError(
+            f"{path}:1: the recipe must be a YAML mapping of key: value lines, got a "
+            f"{type(values).__name__}; fix: write one 'key: value' per line"
+        )
     bad = [k for k in values if not isinstance(k, str)]
     if bad:
         raise RecipeError(f"{path}: keys must be names, got {bad!r}; fix: write them as words (e.g. max_length: 64)")
@@ -180,10 +186,13 @@ def _split_flags(overrides: list[str]) -> list[tuple[str, str]]:
     while index < len(tokens):
         flag = tokens[index]
         if not flag.startswith("--") or len(flag) == 2:
-            raise RecipeError(f"command line: expected --key value pairs, got {flag!r}; fix: write each override "
-                              "as --key value, quoting a value with spaces (e.g. --training '{max_steps: 50}')")
-        if index + 1 >= len(tokens) or (tokens[index + 1].startswith("--") and len(tokens[index + 1]) > 2
-                                        and tokens[index + 1][2].isalpha()):
+            raise RecipeError(
+                f"command line: expected --key value pairs, got {flag!r}; fix: write each override "
+                "as --key value, quoting a value with spaces (e.g. --training '{max_steps: 50}')"
+            )
+        if index + 1 >= len(tokens) or (
+            tokens[index + 1].startswith("--") and len(tokens[index + 1]) > 2 and tokens[index + 1][2].isalpha()
+        ):
             raise RecipeError(f"command line: {flag} has no value; fix: pass {flag} VALUE")
         pairs.append((flag[2:].replace("-", "_"), tokens[index + 1]))
         index += 2
@@ -203,8 +212,10 @@ def load_recipe(cls: type[T], path: Optional[str], overrides: list[str]) -> T:
             values[key] = yaml.safe_load(raw)
         except yaml.YAMLError as error:
             problem = getattr(error, "problem", None) or error
-            raise RecipeError(f"--{key}: {raw!r} is not a valid YAML value ({problem}); fix: quote or "
-                              "correct it (lists as [a, b], mappings as {key: value})") from None
+            raise RecipeError(
+                f"--{key}: {raw!r} is not a valid YAML value ({problem}); fix: quote or "
+                "correct it (lists as [a, b], mappings as {key: value})"
+            ) from None
         source.flags.add(key)
     return build_recipe(cls, values, source)
 
@@ -221,13 +232,18 @@ def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
         where = source.where(unknown[0]) or path or "command line"
         hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
         hint = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in hints.items() if m)
-        raise RecipeError(f"{where}: unknown recipe keys {unknown}; {hint + ' ' if hint else ''}fix: remove or "
-                          f"rename them (known keys: {sorted(known)})")
+        raise RecipeError(
+            f"{where}: unknown recipe keys {unknown}; {hint + ' ' if hint else ''}fix: remove or "
+            f"rename them (known keys: {sorted(known)})"
+        )
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     missing = [k for k in required if k not in values]
     if missing:
-        raise RecipeError(f"{path or 'command line'}: missing required recipe key(s) {missing}; fix: add "
-                          + ", ".join(f"'{k}: ...'" for k in missing) + (" to the file" if path else " as --key value"))
+        raise RecipeError(
+            f"{path or 'command line'}: missing required recipe key(s) {missing}; fix: add "
+            + ", ".join(f"'{k}: ...'" for k in missing)
+            + (" to the file" if path else " as --key value")
+        )
     try:
         recipe = cls(**values)
     except RecipeError as error:
@@ -238,8 +254,14 @@ def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
 
 # -- checks shared by the recipes' __post_init__ -------------------------------------------------------------------
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-          list: "a list"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "a mapping",
+    list: "a list",
+}
 
 
 def _describe(value) -> str:
@@ -287,19 +309,30 @@ def check_field_types(recipe) -> None:
             continue
         kind = _KINDS.get(hint, hint.__name__) + (" or null" if optional else "")
         example = {int: " (e.g. 64)", float: " (e.g. 0.5)", dict: " ({key: value})", list: " ([a, b])"}
-        raise RecipeError(f"{f.name} must be {kind}, got {_describe(value)}; fix: set {f.name} to "
-                          f"{kind}{example.get(hint, '')}", key=f.name)
+        raise RecipeError(
+            f"{f.name} must be {kind}, got {_describe(value)}; fix: set {f.name} to {kind}{example.get(hint, '')}",
+            key=f.name,
+        )
 
 
 def check_positive_int(key: str, value, what: str) -> None:
     """``value`` is an integer >= 1, else a :class:`RecipeError` naming ``key``; ``what`` says what it counts."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecipeError(f"{key} must be an integer >= 1 ({what}), got {_describe(value)}; fix: set {key} to a "
-                          "positive integer", key=key)
+        raise RecipeError(
+            f"{key} must be an integer >= 1 ({what}), got {_describe(value)}; fix: set {key} to a positive integer",
+            key=key,
+        )
 
 
-def check_number(key: str, value, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False, fix: str = "") -> float:
+def check_number(
+    key: str,
+    value,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    fix: str = "",
+) -> float:
     """``value`` as a finite float in the interval, else a :class:`RecipeError` naming ``key`` and the interval."""
     number = as_float(value)
     inside = number is not None and math.isfinite(number)
@@ -308,18 +341,23 @@ def check_number(key: str, value, low: Optional[float] = None, high: Optional[fl
     if inside and high is not None:
         inside = number < high if high_open else number <= high
     if not inside:
-        interval = ("(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}") + ", " + \
-                   ("inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
-        raise RecipeError(f"{key} must be a finite number in {interval}, got {_describe(value)}; fix: "
-                          f"{fix or f'set {key} to a value in {interval}'}", key=key)
+        interval = (
+            ("(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}")
+            + ", "
+            + ("inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+        )
+        raise RecipeError(
+            f"{key} must be a finite number in {interval}, got {_describe(value)}; fix: "
+            f"{fix or f'set {key} to a value in {interval}'}",
+            key=key,
+        )
     return number
 
 
 def check_finite_numbers(key: str, value) -> None:
     """No NaN or infinite float anywhere in ``value`` (nested mappings and lists included)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"{key} is {value}, which is not a finite number; fix: set {key} to a finite value",
-                          key=key)
+        raise RecipeError(f"{key} is {value}, which is not a finite number; fix: set {key} to a finite value", key=key)
     if isinstance(value, dict):
         for sub_key, sub_value in value.items():
             check_finite_numbers(f"{key}.{sub_key}", sub_value)
@@ -337,8 +375,11 @@ def check_repo_id(key: str, value: Optional[str]) -> None:
     try:
         validate_repo_id(value)
     except HFValidationError as error:
-        raise RecipeError(f"{key} {value!r} is not a valid Hub repo id ({error}); fix: set {key} to 'user/name' "
-                          "(letters, digits, '-', '_', '.')", key=key) from None
+        raise RecipeError(
+            f"{key} {value!r} is not a valid Hub repo id ({error}); fix: set {key} to 'user/name' "
+            "(letters, digits, '-', '_', '.')",
+            key=key,
+        ) from None
 
 
 def check_pretrained_source(key: str, path: str, marker: str, fix: str) -> None:
@@ -355,8 +396,10 @@ def check_pretrained_source(key: str, path: str, marker: str, fix: str) -> None:
             with open(marker_path, encoding="utf-8") as handle:
                 json.load(handle)
         except json.JSONDecodeError as error:
-            raise RecipeError(f"{marker_path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}) ({key}); "
-                              "fix: restore the file (save the model again)") from None
+            raise RecipeError(
+                f"{marker_path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}) ({key}); "
+                "fix: restore the file (save the model again)"
+            ) from None
         except (OSError, ValueError) as error:
             raise RecipeError(f"{key}: {marker_path} cannot be read ({one_line(error)}); {fix}", key=key) from None
         return
@@ -376,6 +419,7 @@ def check_output_dir(key: str, path: str) -> None:
 
 # -- data files ----------------------------------------------------------------------------------------------------
 
+
 def read_json_rows(path: str, what: str, key: Optional[str] = None) -> list[tuple[str, Any]]:
     """(where, record) pairs of a JSON-lines file (where: ``path:line``) or of a JSON file holding a list of records
     (where: ``path record N``). ``what`` names the key the file comes from (``key``: the recipe key, to locate a
@@ -387,14 +431,16 @@ def read_json_rows(path: str, what: str, key: Optional[str] = None) -> list[tupl
     except FileNotFoundError:
         raise RecipeError(f"{what}: no such file {path}; fix: set {what} to an existing file", key=key) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{what}: {path} cannot be read ({one_line(error)}); fix: pass a readable UTF-8 file",
-                          key=key) from None
+        raise RecipeError(
+            f"{what}: {path} cannot be read ({one_line(error)}); fix: pass a readable UTF-8 file", key=key
+        ) from None
     if text.lstrip().startswith("["):  # one JSON array of records
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise RecipeError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); fix the JSON "
-                              f"there ({what})") from None
+            raise RecipeError(
+                f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); fix the JSON there ({what})"
+            ) from None
         return [(f"{path} record {index + 1}", record) for index, record in enumerate(records)]
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -406,8 +452,12 @@ def read_json_rows(path: str, what: str, key: Optional[str] = None) -> list[tupl
             try:  # one JSON object over several lines: not a list of records
                 json.loads(text)
             except json.JSONDecodeError:
-                raise RecipeError(f"{path}:{number}:{error.colno}: not valid JSON ({error.msg}); fix: one JSON "
-                                  f"object per line ({what})") from None
-            raise RecipeError(f"{path}: holds a single JSON document, not records; fix: write one JSON object per "
-                              f"line, or a JSON list of objects ({what})") from None
+                raise RecipeError(
+                    f"{path}:{number}:{error.colno}: not valid JSON ({error.msg}); fix: one JSON "
+                    f"object per line ({what})"
+                ) from None
+            raise RecipeError(
+                f"{path}: holds a single JSON document, not records; fix: write one JSON object per "
+                f"line, or a JSON list of objects ({what})"
+            ) from None
     return rows

@@ -34,9 +34,20 @@ import subspace_peft  # the method records (and our methods registered with peft
 from subspace_peft.methods import DEFAULT_METHOD
 
 from checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401  (part of the recipe's API)
-from common import (RecipeError, as_float, check_field_types, check_finite_numbers, check_number, check_output_dir,
-                    check_positive_int, check_pretrained_source, check_repo_id, load_recipe, located,  # noqa: F401
-                    one_line)
+from common import (
+    RecipeError,
+    as_float,
+    check_field_types,
+    check_finite_numbers,
+    check_number,
+    check_output_dir,
+    check_positive_int,  # noqa: F401  (part of the recipe's API)
+    check_pretrained_source,
+    check_repo_id,
+    load_recipe,  # noqa: F401  (part of the recipe's API)
+    located,
+    one_line,
+)
 from data import check_answers_fit, collate, load_rows, tokenize
 from guards import check_distribution_took_effect, keep_4bit_layers_on_the_training_path  # noqa: F401
 from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
@@ -48,8 +59,15 @@ QUANTIZATIONS = Quantization.names()
 DTYPES = ("float32", "bfloat16", "float16")
 TRAINERS = ("transformers", "trl")
 TRAINING_DEFAULTS = dict(
-    max_steps=120, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=2e-4,
-    logging_steps=10, save_steps=40, save_total_limit=2, lr_scheduler_type="constant", report_to=[],
+    max_steps=120,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=16,
+    learning_rate=2e-4,
+    logging_steps=10,
+    save_steps=40,
+    save_total_limit=2,
+    lr_scheduler_type="constant",
+    report_to=[],
     disable_tqdm=False,
 )
 # TRL's SFTConfig defaults that differ from TrainingArguments' (bf16 on, gradient checkpointing on): the recipe trains
@@ -65,61 +83,111 @@ def _help(text: str) -> dict:
 class FinetuneRecipe:
     """The recipe's fields (each a ``--flag`` and a YAML key); ``training`` holds TrainingArguments' keys."""
 
-    model: str = field(default="smollm2", metadata=_help(
-        "smollm2 (the packaged SmolLM2-135M-Instruct), a local model folder (safetensors) or a Hub model id"))
-    dataset: str = field(default="builtin:arithmetic", metadata=_help(
-        "builtin:arithmetic, builtin:arithmetic-chat, a datasets name, or a local .json/.jsonl/.csv file"))
+    model: str = field(
+        default="smollm2",
+        metadata=_help(
+            "smollm2 (the packaged SmolLM2-135M-Instruct), a local model folder (safetensors) or a Hub model id"
+        ),
+    )
+    dataset: str = field(
+        default="builtin:arithmetic",
+        metadata=_help(
+            "builtin:arithmetic, builtin:arithmetic-chat, a datasets name, or a local .json/.jsonl/.csv file"
+        ),
+    )
     prompt_field: str = field(default="prompt", metadata=_help("the data's prompt column (prompt/answer data)"))
-    answer_field: str = field(default="answer", metadata=_help(
-        "the data's answer column (prompt/answer data; the loss is on the answer only)"))
-    messages_field: str = field(default="messages", metadata=_help(
-        "the data's conversation column (chat data: a list of {role, content}, rendered with the tokenizer's chat "
-        "template; the loss is on the assistant turns only), used when the prompt/answer columns are absent"))
+    answer_field: str = field(
+        default="answer",
+        metadata=_help("the data's answer column (prompt/answer data; the loss is on the answer only)"),
+    )
+    messages_field: str = field(
+        default="messages",
+        metadata=_help(
+            "the data's conversation column (chat data: a list of {role, content}, rendered with the tokenizer's chat "
+            "template; the loss is on the assistant turns only), used when the prompt/answer columns are absent"
+        ),
+    )
     train_size: int = field(default=2000, metadata=_help("training examples (after the held-out ones)"))
     eval_size: int = field(default=64, metadata=_help("held-out examples (the data's first rows)"))
     max_length: int = field(default=64, metadata=_help("tokens per example, prompt and answer together"))
     method: str = field(default=DEFAULT_METHOD.name, metadata=_help(f"the adapter: one of {', '.join(METHODS)}"))
-    method_config: dict = field(default_factory=lambda: dict(DEFAULT_METHOD.recipe_defaults), metadata=_help(
-        "the method's config fields as a mapping ({r: 8, target_modules: all-linear}); a flag merges into the "
-        "file's key by key"))
-    quantization: str = field(default="none", metadata=_help(
-        f"one of {', '.join(QUANTIZATIONS)}: QLoRA (method lora) or QPiSSA (method pissa)"))
-    dtype: str = field(default="float32", metadata=_help(
-        f"the model's dtype, one of {', '.join(DTYPES)}; a 4-bit base is stored in it too (what FSDP shards)"))
-    trainer: str = field(default="transformers", metadata=_help(
-        "transformers (transformers.Trainer) or trl (TRL's SFTTrainer; its SFTConfig keys are allowed in "
-        "training:)"))
-    training: dict = field(default_factory=dict, metadata=_help(
-        "TrainingArguments keys as a mapping (the file's training: block); each is also a flag of its own"))
-    output_dir: str = field(default="runs/finetune", metadata=_help(
-        "the run's folder: adapter/, checkpoint-N/, loss.png, metrics.json"))
+    method_config: dict = field(
+        default_factory=lambda: dict(DEFAULT_METHOD.recipe_defaults),
+        metadata=_help(
+            "the method's config fields as a mapping ({r: 8, target_modules: all-linear}); a flag merges into the "
+            "file's key by key"
+        ),
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_help(f"one of {', '.join(QUANTIZATIONS)}: QLoRA (method lora) or QPiSSA (method pissa)"),
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=_help(
+            f"the model's dtype, one of {', '.join(DTYPES)}; a 4-bit base is stored in it too (what FSDP shards)"
+        ),
+    )
+    trainer: str = field(
+        default="transformers",
+        metadata=_help(
+            "transformers (transformers.Trainer) or trl (TRL's SFTTrainer; its SFTConfig keys are allowed in training:)"
+        ),
+    )
+    training: dict = field(
+        default_factory=dict,
+        metadata=_help(
+            "TrainingArguments keys as a mapping (the file's training: block); each is also a flag of its own"
+        ),
+    )
+    output_dir: str = field(
+        default="runs/finetune", metadata=_help("the run's folder: adapter/, checkpoint-N/, loss.png, metrics.json")
+    )
     resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint in output_dir"))
-    push_to_hub: Optional[str] = field(default=None, metadata=_help(
-        "a Hub repo id (user/name): the adapter and a model card are pushed after training"))
-    hub_base_model: Optional[str] = field(default=None, metadata=_help(
-        "the Hub id of the base model, written to the model card and the pushed adapter_config.json; default: "
-        "HuggingFaceTB/SmolLM2-135M-Instruct for model smollm2, the model itself for a Hub id; needed for a local "
-        "model folder"))
+    push_to_hub: Optional[str] = field(
+        default=None,
+        metadata=_help("a Hub repo id (user/name): the adapter and a model card are pushed after training"),
+    )
+    hub_base_model: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "the Hub id of the base model, written to the model card and the pushed adapter_config.json; default: "
+            "HuggingFaceTB/SmolLM2-135M-Instruct for model smollm2, the model itself for a Hub id; needed for a local "
+            "model folder"
+        ),
+    )
     hub_license: Optional[str] = field(default=None, metadata=_help("the model card's license (e.g. apache-2.0)"))
-    hub_datasets: Optional[list[str]] = field(default=None, metadata=_help(
-        "the model card's datasets (Hub dataset ids)"))
-    seed: int = field(default=0, metadata=_help("the data's and the training's seed (TrainingArguments seed and "
-                                                "data_seed unless training: sets them)"))
+    hub_datasets: Optional[list[str]] = field(
+        default=None, metadata=_help("the model card's datasets (Hub dataset ids)")
+    )
+    seed: int = field(
+        default=0,
+        metadata=_help(
+            "the data's and the training's seed (TrainingArguments seed and data_seed unless training: sets them)"
+        ),
+    )
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file, model or network: a
         :class:`RecipeError` naming the key and the fix (``load_recipe`` adds the file and line)."""
         check_field_types(self)
-        for key, allowed in (("method", METHODS), ("dtype", DTYPES), ("quantization", QUANTIZATIONS),
-                             ("trainer", TRAINERS)):
+        for key, allowed in (
+            ("method", METHODS),
+            ("dtype", DTYPES),
+            ("quantization", QUANTIZATIONS),
+            ("trainer", TRAINERS),
+        ):
             if getattr(self, key) not in allowed:
-                raise RecipeError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to "
-                                  "one of them", key=key)
+                raise RecipeError(
+                    f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to one of them",
+                    key=key,
+                )
         if self.quantization != Quantization.NONE.value and self.method not in QUANTIZED_BASE_METHODS:
             raise RecipeError(
                 f"quantization={self.quantization!r} needs a method that trains on a quantised base: 'lora' (QLoRA) "
                 f"or 'pissa' (QPiSSA). {self.method} takes its SVD or its update from the full-precision weights; "
-                "fix: set quantization: none", key="quantization"
+                "fix: set quantization: none",
+                key="quantization",
             )
         for key in ("model", "dataset", "prompt_field", "answer_field", "messages_field", "output_dir"):
             if not getattr(self, key).strip():
@@ -132,8 +200,11 @@ class FinetuneRecipe:
         check_repo_id("push_to_hub", self.push_to_hub)
         check_repo_id("hub_base_model", self.hub_base_model)
         if self.hub_datasets is not None and not all(isinstance(d, str) and d.strip() for d in self.hub_datasets):
-            raise RecipeError(f"hub_datasets must be a list of Hub dataset ids, got {self.hub_datasets!r}; fix: set "
-                              "hub_datasets to [user/name, ...]", key="hub_datasets")
+            raise RecipeError(
+                f"hub_datasets must be a list of Hub dataset ids, got {self.hub_datasets!r}; fix: set "
+                "hub_datasets to [user/name, ...]",
+                key="hub_datasets",
+            )
 
     @property
     def quantized(self) -> Quantization:
@@ -142,14 +213,16 @@ class FinetuneRecipe:
 
 # -- 1. configure: the command line over the YAML file, then every check before anything loads ---------------------
 
+
 def command_line():
     """The recipe's ``HfArgumentParser``: a flag per recipe field and per TrainingArguments field."""
     from transformers import TrainingArguments
 
     from cli import RecipeArgumentParser
 
-    return RecipeArgumentParser(FinetuneRecipe, TrainingArguments, description=__doc__,
-                                training_defaults=TRAINING_DEFAULTS)
+    return RecipeArgumentParser(
+        FinetuneRecipe, TrainingArguments, description=__doc__, training_defaults=TRAINING_DEFAULTS
+    )
 
 
 def configure(argv: Optional[list[str]] = None) -> FinetuneRecipe:
@@ -168,16 +241,21 @@ def peft_config(recipe: FinetuneRecipe):
     config_fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = sorted(set(recipe.method_config) - set(config_fields))
     if unknown and recipe.method_config == FinetuneRecipe().method_config:
-        raise RecipeError(f"method_config is not set, and the default one is {DEFAULT_METHOD.title}'s ({unknown} "
-                          f"are no {config_class.__name__} fields); fix: set method_config for {recipe.method} (see "
-                          f"recipes/configs/{recipe.method}.yaml)", key="method")
+        raise RecipeError(
+            f"method_config is not set, and the default one is {DEFAULT_METHOD.title}'s ({unknown} "
+            f"are no {config_class.__name__} fields); fix: set method_config for {recipe.method} (see "
+            f"recipes/configs/{recipe.method}.yaml)",
+            key="method",
+        )
     if unknown:
         import difflib
 
         hints = [m[0] for k in unknown for m in [difflib.get_close_matches(str(k), list(config_fields), n=1)] if m]
-        raise RecipeError(f"method_config: {config_class.__name__} has no field(s) {unknown}"
-                          f"{f' (did you mean {hints}?)' if hints else ''}; fix: use the fields its docstring lists",
-                          key=f"method_config.{unknown[0]}")
+        raise RecipeError(
+            f"method_config: {config_class.__name__} has no field(s) {unknown}"
+            f"{f' (did you mean {hints}?)' if hints else ''}; fix: use the fields its docstring lists",
+            key=f"method_config.{unknown[0]}",
+        )
     values = dict(recipe.method_config)
     for key, value in values.items():  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(config_fields[key].default, float) and isinstance(value, str) and as_float(value) is not None:
@@ -186,8 +264,10 @@ def peft_config(recipe: FinetuneRecipe):
     try:
         return config_class(task_type=TaskType.CAUSAL_LM, **values)
     except (ValueError, TypeError) as error:
-        raise RecipeError(f"method_config: {config_class.__name__} rejects it: {one_line(error)}; fix: correct the "
-                          "value it names", key="method_config") from None
+        raise RecipeError(
+            f"method_config: {config_class.__name__} rejects it: {one_line(error)}; fix: correct the value it names",
+            key="method_config",
+        ) from None
 
 
 # TrainingArguments keys with a range the recipe checks before anything loads (the rest TrainingArguments checks)
@@ -198,10 +278,18 @@ _POSITIVE_TRAINING_INTS = {
     "gradient_accumulation_steps": "batches accumulated per optimizer step",
 }
 _TRAINING_RANGES = {  # key: (low, high, low_open)
-    "learning_rate": (0.0, None, True), "num_train_epochs": (0.0, None, True), "weight_decay": (0.0, None, False),
-    "warmup_ratio": (0.0, 1.0, False), "warmup_steps": (0.0, None, False), "max_grad_norm": (0.0, None, False),
-    "logging_steps": (0.0, None, True), "save_steps": (0.0, None, True), "eval_steps": (0.0, None, True),
-    "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "adam_epsilon": (0.0, None, True),
+    "learning_rate": (0.0, None, True),
+    "num_train_epochs": (0.0, None, True),
+    "weight_decay": (0.0, None, False),
+    "warmup_ratio": (0.0, 1.0, False),
+    "warmup_steps": (0.0, None, False),
+    "max_grad_norm": (0.0, None, False),
+    "logging_steps": (0.0, None, True),
+    "save_steps": (0.0, None, True),
+    "eval_steps": (0.0, None, True),
+    "adam_beta1": (0.0, 1.0, False),
+    "adam_beta2": (0.0, 1.0, False),
+    "adam_epsilon": (0.0, None, True),
 }
 
 
@@ -229,12 +317,20 @@ def training_arguments(recipe: FinetuneRecipe):
     unknown = sorted(str(k) for k in recipe.training if k not in known)
     if unknown:
         hints = [m[0] for k in unknown for m in [difflib.get_close_matches(k, list(known), n=1)] if m]
-        raise RecipeError(f"training: unknown key(s) {unknown}{f' (did you mean {hints}?)' if hints else ''}; fix: "
-                          f"use {arguments_class.__name__} field names", key=f"training.{unknown[0]}")
+        raise RecipeError(
+            f"training: unknown key(s) {unknown}{f' (did you mean {hints}?)' if hints else ''}; fix: "
+            f"use {arguments_class.__name__} field names",
+            key=f"training.{unknown[0]}",
+        )
     # no use_cpu: transformers picks the device itself, and use_cpu=True would turn off DDP's gradient all-reduce
     # in a CPU run under accelerate launch
-    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "data_seed": recipe.seed, "output_dir": recipe.output_dir,
-              "eval_strategy": "steps"}
+    values = {
+        **TRAINING_DEFAULTS,
+        "seed": recipe.seed,
+        "data_seed": recipe.seed,
+        "output_dir": recipe.output_dir,
+        "eval_strategy": "steps",
+    }
     if recipe.trainer == "trl":
         values.update(TRL_DEFAULTS, max_length=recipe.max_length)
     values.update(recipe.training)
@@ -244,8 +340,10 @@ def training_arguments(recipe: FinetuneRecipe):
         if key in known and isinstance(known[key].default, float) and isinstance(value, str):
             values[key] = as_float(value) if as_float(value) is not None else value
         if hints.get(key) is bool and not isinstance(value, bool):
-            raise RecipeError(f"training.{key} must be true or false, got {value!r}; fix: set it to true or false",
-                              key=f"training.{key}")
+            raise RecipeError(
+                f"training.{key} must be true or false, got {value!r}; fix: set it to true or false",
+                key=f"training.{key}",
+            )
     for key, what in _POSITIVE_TRAINING_INTS.items():
         if key == "max_steps" and values.get(key) == -1 and not isinstance(values[key], bool):
             continue  # transformers' own meaning: train for num_train_epochs
@@ -260,8 +358,10 @@ def training_arguments(recipe: FinetuneRecipe):
         return arguments_class(**values)
     except (TypeError, ValueError) as error:
         named = [k for k, v in recipe.training.items() if k in str(error) or (isinstance(v, str) and v in str(error))]
-        raise RecipeError(f"training: {arguments_class.__name__} rejects it: {one_line(error)}; fix: correct the key "
-                          "it names", key=f"training.{named[0]}" if named else "training") from None
+        raise RecipeError(
+            f"training: {arguments_class.__name__} rejects it: {one_line(error)}; fix: correct the key it names",
+            key=f"training.{named[0]}" if named else "training",
+        ) from None
 
 
 def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
@@ -282,17 +382,21 @@ def push_arguments(recipe: FinetuneRecipe) -> dict:
 
     base_model = hub_base_model(recipe)
     if base_model is None:
-        raise RecipeError(f"push_to_hub: the model {recipe.model} is a local folder, and a pushed adapter names its "
-                          "base model by Hub id; fix: pass --hub_base_model <the Hub id of the model in that folder>",
-                          key="push_to_hub")
+        raise RecipeError(
+            f"push_to_hub: the model {recipe.model} is a local folder, and a pushed adapter names its "
+            "base model by Hub id; fix: pass --hub_base_model <the Hub id of the model in that folder>",
+            key="push_to_hub",
+        )
     wanted = {"base_model": base_model, "license": recipe.hub_license, "datasets": recipe.hub_datasets}
     accepted = inspect.signature(subspace_peft.push_adapter).parameters
     given = {"base_model": recipe.hub_base_model, "license": recipe.hub_license, "datasets": recipe.hub_datasets}
     refused = [name for name, value in given.items() if value is not None and name not in accepted]
     if refused:
-        raise RecipeError(f"push_to_hub: this subspace_peft's push_adapter takes no {refused} argument; fix: update "
-                          f"subspace-peft, or leave out {', '.join('--hub_' + n.split('_')[0] for n in refused)}",
-                          key="push_to_hub")
+        raise RecipeError(
+            f"push_to_hub: this subspace_peft's push_adapter takes no {refused} argument; fix: update "
+            f"subspace-peft, or leave out {', '.join('--hub_' + n.split('_')[0] for n in refused)}",
+            key="push_to_hub",
+        )
     # the derived base model id goes where push_adapter takes it; an older one reads it from the model config
     return {name: value for name, value in wanted.items() if value is not None and name in accepted}
 
@@ -323,6 +427,7 @@ def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
 
 # -- 2. load the model ------------------------------------------------------------------------------------------------
 
+
 def model_path(recipe: FinetuneRecipe) -> str:
     from packaged_models import smollm2_path
 
@@ -337,11 +442,18 @@ def check_model_source(recipe: FinetuneRecipe) -> None:
 
         missing = smollm2_missing()
         if missing:
-            raise RecipeError(f"model: smollm2 (the packaged SmolLM2-135M-Instruct) is not installed; fix: {missing}, "
-                              "or set model to a local model folder or a Hub model id", key="model")
+            raise RecipeError(
+                f"model: smollm2 (the packaged SmolLM2-135M-Instruct) is not installed; fix: {missing}, "
+                "or set model to a local model folder or a Hub model id",
+                key="model",
+            )
     else:
-        check_pretrained_source("model", recipe.model, "config.json", "fix: set model to smollm2, a local model "
-                                "folder (config.json and safetensors) or a Hub model id")
+        check_pretrained_source(
+            "model",
+            recipe.model,
+            "config.json",
+            "fix: set model to smollm2, a local model folder (config.json and safetensors) or a Hub model id",
+        )
 
 
 def load_tokenizer(recipe: FinetuneRecipe):
@@ -353,9 +465,12 @@ def load_tokenizer(recipe: FinetuneRecipe):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise RecipeError(f"model: no tokenizer could be loaded from {path!r} ({type(error).__name__}: "
-                          f"{one_line(error)}); fix: set model to smollm2, a local model folder with its tokenizer or "
-                          "a Hub model id", key="model") from None
+        raise RecipeError(
+            f"model: no tokenizer could be loaded from {path!r} ({type(error).__name__}: "
+            f"{one_line(error)}); fix: set model to smollm2, a local model folder with its tokenizer or "
+            "a Hub model id",
+            key="model",
+        ) from None
     if tokenizer.eos_token_id is None:  # e.g. a BERT-style tokenizer: its separator ends an answer
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
@@ -387,6 +502,7 @@ def fsdp_storage_mismatch(recipe: FinetuneRecipe, mixed_precision: str) -> Optio
 
 # -- 3. build the adapter ---------------------------------------------------------------------------------------------
 
+
 def build_adapter(model, config):
     """The peft model of ``config`` around ``model`` (the method's SVD or init runs here)."""
     from peft import get_peft_model
@@ -398,6 +514,7 @@ def build_adapter(model, config):
 
 
 # -- 4. data ----------------------------------------------------------------------------------------------------------
+
 
 def prepare_data(recipe: FinetuneRecipe, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
     """(train set, held-out set), tokenised (``Dataset.map``): loss on the answer, or on the assistant turns."""
@@ -411,6 +528,7 @@ def prepare_data(recipe: FinetuneRecipe, tokenizer, train_rows: list[dict], eval
 
 # -- 5. train ---------------------------------------------------------------------------------------------------------
 
+
 def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval_set):
     """transformers' Trainer with ``DataCollatorForSeq2Seq``, or TRL's SFTTrainer (``trainer: trl``), which takes the
     tokenised sets as they are (they hold labels) and pads them with its own collator; for a method with a
@@ -418,13 +536,15 @@ def make_trainer(recipe: FinetuneRecipe, model, tokenizer, args, train_set, eval
     if recipe.trainer == "trl":
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer
+        )
     else:
         from transformers import Trainer
 
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collate(tokenizer))
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate(tokenizer)
+        )
     if subspace_peft.callbacks.regularised_tuner(model) is not None:  # Effort: logs its regulariser, counted
         subspace_peft.add_regulariser_callback(trainer)  # once per optimizer step under gradient accumulation
     check_distribution_took_effect(trainer, recipe.quantization, recipe.dtype)
@@ -436,6 +556,7 @@ def train(trainer, resume_from: Optional[str]) -> None:
 
 
 # -- 6. evaluate ------------------------------------------------------------------------------------------------------
+
 
 def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
     """``eval_loss``: mean loss per answer token over ``examples`` (from :func:`tokenize`, a Dataset or a list);
@@ -467,7 +588,6 @@ def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) 
     return {"eval_loss": total / count, "exact_match": hits / len(examples)}
 
 
-
 def evaluate(model, eval_set, tokenizer, when: str) -> dict:
     """:func:`answer_metrics` of the held-out set, printed as ``<when>: {...}``."""
     metrics = answer_metrics(model, eval_set, collate(tokenizer))
@@ -476,6 +596,7 @@ def evaluate(model, eval_set, tokenizer, when: str) -> dict:
 
 
 # -- 7. save and push -------------------------------------------------------------------------------------------------
+
 
 def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: Optional[dict]) -> None:
     """adapter/, loss.png and metrics.json in ``output_dir`` (process 0), and the push to the Hub if asked."""
@@ -489,11 +610,16 @@ def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: O
         json.dump(metrics, handle, indent=2)
     if recipe.push_to_hub:
         before, after, args = metrics["before"], metrics["after"], trainer.args
-        summary = {"data": recipe.dataset, "steps": trainer.state.global_step, "trainer": recipe.trainer,
-                   "learning rate": args.learning_rate, "batch size per device": args.per_device_train_batch_size,
-                   "quantization": recipe.quantization,
-                   "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
-                   "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}"}
+        summary = {
+            "data": recipe.dataset,
+            "steps": trainer.state.global_step,
+            "trainer": recipe.trainer,
+            "learning rate": args.learning_rate,
+            "batch size per device": args.per_device_train_batch_size,
+            "quantization": recipe.quantization,
+            "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
+            "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}",
+        }
         url = subspace_peft.push_adapter(model, recipe.push_to_hub, training_summary=summary, **(push or {}))
         print(f"pushed: {url}")
 
@@ -519,14 +645,13 @@ def save_loss_curve(log_history: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-
 # -- the run ----------------------------------------------------------------------------------------------------------
+
 
 def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
     """Train and evaluate; ``inputs`` is :func:`checked_inputs` of ``recipe`` if the caller already has it. Bad
     input raises :class:`RecipeError` (a ValueError) before the model is loaded."""
-    config, (train_rows, eval_rows), args, resume_from, push = (inputs if inputs is not None
-                                                                else checked_inputs(recipe))
+    config, (train_rows, eval_rows), args, resume_from, push = inputs if inputs is not None else checked_inputs(recipe)
     with located(recipe):
         tokenizer = load_tokenizer(recipe)
     train_set, eval_set = prepare_data(recipe, tokenizer, train_rows, eval_rows)
@@ -538,9 +663,15 @@ def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
     before = evaluate(model, eval_set, tokenizer, "before")
     train(trainer, resume_from)
     after = evaluate(model, eval_set, tokenizer, "after")
-    metrics = {"before": before, "after": after, "method": recipe.method, "trainer": recipe.trainer,
-               "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
-               "trainable_parameters": model.get_nb_trainable_parameters()[0]}
+    metrics = {
+        "before": before,
+        "after": after,
+        "method": recipe.method,
+        "trainer": recipe.trainer,
+        "steps": trainer.state.global_step,
+        "learning_rate": args.learning_rate,
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+    }
     save_and_push(recipe, trainer, model, metrics, push)
     return metrics
 

@@ -32,8 +32,10 @@ def fsdp_storage_mismatch(quantization: str, dtype: str, mixed_precision: str) -
     wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
     if quantization != "4bit" or wanted is None or wanted == dtype:
         return None
-    return (f"FSDP with mixed_precision {mixed_precision} would cast the 4-bit base, stored as {dtype}, to "
-            f"{wanted} and corrupt it: pass --dtype {wanted}")
+    return (
+        f"FSDP with mixed_precision {mixed_precision} would cast the 4-bit base, stored as {dtype}, to "
+        f"{wanted} and corrupt it: pass --dtype {wanted}"
+    )
 
 
 def check_distribution_took_effect(trainer, quantization: str, dtype: str) -> None:
@@ -45,14 +47,16 @@ def check_distribution_took_effect(trainer, quantization: str, dtype: str) -> No
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     asked = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    mismatch = trainer.is_fsdp_enabled and fsdp_storage_mismatch(quantization, dtype,
-                                                                 str(trainer.accelerator.mixed_precision))
+    mismatch = trainer.is_fsdp_enabled and fsdp_storage_mismatch(
+        quantization, dtype, str(trainer.accelerator.mixed_precision)
+    )
     if mismatch:
         raise RecipeError(mismatch)
     if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
         # FSDP1 inserts wrapper modules, and peft then finds no adapter under their names: it saves an empty adapter
-        raise RecipeError("accelerate config: FSDP1 is not supported; fix: set fsdp_version: 2 "
-                          "(recipes/accelerate/fsdp.yaml)")
+        raise RecipeError(
+            "accelerate config: FSDP1 is not supported; fix: set fsdp_version: 2 (recipes/accelerate/fsdp.yaml)"
+        )
     if (world_size > 1 and trainer.accelerator.num_processes != world_size) or (asked and asked[0] != got):
         raise RecipeError(
             f"the launch asked for {asked[0] if asked else 'distribution'} over {world_size} "

@@ -24,8 +24,18 @@ from typing import Optional
 from subspace_peft.merging import MERGE_METHODS, Parameter
 from subspace_peft.merging.registry import all_parameters
 
-from common import (RecipeError, check_field_types, check_number, check_output_dir, check_positive_int,
-                    check_pretrained_source, load_recipe, located, one_line, read_json_rows)
+from common import (
+    RecipeError,
+    check_field_types,
+    check_number,
+    check_output_dir,
+    check_positive_int,
+    check_pretrained_source,
+    load_recipe,
+    located,
+    one_line,
+    read_json_rows,
+)
 
 METHODS = tuple(MERGE_METHODS)
 TASK_KEYS = ("name", "model", "adapter", "unlabeled")
@@ -62,8 +72,9 @@ class MergeRecipe:
         naming the key and the fix (``load_recipe`` adds the file and line)."""
         check_field_types(self)
         if self.method not in METHODS:
-            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}; fix: set method to one of them",
-                              key="method")
+            raise RecipeError(
+                f"method must be one of {METHODS}, got {self.method!r}; fix: set method to one of them", key="method"
+            )
         for parameter in all_parameters():
             if parameter.choices:
                 check_parameter(parameter, getattr(self, parameter.name))
@@ -75,23 +86,29 @@ class MergeRecipe:
         for index, task in enumerate(self.tasks):
             key = f"tasks[{index}]"
             if not isinstance(task, dict):
-                raise RecipeError(f"task {index} must be a mapping with 'name' and 'model' or 'adapter', got "
-                                  f"{task!r}; fix: write it as {{name: ..., model: path}}", key=key)
+                raise RecipeError(
+                    f"task {index} must be a mapping with 'name' and 'model' or 'adapter', got "
+                    f"{task!r}; fix: write it as {{name: ..., model: path}}",
+                    key=key,
+                )
             label = f"task {index} ({task.get('name', '?')})"
             unknown = sorted(str(k) for k in task if k not in TASK_KEYS)
             if unknown:
                 raise RecipeError(f"{label} has unknown key(s) {unknown}; fix: use only {list(TASK_KEYS)}", key=key)
             if ("model" in task) == ("adapter" in task):
-                raise RecipeError(f"{label} needs exactly one of 'model' or 'adapter'; fix: keep one of them",
-                                  key=key)
+                raise RecipeError(f"{label} needs exactly one of 'model' or 'adapter'; fix: keep one of them", key=key)
             for name, value in task.items():
                 if name != "name" and (not isinstance(value, str) or not value.strip()):
-                    raise RecipeError(f"{label}: {name} must be a non-empty string, got {value!r}; fix: set it to a "
-                                      "path (or a name)", key=f"{key}.{name}")
+                    raise RecipeError(
+                        f"{label}: {name} must be a non-empty string, got {value!r}; fix: set it to a path (or a name)",
+                        key=f"{key}.{name}",
+                    )
             if self.merge_method.needs_unlabeled and not task.get("unlabeled"):
                 raise RecipeError(
                     f"{label} has no 'unlabeled' file, which {self.method} needs (a JSON-lines file with a 'text' "
-                    "field); fix: add 'unlabeled: path/to/texts.jsonl' to it", key=key)
+                    "field); fix: add 'unlabeled: path/to/texts.jsonl' to it",
+                    key=key,
+                )
         for parameter in all_parameters():
             if not parameter.choices:
                 check_parameter(parameter, getattr(self, parameter.name))
@@ -115,16 +132,21 @@ def check_parameter(parameter: Parameter, value) -> None:
         return
     if parameter.choices:
         if value not in parameter.choices:
-            raise RecipeError(f"{key} must be one of {parameter.choices}, got {value!r}; fix: set {key} to one of "
-                              "them", key=key)
+            raise RecipeError(
+                f"{key} must be one of {parameter.choices}, got {value!r}; fix: set {key} to one of them", key=key
+            )
     elif parameter.type is int and parameter.low == 1 and parameter.high is None:
         check_positive_int(key, value, parameter.help)
     elif parameter.type in (int, float):
-        check_number(key, value, parameter.low, parameter.high, parameter.low_open, parameter.high_open,
-                     fix=parameter.fix())
+        check_number(
+            key, value, parameter.low, parameter.high, parameter.low_open, parameter.high_open, fix=parameter.fix()
+        )
     elif parameter.type is list and (not value or not all(isinstance(item, str) and item for item in value)):
-        raise RecipeError(f"{key} must be {'null or ' if parameter.optional else ''}a non-empty list of strings, got "
-                          f"{value!r}; fix: set {key} to {parameter.help}", key=key)
+        raise RecipeError(
+            f"{key} must be {'null or ' if parameter.optional else ''}a non-empty list of strings, got "
+            f"{value!r}; fix: set {key} to {parameter.help}",
+            key=key,
+        )
 
 
 def read_unlabeled(path: str, what: str, key: str) -> list[str]:
@@ -134,11 +156,13 @@ def read_unlabeled(path: str, what: str, key: str) -> list[str]:
     for where, record in read_json_rows(path, what, key=key):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise RecipeError(f"{where}: expected a JSON object with a non-empty 'text' string ({what}), got "
-                              f"{one_line(json.dumps(record))[:80]}; fix: write one {{\"text\": \"...\"}} per line")
+            raise RecipeError(
+                f"{where}: expected a JSON object with a non-empty 'text' string ({what}), got "
+                f'{one_line(json.dumps(record))[:80]}; fix: write one {{"text": "..."}} per line'
+            )
         texts.append(text)
     if not texts:
-        raise RecipeError(f"{what}: {path} holds no texts; fix: write one {{\"text\": \"...\"}} per line", key=key)
+        raise RecipeError(f'{what}: {path} holds no texts; fix: write one {{"text": "..."}} per line', key=key)
     return texts
 
 
@@ -151,25 +175,36 @@ def checked_inputs(recipe: MergeRecipe) -> Optional[list[list[str]]]:
     with located(recipe):
         model_class = getattr(transformers, recipe.model_class, None)
         if not hasattr(model_class, "from_pretrained"):
-            raise RecipeError(f"model_class {recipe.model_class!r} is no transformers model class; fix: set "
-                              "model_class to an auto class such as AutoModelForSequenceClassification",
-                              key="model_class")
+            raise RecipeError(
+                f"model_class {recipe.model_class!r} is no transformers model class; fix: set "
+                "model_class to an auto class such as AutoModelForSequenceClassification",
+                key="model_class",
+            )
         fix = "fix: set it to a local folder saved with save_pretrained, or a Hub repo id"
         check_pretrained_source("base", recipe.base, "config.json", fix)
         for index, task in enumerate(recipe.tasks):
             kind = "model" if "model" in task else "adapter"
-            check_pretrained_source(f"tasks[{index}].{kind}", task[kind],
-                                    "config.json" if kind == "model" else "adapter_config.json", fix)
+            check_pretrained_source(
+                f"tasks[{index}].{kind}", task[kind], "config.json" if kind == "model" else "adapter_config.json", fix
+            )
         check_output_dir("output_dir", recipe.output_dir)
         if not recipe.merge_method.needs_unlabeled:
             return None
-        return [read_unlabeled(task["unlabeled"], f"tasks[{index}].unlabeled", f"tasks[{index}].unlabeled")
-                for index, task in enumerate(recipe.tasks)]
+        return [
+            read_unlabeled(task["unlabeled"], f"tasks[{index}].unlabeled", f"tasks[{index}].unlabeled")
+            for index, task in enumerate(recipe.tasks)
+        ]
 
 
 def _unlabeled_batches(texts: list[str], tokenizer, batch_size: int, max_length: int) -> list[dict]:
-    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
 
 
 def load_pretrained(model_class, path: str):
@@ -201,10 +236,12 @@ def run(recipe: MergeRecipe) -> str:
     unlabeled = None
     if texts is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(recipe.base)
-        unlabeled = [_unlabeled_batches(task_texts, tokenizer, recipe.batch_size, recipe.max_length)
-                     for task_texts in texts]
-    merged, masks = merging.merge(recipe.method, base, vectors, unlabeled, return_masks=recipe.save_masks,
-                                  **recipe.merge_parameters())
+        unlabeled = [
+            _unlabeled_batches(task_texts, tokenizer, recipe.batch_size, recipe.max_length) for task_texts in texts
+        ]
+    merged, masks = merging.merge(
+        recipe.method, base, vectors, unlabeled, return_masks=recipe.save_masks, **recipe.merge_parameters()
+    )
     os.makedirs(recipe.output_dir, exist_ok=True)
     merged.save_pretrained(recipe.output_dir, safe_serialization=True)
     try:

@@ -38,13 +38,17 @@ class Quantization(Enum):
             return {}
         from transformers import BitsAndBytesConfig
 
-        return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=self.bits == 4, load_in_8bit=self.bits == 8,
-            bnb_4bit_quant_type=Quantization.NF4.quant_type, bnb_4bit_compute_dtype=dtype,
-            # 4-bit data stored in the model's dtype: FSDP shards and all-gathers it with the other parameters (and
-            # casts nothing when mixed precision uses that dtype); a single process computes the same
-            bnb_4bit_quant_storage=dtype,
-        )}
+        return {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=self.bits == 4,
+                load_in_8bit=self.bits == 8,
+                bnb_4bit_quant_type=Quantization.NF4.quant_type,
+                bnb_4bit_compute_dtype=dtype,
+                # 4-bit data stored in the model's dtype: FSDP shards and all-gathers it with the other parameters (and
+                # casts nothing when mixed precision uses that dtype); a single process computes the same
+                bnb_4bit_quant_storage=dtype,
+            )
+        }
 
     def method_config_changes(self, method: str, dtype_name: str, method_config: dict) -> dict:
         """What the method config gets on top of ``method_config``: QPiSSA's residual quantisation (and for 4 bits

@@ -27,8 +27,24 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0.1.0.dev0"
 __all__ = [
-    "EffortConfig", "EffortModel", "FLoRAConfig", "FLoRAModel", "PiSSAConfig", "PiSSAModel", "SVFitConfig",
+    "EffortConfig",
+    "EffortModel",
+    "FLoRAConfig",
+    "FLoRAModel",
+    "PiSSAConfig",
+    "PiSSAModel",
+    "SVFitConfig",
     "SVFitModel",
-    "LayerSpectrum", "Method", "RegulariserCallback", "Spectrum", "add_regulariser_callback", "export_lora", "merging",
-    "model_card", "push_adapter", "register", "spectrum", "__version__",
+    "LayerSpectrum",
+    "Method",
+    "RegulariserCallback",
+    "Spectrum",
+    "add_regulariser_callback",
+    "export_lora",
+    "merging",
+    "model_card",
+    "push_adapter",
+    "register",
+    "spectrum",
+    "__version__",
 ]

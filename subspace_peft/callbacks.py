@@ -55,8 +55,10 @@ def add_regulariser_callback(trainer) -> RegulariserCallback:
     the others, and returns it. The regulariser's gradient reaches the parameters without it; the callback logs it
     and keeps its weight right under gradient accumulation and fp16."""
     if regularised_tuner(trainer.model) is None:
-        raise ValueError("add_regulariser_callback: the trainer's model has no regulariser (only Effort adapters have "
-                         "one); leave the callback out for this method")
+        raise ValueError(
+            "add_regulariser_callback: the trainer's model has no regulariser (only Effort adapters have "
+            "one); leave the callback out for this method"
+        )
     callback = RegulariserCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

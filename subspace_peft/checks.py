@@ -28,8 +28,15 @@ def _is_real(value) -> bool:
 
 
 def number(
-    where: str, name: str, value, fix: str, low: Optional[float] = None, high: Optional[float] = None,
-    low_open: bool = False, high_open: bool = False, fp32: bool = False,
+    where: str,
+    name: str,
+    value,
+    fix: str,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    fp32: bool = False,
 ) -> float:
     """``value`` as a float after checking it is a finite real number in the interval given by ``low`` / ``high``
     (closed unless ``low_open`` / ``high_open``) and, with ``fp32``, within float32's range (it becomes an fp32
@@ -54,21 +61,34 @@ def number(
     if not ok:
         raise ValueError(f"{where}: {name} must be a finite number{interval}, got {value!r}; {fix}")
     if fp32 and abs(x) > FP32_MAX:
-        raise ValueError(f"{where}: {name} must be a finite number within float32's range (|{name}| <= "
-                         f"{FP32_MAX:.4g}), got {value!r}; {fix}")
+        raise ValueError(
+            f"{where}: {name} must be a finite number within float32's range (|{name}| <= "
+            f"{FP32_MAX:.4g}), got {value!r}; {fix}"
+        )
     return x
 
 
 def integer(where: str, name: str, value, fix: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` as an int after checking it is an integer (not a bool) in ``[low, high]``; else a ValueError."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
-            and value.dtype != torch.bool:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
         value = value.item()
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and (low is None or value >= low) \
+    ok = (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and (low is None or value >= low)
         and (high is None or value <= high)
+    )
     if not ok:
-        bound = "" if low is None and high is None else (
-            f" >= {low}" if high is None else f" <= {high}" if low is None else f" in [{low}, {high}]")
+        bound = (
+            ""
+            if low is None and high is None
+            else (f" >= {low}" if high is None else f" <= {high}" if low is None else f" in [{low}, {high}]")
+        )
         raise ValueError(f"{where}: {name} must be an integer{bound}, got {value!r}; {fix}")
     return int(value)
 

@@ -61,8 +61,10 @@ def export_lora(peft_model, out_dir: str | os.PathLike, adapter_name: str = "def
         rank_pattern[pattern], alpha_pattern[pattern] = b.shape[1], alpha
         fan_in_fan_out = fan_in_fan_out or getattr(module, "fan_in_fan_out", False)
         if isinstance(module.get_base_layer(), CONV_TYPES) and module.get_base_layer().padding_mode != "zeros":
-            raise ValueError(f"layer '{name}' uses padding_mode={module.get_base_layer().padding_mode!r}, which "
-                             "peft's LoRA conv ignores: export would change the outputs")
+            raise ValueError(
+                f"layer '{name}' uses padding_mode={module.get_base_layer().padding_mode!r}, which "
+                "peft's LoRA conv ignores: export would change the outputs"
+            )
     if not targets:
         raise ValueError(f"adapter '{adapter_name}' has no layers to export")
     first = rank_pattern[f"^{re.escape(targets[0])}$"]
@@ -79,7 +81,10 @@ def export_lora(peft_model, out_dir: str | os.PathLike, adapter_name: str = "def
         init_lora_weights=True,
     )
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, SAFETENSORS_NAME),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        os.path.join(out_dir, SAFETENSORS_NAME),
+        metadata={"format": "pt"},
+    )
     lora_config.save_pretrained(str(out_dir))
     return lora_config

@@ -16,7 +16,7 @@ from typing import Callable, Optional, TypeVar
 
 import huggingface_hub
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from huggingface_hub.utils import HfHubHTTPError, validate_repo_id
+from huggingface_hub.utils import validate_repo_id
 
 from .checks import choice, integer, number
 from .registry import known_methods, method_record
@@ -54,9 +54,14 @@ def _is_ours(method: str) -> bool:
 
 
 # peft task types -> the Hub's pipeline tags
-_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
-                  "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
-                  "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction"}
+_PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
 
 
 def _is_hub_id(name: Optional[str]) -> bool:
@@ -69,8 +74,9 @@ def _check_card_fields(config, base_model: Optional[str], license: Optional[str]
     where = "push_adapter"
     if base_model is not None:
         if not isinstance(base_model, str) or not _is_hub_id(base_model):
-            raise ValueError(f"{where}: base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', "
-                             f"got {base_model!r}")
+            raise ValueError(
+                f"{where}: base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', got {base_model!r}"
+            )
         validate_repo_id(base_model)
     else:
         local = config.base_model_name_or_path
@@ -78,13 +84,15 @@ def _check_card_fields(config, base_model: Optional[str], license: Optional[str]
             raise ValueError(
                 f"{where}: the adapter's base model is the local path {local!r}, which nobody else can load. Pass "
                 "base_model='<hub id>' (the Hub model this folder was downloaded from); it is written as the card's "
-                "base_model and into the pushed adapter_config.json.")
+                "base_model and into the pushed adapter_config.json."
+            )
     if license is not None and (not isinstance(license, str) or not license.strip()):
         raise ValueError(f"{where}: license must be a Hub license id such as 'apache-2.0', got {license!r}")
     if datasets is not None:
         if isinstance(datasets, str) or not all(isinstance(d, str) and d.strip() for d in datasets):
-            raise ValueError(f"{where}: datasets must be a list of Hub dataset ids, e.g. ['openai/gsm8k'], "
-                             f"got {datasets!r}")
+            raise ValueError(
+                f"{where}: datasets must be a list of Hub dataset ids, e.g. ['openai/gsm8k'], got {datasets!r}"
+            )
 
 
 def _write_base_model(folder: str, base_model: str) -> None:
@@ -100,9 +108,16 @@ def _write_base_model(folder: str, base_model: str) -> None:
                 json.dump(saved, handle, indent=2, sort_keys=True)
 
 
-def model_card(peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
-               exported_lora_rank: Optional[int] = None, base_model: Optional[str] = None,
-               license: Optional[str] = None, datasets: Optional[list[str]] = None) -> str:
+def model_card(
+    peft_model,
+    repo_id: str,
+    adapter_name: str = "default",
+    training_summary: Optional[dict] = None,
+    exported_lora_rank: Optional[int] = None,
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
+) -> str:
     """The README.md of an adapter: YAML metadata (library_name peft, pipeline_tag, base_model, license, datasets,
     tags naming the method and ``base_model:adapter:<id>``) and a body with the method, its ranks, the trainable
     parameters, a training summary and the exact code that loads it. ``base_model`` (a Hub id) replaces the config's
@@ -115,14 +130,21 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
     ours = _is_ours(method)
     task = getattr(config.task_type, "value", config.task_type)
     data = ModelCardData(
-        library_name="peft", base_model=base or None, pipeline_tag=_PIPELINE_TAGS.get(task), license=license,
+        library_name="peft",
+        base_model=base or None,
+        pipeline_tag=_PIPELINE_TAGS.get(task),
+        license=license,
         datasets=list(datasets) if datasets else None,
-        tags=["peft", method.lower()] + (["subspace-peft"] if ours else [])
+        tags=["peft", method.lower()]
+        + (["subspace-peft"] if ours else [])
         + ([f"base_model:adapter:{base}"] if _is_hub_id(base) else []),
     )
     base_line = f'"{base}"' if base else '"<the base model this adapter was trained on>"'
-    model_class = "AutoModelForCausalLM" if str(getattr(config, "task_type", "")) in ("CAUSAL_LM", "TaskType.CAUSAL_LM") \
+    model_class = (
+        "AutoModelForCausalLM"
+        if str(getattr(config, "task_type", "")) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
         else "AutoModel"
+    )
     register = f"import subspace_peft  # registers {method} with peft; without it peft fails with KeyError: '{method}'"
     load = [register] if ours else []
     load += [
@@ -150,13 +172,25 @@ def model_card(peft_model, repo_id: str, adapter_name: str = "default", training
         body += ["## Training", "", "| | |", "|---|---|"]
         body += [f"| {key} | {value} |" for key, value in training_summary.items()]
         body.append("")
-    body += ["## How to load", "", "```bash", "pip install subspace-peft" if ours else "pip install peft", "```", "",
-             "```python", *load, "```", ""]
+    body += [
+        "## How to load",
+        "",
+        "```bash",
+        "pip install subspace-peft" if ours else "pip install peft",
+        "```",
+        "",
+        "```python",
+        *load,
+        "```",
+        "",
+    ]
     if ours:
-        body += ["`import subspace_peft` must run before loading: peft has no plugin discovery, and the adapter's "
-                 f"`adapter_config.json` names the `{method}` type that the package registers. To use the adapter "
-                 "without this package, export it as plain LoRA first with `subspace_peft.export_lora(model, dir)`.",
-                 ""]
+        body += [
+            "`import subspace_peft` must run before loading: peft has no plugin discovery, and the adapter's "
+            f"`adapter_config.json` names the `{method}` type that the package registers. To use the adapter "
+            "without this package, export it as plain LoRA first with `subspace_peft.export_lora(model, dir)`.",
+            "",
+        ]
     if exported_lora_rank is not None:
         body += _serving_lines(repo_id, base_line, model_class, exported_lora_rank)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
@@ -272,8 +306,10 @@ def _bounded_client(timeout: float, budget: _Budget):
         client = previous()
         client.timeout = type(client.timeout)(timeout)  # httpx(2).Timeout: connect, read, write and pool
         hooks = client.event_hooks
-        client.event_hooks = {"request": [*hooks.get("request", []), budget.count],
-                              "response": [*hooks.get("response", []), budget.answered]}
+        client.event_hooks = {
+            "request": [*hooks.get("request", []), budget.count],
+            "response": [*hooks.get("response", []), budget.answered],
+        }
         return client
 
     with _FACTORY_LOCK:
@@ -288,9 +324,11 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     """Network failures worth another attempt, for whichever HTTP library huggingface_hub runs on (already imported
     by it: nothing new is imported here)."""
     errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
-    for module_name, names in (("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                               ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                               ("requests", ("Timeout", "ConnectionError"))):
+    for module_name, names in (
+        ("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+        ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+        ("requests", ("Timeout", "ConnectionError")),
+    ):
         module = sys.modules.get(module_name)
         errors += [getattr(module, name) for name in names if module is not None and hasattr(module, name)]
     return tuple(errors)
@@ -329,32 +367,49 @@ def _with_retries(call: Callable[[], T], what: str, endpoint: str, timeout: floa
         try:
             return call()
         except _BudgetSpent as spent:
-            happened = (f"kept answering HTTP {spent.status} to {what}" if spent.status is not None else
-                        f"did not answer {what} within timeout={timeout:g}s (or refused the connection)")
+            happened = (
+                f"kept answering HTTP {spent.status} to {what}"
+                if spent.status is not None
+                else f"did not answer {what} within timeout={timeout:g}s (or refused the connection)"
+            )
             raise _unreachable(endpoint, happened, spent.attempts, max_retries, str(spent)) from spent
         except Exception as error:  # noqa: BLE001 - sorted into transient and final just below
             if not (isinstance(error, transient) or _status(error) in _RETRY_STATUS):
                 raise
             if attempt > max_retries:
-                raise _unreachable(endpoint, _what_happened(error, what, timeout), attempt, max_retries,
-                                   f"last error {type(error).__name__}: {error}") from error
+                raise _unreachable(
+                    endpoint,
+                    _what_happened(error, what, timeout),
+                    attempt,
+                    max_retries,
+                    f"last error {type(error).__name__}: {error}",
+                ) from error
         time.sleep(wait)
         wait = min(2 * wait, _MAX_WAIT)
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _check_timeouts(timeout, max_retries) -> None:
-    number("push_adapter", "timeout", timeout, f"pass e.g. timeout={DEFAULT_TIMEOUT:g} (seconds)", low=0,
-           low_open=True)
-    integer("push_adapter", "max_retries", max_retries, f"pass e.g. max_retries={DEFAULT_MAX_RETRIES} (0: no retry)",
-            low=0)
+    number("push_adapter", "timeout", timeout, f"pass e.g. timeout={DEFAULT_TIMEOUT:g} (seconds)", low=0, low_open=True)
+    integer(
+        "push_adapter", "max_retries", max_retries, f"pass e.g. max_retries={DEFAULT_MAX_RETRIES} (0: no retry)", low=0
+    )
 
 
 def push_adapter(
-    peft_model, repo_id: str, adapter_name: str = "default", training_summary: Optional[dict] = None,
-    private: bool = False, token: Optional[str] = None, commit_message: str = "Upload adapter",
-    timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES, endpoint: Optional[str] = None,
-    export: Optional[str] = "lora", base_model: Optional[str] = None, license: Optional[str] = None,
+    peft_model,
+    repo_id: str,
+    adapter_name: str = "default",
+    training_summary: Optional[dict] = None,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Upload adapter",
+    timeout: float = DEFAULT_TIMEOUT,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    endpoint: Optional[str] = None,
+    export: Optional[str] = "lora",
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
     datasets: Optional[list[str]] = None,
 ) -> str:
     """Save ``adapter_name`` (safetensors) with :func:`model_card` as README.md and push it to ``repo_id``; returns
@@ -390,8 +445,10 @@ def push_adapter(
         rank = None
         config = peft_model.peft_config[adapter_name]
         if export == "lora" and getattr(config, "residual_quantization", None):
-            warnings.warn("push_adapter: no lora/ export for a QPiSSA adapter: its LoRA form belongs on the quantised "
-                          "residual base, not on the original model that others load (pass export=None to silence)")
+            warnings.warn(
+                "push_adapter: no lora/ export for a QPiSSA adapter: its LoRA form belongs on the quantised "
+                "residual base, not on the original model that others load (pass export=None to silence)"
+            )
         elif export == "lora" and config.peft_type != "LORA":
             from .export import export_lora
 
@@ -402,12 +459,31 @@ def push_adapter(
         if base_model is not None:
             _write_base_model(source, base_model)
         with open(os.path.join(source, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(model_card(peft_model, repo_id, adapter_name, training_summary, exported_lora_rank=rank,
-                                    base_model=base_model, license=license, datasets=datasets))
+            handle.write(
+                model_card(
+                    peft_model,
+                    repo_id,
+                    adapter_name,
+                    training_summary,
+                    exported_lora_rank=rank,
+                    base_model=base_model,
+                    license=license,
+                    datasets=datasets,
+                )
+            )
         with _bounded_client(timeout, _Budget(max_retries)):
-            _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True),
-                          f"create_repo('{repo_id}')", api.endpoint, timeout, max_retries)
+            _with_retries(
+                lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+                f"create_repo('{repo_id}')",
+                api.endpoint,
+                timeout,
+                max_retries,
+            )
             info = _with_retries(
                 lambda: api.upload_folder(repo_id=repo_id, folder_path=source, commit_message=commit_message),
-                f"upload_folder('{repo_id}')", api.endpoint, timeout, max_retries)
+                f"upload_folder('{repo_id}')",
+                api.endpoint,
+                timeout,
+                max_retries,
+            )
     return str(info)

@@ -17,40 +17,72 @@ from .tuners.pissa import PiSSAConfig, PiSSAModel
 from .tuners.svfit import SVFitConfig, SVFitModel
 
 LORA = Method(
-    "lora", LoraConfig, LoraModel, display_name="LoRA",
+    "lora",
+    LoraConfig,
+    LoraModel,
+    display_name="LoRA",
     card_fields=("r", "lora_alpha", "rank_pattern", "alpha_pattern"),
-    paper=Paper("LoRA: Low-Rank Adaptation of Large Language Models", "Hu et al.", 2021,
-                "https://arxiv.org/abs/2106.09685"),
+    paper=Paper(
+        "LoRA: Low-Rank Adaptation of Large Language Models", "Hu et al.", 2021, "https://arxiv.org/abs/2106.09685"
+    ),
     recipe_defaults={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     peft_builtin=True,
 )
 PISSA = Method(
-    "pissa", PiSSAConfig, PiSSAModel, display_name="PiSSA",
+    "pissa",
+    PiSSAConfig,
+    PiSSAModel,
+    display_name="PiSSA",
     card_fields=("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init", "residual_quantization"),
-    paper=Paper("PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
-                "Meng et al.", 2024, "https://arxiv.org/abs/2404.02948"),
+    paper=Paper(
+        "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+        "Meng et al.",
+        2024,
+        "https://arxiv.org/abs/2404.02948",
+    ),
     recipe_defaults={"r": 8, "lora_alpha": 8, "target_modules": "all-linear", "init": "randomized", "niter": 4},
 )
 SVFIT = Method(
-    "svfit", SVFitConfig, SVFitModel, display_name="SVFit",
+    "svfit",
+    SVFitConfig,
+    SVFitModel,
+    display_name="SVFit",
     card_fields=("r", "energy", "rank_pattern", "init"),
-    paper=Paper("SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
-                "Sun et al.", 2024, "https://arxiv.org/abs/2409.05926"),
+    paper=Paper(
+        "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
+        "Sun et al.",
+        2024,
+        "https://arxiv.org/abs/2409.05926",
+    ),
     recipe_defaults={"r": 32, "target_modules": "all-linear", "init": "randomized", "niter": 4},
 )
 FLORA = Method(
-    "flora", FLoRAConfig, FLoRAModel, display_name="FLoRA",
+    "flora",
+    FLoRAConfig,
+    FLoRAModel,
+    display_name="FLoRA",
     card_fields=("r", "conv_ranks", "scale", "rank_pattern"),
     paper=Paper("FLoRA: Low-Rank Core Space for N-dimension", "Si et al.", 2024, "https://arxiv.org/abs/2405.14739"),
     recipe_defaults={"r": 8, "scale": 1.0, "target_modules": "all-linear"},
 )
 EFFORT = Method(
-    "effort", EffortConfig, EffortModel, display_name="Effort",
+    "effort",
+    EffortConfig,
+    EffortModel,
+    display_name="Effort",
     card_fields=("residual_rank", "rank_pattern", "init", "orth_weight", "norm_weight"),
-    paper=Paper("Orthogonal Subspace Decomposition for Generalizable AI-Generated Image Detection", "Yan et al.",
-                2025, "https://arxiv.org/abs/2411.15633"),
-    recipe_defaults={"residual_rank": 1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                     "orth_weight": 1.0, "norm_weight": 1.0},
+    paper=Paper(
+        "Orthogonal Subspace Decomposition for Generalizable AI-Generated Image Detection",
+        "Yan et al.",
+        2025,
+        "https://arxiv.org/abs/2411.15633",
+    ),
+    recipe_defaults={
+        "residual_rank": 1,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "orth_weight": 1.0,
+        "norm_weight": 1.0,
+    },
 )
 
 METHODS: tuple[Method, ...] = (LORA, PISSA, SVFIT, FLORA, EFFORT)  # the recipe's order

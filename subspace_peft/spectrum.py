@@ -20,8 +20,9 @@ from .linalg.svd import energy_rank, singular_values
 
 def _check_energy(energy, where: str) -> float:
     if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < float(energy) <= 1.0:
-        raise ValueError(f"{where}: energy must be a share in (0, 1] of sum(sigma^2), got {energy!r}; pass e.g. "
-                         "energy=0.9 (90%)")
+        raise ValueError(
+            f"{where}: energy must be a share in (0, 1] of sum(sigma^2), got {energy!r}; pass e.g. energy=0.9 (90%)"
+        )
     return float(energy)
 
 
@@ -73,8 +74,10 @@ class LayerSpectrum:
         (1.0 for an all-zero weight, which every rank keeps whole)."""
         rank = _check_rank(rank, f"energy_at of layer '{self.name}'")
         if rank > len(self.singular_values):
-            raise ValueError(f"energy_at of layer '{self.name}': rank must lie in [0, {len(self.singular_values)}] "
-                             f"(min(d_out, d_in)), got {rank}")
+            raise ValueError(
+                f"energy_at of layer '{self.name}': rank must lie in [0, {len(self.singular_values)}] "
+                f"(min(d_out, d_in)), got {rank}"
+            )
         if self.total_energy == 0:
             return 1.0
         return 0.0 if rank == 0 else float(self.energy[rank - 1])
@@ -109,15 +112,19 @@ class Spectrum:
     def summary(self, energy: float = 0.9, rank: int = 16) -> str:
         """A markdown table per layer kind: shape, median rank keeping ``energy``, median energy in the top ``rank``."""
         energy, rank = _check_energy(energy, "summary"), _check_rank(rank, "summary")
-        lines = [f"| layers | count | shape | median rank for {energy:.0%} energy | median energy in top {rank} |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            f"| layers | count | shape | median rank for {energy:.0%} energy | median energy in top {rank} |",
+            "|---|---|---|---|---|",
+        ]
         for kind, layers in self.by_kind().items():
             ranks = torch.tensor([layer.rank_for(energy) for layer in layers], dtype=torch.float64)
             kept = torch.tensor([layer.energy_at(min(rank, len(layer.singular_values))) for layer in layers])
             shapes = sorted({layer.shape for layer in layers})
             shape = " ".join(f"{a}x{b}" for a, b in shapes)
-            lines.append(f"| {kind} | {len(layers)} | {shape} | {ranks.median().item():.0f} of "
-                         f"{min(layers[0].shape)} | {kept.median().item():.3f} |")
+            lines.append(
+                f"| {kind} | {len(layers)} | {shape} | {ranks.median().item():.0f} of "
+                f"{min(layers[0].shape)} | {kept.median().item():.3f} |"
+            )
         return "\n".join(lines)
 
     def plot(self, path: Union[str, os.PathLike], energy: float = 0.9, title: Optional[str] = None) -> str:
@@ -136,15 +143,29 @@ class Spectrum:
             colour = colours(index % 10)
             for number, layer in enumerate(layers):
                 steps = torch.arange(1, len(layer.singular_values) + 1)
-                curves.plot(steps.numpy(), layer.energy.numpy(), color=colour, alpha=0.35, linewidth=0.8,
-                            label=kind if number == 0 else None)
-            ranks.scatter([order[layer.name] for layer in layers], [layer.rank_for(energy) for layer in layers], color=colour, s=10, label=kind)
+                curves.plot(
+                    steps.numpy(),
+                    layer.energy.numpy(),
+                    color=colour,
+                    alpha=0.35,
+                    linewidth=0.8,
+                    label=kind if number == 0 else None,
+                )
+            ranks.scatter(
+                [order[layer.name] for layer in layers],
+                [layer.rank_for(energy) for layer in layers],
+                color=colour,
+                s=10,
+                label=kind,
+            )
         curves.axhline(energy, color="grey", linestyle="--", linewidth=0.8)
-        curves.set(xscale="log", xlabel="rank r", ylabel="share of sum(sigma^2) in the top r",
-                   title="energy curves")
+        curves.set(xscale="log", xlabel="rank r", ylabel="share of sum(sigma^2) in the top r", title="energy curves")
         curves.legend(fontsize=7)
-        ranks.set(xlabel="layer (model order)", ylabel=f"rank for {energy:.0%} energy",
-                  title=f"rank keeping {energy:.0%} of each layer")
+        ranks.set(
+            xlabel="layer (model order)",
+            ylabel=f"rank for {energy:.0%} energy",
+            title=f"rank keeping {energy:.0%} of each layer",
+        )
         ranks.legend(fontsize=7)
         if title:
             figure.suptitle(title)
@@ -181,7 +202,8 @@ def spectrum(
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     config = _maybe_include_all_linear_layers(
-        LoraConfig(target_modules=target_modules, exclude_modules=exclude_modules), model)
+        LoraConfig(target_modules=target_modules, exclude_modules=exclude_modules), model
+    )
     selected = []
     for name, module in model.named_modules():
         matched = check_target_module_exists(config, name) if name else None
@@ -189,29 +211,40 @@ def spectrum(
             continue
         base = base_layer_of(module)
         if not isinstance(base, SUPPORTED_TYPES):
-            raise ValueError(f"layer '{name}' is {type(base).__name__}; spectrum reads {SUPPORTED_NAMES}: narrow "
-                             "target_modules")
+            raise ValueError(
+                f"layer '{name}' is {type(base).__name__}; spectrum reads {SUPPORTED_NAMES}: narrow target_modules"
+            )
         if not base.weight.dtype.is_floating_point:
-            raise ValueError(f"layer '{name}' holds a {base.weight.dtype} (quantised) weight: load the model in "
-                             "full precision to read its spectrum")
+            raise ValueError(
+                f"layer '{name}' holds a {base.weight.dtype} (quantised) weight: load the model in "
+                "full precision to read its spectrum"
+            )
         if base.weight.device.type == "meta":
-            raise ValueError(f"layer '{name}' has its weight on the meta device (not loaded): load the weights "
-                             "before reading the spectrum")
+            raise ValueError(
+                f"layer '{name}' has its weight on the meta device (not loaded): load the weights "
+                "before reading the spectrum"
+            )
         if not all_finite(base.weight.detach()):
-            raise ValueError(f"layer '{name}' has NaN or Inf in its weight: fix or reload the weights, or leave the "
-                             "layer out (exclude_modules)")
+            raise ValueError(
+                f"layer '{name}' has NaN or Inf in its weight: fix or reload the weights, or leave the "
+                "layer out (exclude_modules)"
+            )
         selected.append((name, base))
     if not selected:
-        raise ValueError(f"target_modules={target_modules!r} matched no module; module names look like "
-                         f"{[n for n, _ in list(model.named_modules())[1:4]]}")
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module; module names look like "
+            f"{[n for n, _ in list(model.named_modules())[1:4]]}"
+        )
     layers = {}
     with torch.no_grad():
         for name, base in tqdm(selected, desc="spectrum", disable=not show_progress or len(selected) < 8, leave=False):
             matrix = weight_matrix(base).float()
             values = singular_values(matrix).cpu()
             if not all_finite(values):  # a finite weight beyond fp32's range overflows in the fp32 decomposition
-                raise ValueError(f"layer '{name}': its singular values overflow fp32 (weight entries up to "
-                                 f"{float(base.weight.detach().abs().max()):.3g}): rescale the weight to read its "
-                                 "spectrum")
+                raise ValueError(
+                    f"layer '{name}': its singular values overflow fp32 (weight entries up to "
+                    f"{float(base.weight.detach().abs().max()):.3g}): rescale the weight to read its "
+                    "spectrum"
+                )
             layers[name] = LayerSpectrum(name=name, shape=tuple(matrix.shape), singular_values=values)
     return Spectrum(layers)

@@ -15,15 +15,17 @@ import torch
 deepspeed.init_distributed(dist_backend="gloo")
 import torch.distributed as dist  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-
 from test_deepspeed import LR, STEPS, global_batch  # noqa: E402
 from test_fsdp2 import method_config, tiny_llama  # noqa: E402
 
 method, out = sys.argv[1], sys.argv[2]
 rank, world = dist.get_rank(), dist.get_world_size()
 model = get_peft_model(tiny_llama(), method_config(method))
-config = {"train_micro_batch_size_per_gpu": global_batch(0).shape[0] // world, "zero_allow_untested_optimizer": True,
-          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+config = {
+    "train_micro_batch_size_per_gpu": global_batch(0).shape[0] // world,
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
 optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
 engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 layer = next(m for m in model.modules() if hasattr(m, "base_layer"))

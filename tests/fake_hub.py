@@ -29,8 +29,9 @@ class _Repos:
     def commit(self, repo: str, files: dict[str, bytes]) -> str:
         with self.lock:
             self.files.setdefault(repo, {}).update(files)
-            digest = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in
-                                                   self.files[repo].items())).encode()).hexdigest()
+            digest = hashlib.sha1(
+                json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in self.files[repo].items())).encode()
+            ).hexdigest()
             self.commits[repo] = digest
             return digest
 
@@ -87,8 +88,11 @@ def _handler(repos: _Repos, endpoint_ref: list, hub: "FakeHub", stall: str | Non
             body = self._body()
             if path == "/api/repos/create":
                 request = json.loads(body)
-                repo = f"{request.get('organization') or 'user'}/{request['name']}" if "/" not in request["name"] \
+                repo = (
+                    f"{request.get('organization') or 'user'}/{request['name']}"
+                    if "/" not in request["name"]
                     else request["name"]
+                )
                 repos.files.setdefault(repo, {})
                 return self._json(200, {"url": f"{endpoint_ref[0]}/{repo}", "name": repo, "id": repo})
             if path == "/api/validate-yaml":
@@ -96,8 +100,9 @@ def _handler(repos: _Repos, endpoint_ref: list, hub: "FakeHub", stall: str | Non
             match = re.fullmatch(r"/api/models/(.+)/preupload/([^/]+)", path)
             if match:
                 files = json.loads(body)["files"]
-                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                  for f in files]})
+                return self._json(
+                    200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
             match = re.fullmatch(r"/api/models/(.+)/commit/([^/]+)", path)
             if match:
                 repo, files = match.group(1), {}
@@ -106,8 +111,9 @@ def _handler(repos: _Repos, endpoint_ref: list, hub: "FakeHub", stall: str | Non
                     if item["key"] == "file":
                         files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 sha = repos.commit(repo, files)
-                return self._json(200, {"commitUrl": f"{endpoint_ref[0]}/{repo}/commit/{sha}", "commitOid": sha,
-                                        "success": True})
+                return self._json(
+                    200, {"commitUrl": f"{endpoint_ref[0]}/{repo}/commit/{sha}", "commitOid": sha, "success": True}
+                )
             return self._json(404, {"error": f"not faked: POST {path}"})
 
         def _get(self, head: bool):
@@ -117,16 +123,26 @@ def _handler(repos: _Repos, endpoint_ref: list, hub: "FakeHub", stall: str | Non
             match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
             if match and match.group(1) in repos.files:
                 repo = match.group(1)
-                return self._json(200, {"id": repo, "modelId": repo, "sha": repos.commits.get(repo, "0" * 40),
-                                        "siblings": [{"rfilename": name} for name in sorted(repos.files[repo])],
-                                        "private": False})
+                return self._json(
+                    200,
+                    {
+                        "id": repo,
+                        "modelId": repo,
+                        "sha": repos.commits.get(repo, "0" * 40),
+                        "siblings": [{"rfilename": name} for name in sorted(repos.files[repo])],
+                        "private": False,
+                    },
+                )
             match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path)
             if match and match.group(3) in repos.files.get(match.group(1), {}):
                 repo, name = match.group(1), match.group(3)
                 content = repos.files[repo][name]
                 etag = hashlib.sha1(content).hexdigest()
-                headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repos.commits[repo],
-                           "Content-Type": "application/octet-stream"}
+                headers = {
+                    "ETag": f'"{etag}"',
+                    "X-Repo-Commit": repos.commits[repo],
+                    "Content-Type": "application/octet-stream",
+                }
                 return self._send(200, content, headers, head=head)
             error = {"X-Error-Code": "EntryNotFound" if "/resolve/" in path else "RepoNotFound"}
             return self._send(404, b"{}", {**error, "Content-Type": "application/json"}, head=head)
@@ -154,8 +170,14 @@ class FakeHub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def env(self, base: dict) -> dict:
-        return {**base, "HF_ENDPOINT": self.endpoint, "HF_TOKEN": "hf_fake_token_for_tests", "HF_HUB_DISABLE_XET": "1",
-                "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        return {
+            **base,
+            "HF_ENDPOINT": self.endpoint,
+            "HF_TOKEN": "hf_fake_token_for_tests",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
 
     def __enter__(self):
         self.thread.start()

@@ -13,10 +13,9 @@ import torch.distributed as dist
 
 dist.init_process_group("gloo")
 from peft import get_peft_model  # noqa: E402
+from test_fsdp2 import method_config, tiny_llama  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
-
-from test_fsdp2 import method_config, tiny_llama  # noqa: E402
 
 method, out = sys.argv[1], sys.argv[2]
 rank = dist.get_rank()

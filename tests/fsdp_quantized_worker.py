@@ -17,17 +17,24 @@ import torch.distributed as dist
 
 dist.init_process_group("gloo")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
-from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model, peft_config  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+
+from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model, peft_config  # noqa: E402
 
 method, model_dir, out = sys.argv[1:4]
 dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if sys.argv[5:] == ["bf16"] else MixedPrecisionPolicy()
 rank = dist.get_rank()
-recipe = FinetuneRecipe(model=model_dir, method=method, quantization="4bit", output_dir=out, dtype=dtype,
-                        method_config={"r": 2, "lora_alpha": 2, "target_modules": "all-linear"})
+recipe = FinetuneRecipe(
+    model=model_dir,
+    method=method,
+    quantization="4bit",
+    output_dir=out,
+    dtype=dtype,
+    method_config={"r": 2, "lora_alpha": 2, "target_modules": "all-linear"},
+)
 base, _ = load_model(recipe)
 model = get_peft_model(base, peft_config(recipe))
 keep_4bit_layers_on_the_training_path(model)

@@ -392,7 +392,9 @@ def test_one_warning_per_cache_and_reason(tmp_path):
     cache = SVDCache(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = truncated_svds({str(i): w for i, w in enumerate(weights)}, {str(i): RANK for i in range(3)}, EXACT, cache)
+        results = truncated_svds(
+            {str(i): w for i, w in enumerate(weights)}, {str(i): RANK for i in range(3)}, EXACT, cache
+        )
     assert len([c for c in caught if issubclass(c.category, SVDCacheWarning)]) == 1
     for i, w in enumerate(weights):
         assert_same(results[str(i)], fresh(w))

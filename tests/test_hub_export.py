@@ -11,10 +11,11 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from fake_hub import FakeHub
-from parity import run_python
 from subspace_peft import FLoRAConfig, PiSSAConfig
 from subspace_peft.hub import model_card, push_adapter
+
+from fake_hub import FakeHub
+from parity import run_python
 from tiny_models import build, inputs, output_tensor
 
 TOKEN = "hf_fake_token_for_tests"
@@ -75,8 +76,14 @@ def test_card_metadata_follows_the_hub_conventions():
     config = model.peft_config["default"]
     config.base_model_name_or_path, config.task_type = "HuggingFaceTB/SmolLM2-135M-Instruct", "CAUSAL_LM"
     card = model_card(model, "me/pissa")
-    for line in ("library_name: peft", "pipeline_tag: text-generation", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
-                 "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct", "- pissa", "- subspace-peft"):
+    for line in (
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+        "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct",
+        "- pissa",
+        "- subspace-peft",
+    ):
         assert line in card, line
     config.base_model_name_or_path = "/data/models/local-copy"  # a local path is no Hub id: no adapter tag for it
     assert "base_model:adapter:" not in model_card(model, "me/pissa")
@@ -110,16 +117,29 @@ def test_a_local_base_model_is_refused_before_anything_is_sent_unless_base_model
             with pytest.raises(ValueError, match="base_model must be a Hub model id"):
                 push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, base_model=bad)
         with pytest.raises(ValueError, match="datasets must be a list of Hub dataset ids"):
-            push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, base_model="org/base",
-                         datasets="openai/gsm8k")
-        push_adapter(model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, timeout=10, max_retries=0,
-                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
-                     datasets=["openai/gsm8k"])
+            push_adapter(
+                model, "user/pissa", token=TOKEN, endpoint=hub.endpoint, base_model="org/base", datasets="openai/gsm8k"
+            )
+        push_adapter(
+            model,
+            "user/pissa",
+            token=TOKEN,
+            endpoint=hub.endpoint,
+            timeout=10,
+            max_retries=0,
+            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="apache-2.0",
+            datasets=["openai/gsm8k"],
+        )
         files = hub.repos.files["user/pissa"]
     card = files["README.md"].decode()
-    for line in ("base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "license: apache-2.0", "- openai/gsm8k",
-                 "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct",
-                 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")'):
+    for line in (
+        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license: apache-2.0",
+        "- openai/gsm8k",
+        "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct",
+        'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")',
+    ):
         assert line in card, line
     assert "smollm2-local-copy" not in card
     for name in ("adapter_config.json", "lora/adapter_config.json"):

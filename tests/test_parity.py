@@ -11,6 +11,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 import subspace_peft  # noqa: F401  (registers our methods)
+
 from parity import CASES, rel_err, run_python
 from tiny_models import build, inputs, output_tensor
 
@@ -89,8 +90,11 @@ def test_layers_expose_in_and_out_features_as_peft_lora_layers_do(case):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     def features(model):
-        return {key: (module.in_features, module.out_features) for key, module in model.named_modules()
-                if isinstance(module, BaseTunerLayer)}
+        return {
+            key: (module.in_features, module.out_features)
+            for key, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer)
+        }
 
     ours = features(make(case)[1])
     assert ours and all(isinstance(n, int) and n > 0 for pair in ours.values() for n in pair), ours
@@ -274,10 +278,10 @@ def test_generate_with_mixed_adapter_batch(case):
     for row, name in enumerate(names):
         if name == "__base__":
             with model.disable_adapter():
-                alone = model.generate(input_ids=ids[row:row + 1], **settings)
+                alone = model.generate(input_ids=ids[row : row + 1], **settings)
         else:
             model.set_adapter(name)
-            alone = model.generate(input_ids=ids[row:row + 1], **settings)
+            alone = model.generate(input_ids=ids[row : row + 1], **settings)
         assert torch.equal(mixed[row], alone[0]), (row, name)
 
 
@@ -367,8 +371,6 @@ def test_low_cpu_mem_usage_loading(case, tmp_path):
     assert not any(p.device.type == "meta" for p in again.parameters())
 
 
-
-
 @pytest.fixture(scope="module")
 def saved_cases(tmp_path_factory):
     """Every case trained, saved, and exported to LoRA, with its expected outputs; shared by the fresh processes."""
@@ -408,11 +410,14 @@ print("RESULTS " + json.dumps(results))
 
 def _child_results(saved_cases, sub, imports, check="", cases=CASES):
     code = CHILD_RELOAD.format(
-        imports=imports, cases=[(c.id, c.model, c.inits) for c in cases], root=str(saved_cases), check=check,
+        imports=imports,
+        cases=[(c.id, c.model, c.inits) for c in cases],
+        root=str(saved_cases),
+        check=check,
         source=f'folder + "/{sub}"',
     )
-    line = next(l for l in run_python(code).splitlines() if l.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS "):])
+    line = next(out for out in run_python(code).splitlines() if out.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS ") :])
 
 
 def test_reload_in_fresh_process_reproduces_outputs(saved_cases):
@@ -456,8 +461,13 @@ def test_push_to_hub_round_trip(saved_cases):
         env = hub.env({"HF_HOME": str(saved_cases / "hf_home")})
         run_python(CHILD_PUSH.format(cases=cases, root=str(saved_cases)), env=env)
         assert len(hub.repos.files) == sum(len(c.inits) for c in CASES)
-        code = CHILD_RELOAD.format(imports="import subspace_peft", cases=cases, root=str(saved_cases), check="",
-                                   source='f"user/{case_id}-{init}"')
-        line = next(l for l in run_python(code, env=env).splitlines() if l.startswith("RESULTS "))
-    for name, error in json.loads(line[len("RESULTS "):]).items():
+        code = CHILD_RELOAD.format(
+            imports="import subspace_peft",
+            cases=cases,
+            root=str(saved_cases),
+            check="",
+            source='f"user/{case_id}-{init}"',
+        )
+        line = next(out for out in run_python(code, env=env).splitlines() if out.startswith("RESULTS "))
+    for name, error in json.loads(line[len("RESULTS ") :]).items():
         assert error <= 1e-6, (name, error)

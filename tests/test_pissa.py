@@ -9,11 +9,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-import subspace_peft
-from parity import assert_refused_unchanged, rel_err
 from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
 from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
 from subspace_peft.tuners.pissa.layer import PiSSALayer
+
+from parity import assert_refused_unchanged, rel_err
 from tiny_models import MLP, build, inputs, minilm, output_tensor
 
 
@@ -102,16 +102,22 @@ BAD = {
     "rank too large": (Mixed, dict(r=6, target_modules=["lin", "conv"]), r"lin.*r <= 5"),
     "rank zero": (Mixed, dict(r=0, target_modules=["lin"]), r"r must be an integer >= 1, got 0"),
     "rank negative": (Mixed, dict(r=-2, target_modules=["lin"]), r"r must be an integer >= 1, got -2"),
-    "rank_pattern too large": (Mixed, dict(r=2, target_modules=["lin", "conv"], rank_pattern={"conv": 4}),
-                               r"conv.*r <= 3"),
+    "rank_pattern too large": (
+        Mixed,
+        dict(r=2, target_modules=["lin", "conv"], rank_pattern={"conv": 4}),
+        r"conv.*r <= 3",
+    ),
     "no match": (Mixed, dict(r=2, target_modules=["nothing_here"]), r"matched no module"),
     "unsupported layer": (Mixed, dict(r=2, target_modules=["lin", "norm"]), r"norm.*LayerNorm.*exclude_modules"),
     "grouped conv": (Mixed, dict(r=1, target_modules=["grouped"]), r"grouped.*groups=2"),
     "nan weight": (_nan_model, dict(r=2, target_modules=["conv", "lin"]), r"lin.*NaN or Inf"),
     "inf weight": (_inf_model, dict(r=2, target_modules=["lin"]), r"lin.*NaN or Inf"),
     "int weight": (_int_model, dict(r=2, target_modules=["conv", "lin"]), r"lin.*torch.int8.*residual_quantization"),
-    "qpissa on conv": (Mixed, dict(r=1, target_modules=["lin", "conv"], residual_quantization="nf4"),
-                       r"nn.Linear residuals only.*conv"),
+    "qpissa on conv": (
+        Mixed,
+        dict(r=1, target_modules=["lin", "conv"], residual_quantization="nf4"),
+        r"nn.Linear residuals only.*conv",
+    ),
 }
 
 
@@ -128,7 +134,10 @@ def test_loading_onto_a_base_of_other_shapes_is_a_clear_error(tmp_path):
     other = MLP()
     other.lin0 = nn.Linear(10, 24)
     other.lin1 = nn.Linear(24, 20)
-    with pytest.raises(ValueError, match=r"'base_model.model.lin0.pissa_B.default.weight' has shape \(20, 4\) but layer 'lin0'.*trained on"):
+    with pytest.raises(
+        ValueError,
+        match=r"'base_model.model.lin0.pissa_B.default.weight' has shape \(20, 4\) but layer 'lin0'.*trained on",
+    ):
         PeftModel.from_pretrained(other, tmp_path)
 
 
@@ -223,8 +232,9 @@ def test_qpissa_quant_storage_sets_the_storage_dtype_and_keeps_the_outputs():
     batch = inputs("minilm")
     outputs = {}
     for storage in (None, "float32", "bfloat16"):
-        config = PiSSAConfig(r=16, target_modules=["query", "value"], residual_quantization="nf4",
-                             residual_quant_storage=storage)
+        config = PiSSAConfig(
+            r=16, target_modules=["query", "value"], residual_quantization="nf4", residual_quant_storage=storage
+        )
         model = get_peft_model(build("minilm"), config)
         bases = [layer.get_base_layer() for layer in pissa_layers(model).values()]
         assert {b.weight.dtype for b in bases} == {getattr(torch, storage or "uint8")}
@@ -236,11 +246,14 @@ def test_qpissa_quant_storage_sets_the_storage_dtype_and_keeps_the_outputs():
     assert torch.equal(outputs[None], outputs["float32"]) and torch.equal(outputs[None], outputs["bfloat16"])
 
 
-@pytest.mark.parametrize("values, message", [
-    (dict(residual_quant_storage="int4"), "residual_quant_storage must be"),
-    (dict(residual_quant_storage="float32"), "4-bit residuals only"),
-    (dict(residual_quantization="int8", residual_quant_storage="float32"), "4-bit residuals only"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(residual_quant_storage="int4"), "residual_quant_storage must be"),
+        (dict(residual_quant_storage="float32"), "4-bit residuals only"),
+        (dict(residual_quantization="int8", residual_quant_storage="float32"), "4-bit residuals only"),
+    ],
+)
 def test_qpissa_quant_storage_bad_values(values, message):
     with pytest.raises(ValueError, match=message):
         PiSSAConfig(r=2, **values)
@@ -262,8 +275,15 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12), generator=generator)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-        use_cpu=True, gradient_checkpointing=True, logging_steps=1, save_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_strategy="no",
     )
     result = Trainer(model=model, args=args, train_dataset=rows).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -302,12 +322,16 @@ def _two_moved_pissa_adapters(model_name, targets, **extra):
 
 
 def _deltas(model, adapter):
-    return {key: module.get_delta_weight(adapter) for key, module in model.base_model.model.named_modules()
-            if hasattr(module, "pissa_A") and adapter in module.pissa_A}
+    return {
+        key: module.get_delta_weight(adapter)
+        for key, module in model.base_model.model.named_modules()
+        if hasattr(module, "pissa_A") and adapter in module.pissa_A
+    }
 
 
-@pytest.mark.parametrize("model_name, targets", [("mlp", ["lin0", "lin1"]), ("conv2d", ["conv", "conv2"]),
-                                                 ("embedding", ["emb"])])
+@pytest.mark.parametrize(
+    "model_name, targets", [("mlp", ["lin0", "lin1"]), ("conv2d", ["conv", "conv2"]), ("embedding", ["emb"])]
+)
 def test_add_weighted_adapter_cat_is_the_exact_weighted_sum(model_name, targets, tmp_path):
     model = _two_moved_pissa_adapters(model_name, targets)
     model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type="cat")
@@ -365,10 +389,15 @@ def test_add_weighted_adapter_linear_follows_peft_and_refuses_what_it_cannot():
     assert "x" not in model.peft_config and "neg" not in model.peft_config
 
 
-@pytest.mark.parametrize("make_config", [
-    lambda: SVFitConfig(r=2, target_modules=["lin0"]), lambda: EffortConfig(target_modules=["lin0"]),
-    lambda: FLoRAConfig(r=2, target_modules=["lin0"]),
-], ids=["svfit", "effort", "flora"])
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda: SVFitConfig(r=2, target_modules=["lin0"]),
+        lambda: EffortConfig(target_modules=["lin0"]),
+        lambda: FLoRAConfig(r=2, target_modules=["lin0"]),
+    ],
+    ids=["svfit", "effort", "flora"],
+)
 def test_add_weighted_adapter_of_other_methods_names_subspace_peft_merging(make_config):
     model = get_peft_model(build("mlp"), make_config())
     model.add_adapter("b", make_config())

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_recipe_errors import _rest, error_line, no_model_loading, write  # noqa: F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,15 +26,15 @@ EFFORT = os.path.join(ROOT, "recipes", "configs", "effort.yaml")
 def readme_recipe_commands() -> list[list[str]]:
     """The recipe command lines of README.md's Recipes section, split as a shell splits them."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text[text.index("\n## Recipes"):]
-    section = section[:section.index("\n## ", 1)]
-    block = section[section.index("```bash"):]
-    block = block[:block.index("```", 3)]
+    section = text[text.index("\n## Recipes") :]
+    section = section[: section.index("\n## ", 1)]
+    block = section[section.index("```bash") :]
+    block = block[: block.index("```", 3)]
     return [shlex.split(line, comments=True) for line in block.splitlines() if "recipes/finetune.py" in line]
 
 
 def recipe_argv(command: list[str]) -> list[str]:
-    return command[command.index("recipes/finetune.py") + 1:]
+    return command[command.index("recipes/finetune.py") + 1 :]
 
 
 def test_the_readme_commands_parse_as_written_with_the_yaml_kept_under_the_flags(monkeypatch):
@@ -43,8 +42,12 @@ def test_the_readme_commands_parse_as_written_with_the_yaml_kept_under_the_flags
     commands = readme_recipe_commands()
     assert [c[:2] for c in commands] == [["python", "recipes/finetune.py"], ["accelerate", "launch"]]
     default = finetune.configure(recipe_argv(commands[0]))
-    assert (default.model, default.method, default.dataset, default.trainer) == \
-        ("smollm2", "pissa", "builtin:arithmetic", "transformers")
+    assert (default.model, default.method, default.dataset, default.trainer) == (
+        "smollm2",
+        "pissa",
+        "builtin:arithmetic",
+        "transformers",
+    )
     accelerate = finetune.configure(recipe_argv(commands[1]))
     assert accelerate.method == "effort" and accelerate.output_dir == "runs/effort"
     assert accelerate.training == {"max_steps": 300, "learning_rate": 1e-3, "per_device_train_batch_size": 8}
@@ -55,12 +58,33 @@ def test_the_readme_commands_parse_as_written_with_the_yaml_kept_under_the_flags
 
 
 def test_a_flat_flag_changes_its_key_only():
-    recipe = finetune.configure(["--config", EFFORT, "--learning_rate", "1e-4", "--warmup_steps", "5",
-                                 "--method_config", "{residual_rank: 2}", "--eval_size", "8"])
-    assert recipe.training == {"max_steps": 120, "learning_rate": 1e-4, "per_device_train_batch_size": 8,
-                               "warmup_steps": 5}
-    assert recipe.method_config == {"residual_rank": 2, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                    "orth_weight": 1.0, "norm_weight": 1.0, "svd_cache": True}
+    recipe = finetune.configure(
+        [
+            "--config",
+            EFFORT,
+            "--learning_rate",
+            "1e-4",
+            "--warmup_steps",
+            "5",
+            "--method_config",
+            "{residual_rank: 2}",
+            "--eval_size",
+            "8",
+        ]
+    )
+    assert recipe.training == {
+        "max_steps": 120,
+        "learning_rate": 1e-4,
+        "per_device_train_batch_size": 8,
+        "warmup_steps": 5,
+    }
+    assert recipe.method_config == {
+        "residual_rank": 2,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "orth_weight": 1.0,
+        "norm_weight": 1.0,
+        "svd_cache": True,
+    }
     assert recipe.eval_size == 8 and recipe.method == "effort"
 
 
@@ -72,11 +96,31 @@ def test_the_training_mapping_flag_merges_and_later_flags_win():
 
 
 def test_values_are_yaml_and_text_stays_text():
-    recipe = finetune.configure(["--run_name", "2024", "--report_to", "none", "--no_remove_unused_columns",
-                                 "--bf16", "--max_grad_norm", "0.5", "--hub_datasets", "me/a", "me/b",
-                                 "--push_to_hub", '"me/repo"', "--resume"])
-    assert recipe.training == {"run_name": "2024", "report_to": "none", "remove_unused_columns": False,
-                               "bf16": True, "max_grad_norm": 0.5}
+    recipe = finetune.configure(
+        [
+            "--run_name",
+            "2024",
+            "--report_to",
+            "none",
+            "--no_remove_unused_columns",
+            "--bf16",
+            "--max_grad_norm",
+            "0.5",
+            "--hub_datasets",
+            "me/a",
+            "me/b",
+            "--push_to_hub",
+            '"me/repo"',
+            "--resume",
+        ]
+    )
+    assert recipe.training == {
+        "run_name": "2024",
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "bf16": True,
+        "max_grad_norm": 0.5,
+    }
     assert recipe.hub_datasets == ["me/a", "me/b"] and recipe.push_to_hub == "me/repo" and recipe.resume is True
 
 
@@ -104,24 +148,35 @@ def test_help_lists_every_recipe_and_training_arguments_flag(capsys):
     assert "(recipe default: 120)" in text  # max_steps: the recipe's default, not TrainingArguments' -1
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--max_stepz", "3"], "--max_stepz: unknown recipe keys ['max_stepz'] (no recipe field or TrainingArguments "
-                           "field has that name); did you mean --max_steps? fix: rename or remove it"),
-    (["--lerning-rate", "3"], "--lerning-rate: unknown recipe keys ['lerning-rate']"),
-    (["--epochs", "3"], "did you mean --num_train_epochs?"),
-    (["--max_step", "3"], "did you mean --max_steps?"),  # no abbreviations: a prefix is no flag
-    (["--eval_size"], "command line: --eval_size has no value; fix: pass --eval_size VALUE"),
-    (["stray"], "command line: expected --key value pairs, got 'stray'"),
-    (["--learning_rate", "0"], "--learning_rate: training.learning_rate must be a finite number in (0, inf), got 0"),
-    (["--max_steps", "0"], "--max_steps: training.max_steps must be an integer >= 1"),
-    (["--bf16", "maybe"], "--bf16: training.bf16 must be true or false, got 'maybe'"),
-    (["--method_config", "{r: [1}"], "--method_config: '{r: [1}' is not a valid YAML value"),
-    (["--optim", "sgdd"], "--optim: training: TrainingArguments rejects it"),
-    (["--packing", "true"], "--packing: unknown recipe keys ['packing']"),
-    (["--trainer", "trl", "--training", "{packin: true}"], "--training: unknown key(s) ['packin'] (did "
-                                                           "you mean ['packing']?); fix: use SFTConfig field names"),
-    (["--trainer", "keras"], "--trainer: trainer must be one of ('transformers', 'trl')"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--max_stepz", "3"],
+            "--max_stepz: unknown recipe keys ['max_stepz'] (no recipe field or TrainingArguments "
+            "field has that name); did you mean --max_steps? fix: rename or remove it",
+        ),
+        (["--lerning-rate", "3"], "--lerning-rate: unknown recipe keys ['lerning-rate']"),
+        (["--epochs", "3"], "did you mean --num_train_epochs?"),
+        (["--max_step", "3"], "did you mean --max_steps?"),  # no abbreviations: a prefix is no flag
+        (["--eval_size"], "command line: --eval_size has no value; fix: pass --eval_size VALUE"),
+        (["stray"], "command line: expected --key value pairs, got 'stray'"),
+        (
+            ["--learning_rate", "0"],
+            "--learning_rate: training.learning_rate must be a finite number in (0, inf), got 0",
+        ),
+        (["--max_steps", "0"], "--max_steps: training.max_steps must be an integer >= 1"),
+        (["--bf16", "maybe"], "--bf16: training.bf16 must be true or false, got 'maybe'"),
+        (["--method_config", "{r: [1}"], "--method_config: '{r: [1}' is not a valid YAML value"),
+        (["--optim", "sgdd"], "--optim: training: TrainingArguments rejects it"),
+        (["--packing", "true"], "--packing: unknown recipe keys ['packing']"),
+        (
+            ["--trainer", "trl", "--training", "{packin: true}"],
+            "--training: unknown key(s) ['packin'] (did you mean ['packing']?); fix: use SFTConfig field names",
+        ),
+        (["--trainer", "keras"], "--trainer: trainer must be one of ('transformers', 'trl')"),
+    ],
+)
 def test_bad_flags_are_one_line_naming_the_flag_before_loading(tmp_path, capsys, argv, expected):
     message = error_line(finetune, argv + _rest(tmp_path, ""), capsys)
     assert expected in message and "fix" in message, message
@@ -131,8 +186,9 @@ def test_bad_flags_are_one_line_naming_the_flag_before_loading(tmp_path, capsys,
 def test_trl_gets_an_sft_config_with_the_recipe_defaults():
     from trl import SFTConfig
 
-    recipe = finetune.configure(["--config", EFFORT, "--trainer", "trl", "--max_length", "48",
-                                 "--training", "{packing: false}"])
+    recipe = finetune.configure(
+        ["--config", EFFORT, "--trainer", "trl", "--max_length", "48", "--training", "{packing: false}"]
+    )
     arguments = finetune.training_arguments(recipe)
     assert type(arguments) is SFTConfig
     assert (arguments.max_length, arguments.learning_rate, arguments.max_steps) == (48, 1e-3, 120)
@@ -140,6 +196,7 @@ def test_trl_gets_an_sft_config_with_the_recipe_defaults():
 
 
 # -- quantisation: one object for the model's and the method's side -------------------------------------------------
+
 
 def test_quantization_spells_the_bitsandbytes_and_qpissa_settings_once():
     import torch
@@ -150,8 +207,10 @@ def test_quantization_spells_the_bitsandbytes_and_qpissa_settings_once():
     assert qlora.bnb_4bit_quant_storage == torch.bfloat16
     assert Quantization("8bit").model_kwargs("lora", torch.float32)["quantization_config"].load_in_8bit
     assert Quantization("4bit").model_kwargs("pissa", torch.float32) == {}  # QPiSSA quantises after the SVD
-    assert Quantization("4bit").method_config_changes("pissa", "bfloat16", {}) == \
-        {"residual_quantization": "nf4", "residual_quant_storage": "bfloat16"}
+    assert Quantization("4bit").method_config_changes("pissa", "bfloat16", {}) == {
+        "residual_quantization": "nf4",
+        "residual_quant_storage": "bfloat16",
+    }
     assert Quantization("8bit").method_config_changes("pissa", "float32", {}) == {"residual_quantization": "int8"}
     assert Quantization("none").method_config_changes("pissa", "float32", {}) == {}
     config = finetune.peft_config(finetune.FinetuneRecipe(method="pissa", quantization="4bit", dtype="bfloat16"))
@@ -159,6 +218,7 @@ def test_quantization_spells_the_bitsandbytes_and_qpissa_settings_once():
 
 
 # -- the Hub fields -------------------------------------------------------------------------------------------------
+
 
 def test_a_push_from_a_local_model_folder_needs_hub_base_model_before_loading(tmp_path, capsys):
     message = error_line(finetune, ["--push_to_hub", "me/adapter"] + _rest(tmp_path, ""), capsys)
@@ -175,11 +235,25 @@ def test_the_hub_fields_go_to_push_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subspace_peft, "push_adapter", push_adapter)
     _rest(tmp_path, "")
-    recipe = finetune.configure(["--model", str(tmp_path / "model"), "--push_to_hub", "me/adapter",
-                                 "--hub_base_model", "me/base", "--hub_license", "apache-2.0",
-                                 "--hub_datasets", "me/data"])
-    assert finetune.push_arguments(recipe) == {"base_model": "me/base", "license": "apache-2.0",
-                                               "datasets": ["me/data"]}
+    recipe = finetune.configure(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--push_to_hub",
+            "me/adapter",
+            "--hub_base_model",
+            "me/base",
+            "--hub_license",
+            "apache-2.0",
+            "--hub_datasets",
+            "me/data",
+        ]
+    )
+    assert finetune.push_arguments(recipe) == {
+        "base_model": "me/base",
+        "license": "apache-2.0",
+        "datasets": ["me/data"],
+    }
     smollm2 = finetune.FinetuneRecipe(push_to_hub="me/adapter")
     assert finetune.push_arguments(smollm2) == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
     hub_model = finetune.FinetuneRecipe(model="someone/some-model", push_to_hub="me/adapter")
@@ -202,8 +276,14 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
         pytest.skip(f"the packaged SmolLM2 is not installed: {smollm2_missing()}")
     command = readme_recipe_commands()[1]
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    argv = [accelerate if command[0] == "accelerate" else command[0], *command[1:],
-            "--max_steps", "3", "--output_dir", str(tmp_path / "run")]
+    argv = [
+        accelerate if command[0] == "accelerate" else command[0],
+        *command[1:],
+        "--max_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,8 +291,12 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the appended --max_steps 3 won over the README's 300; effort.yaml's learning rate stayed
-    assert (metrics["method"], metrics["trainer"], metrics["steps"], metrics["learning_rate"]) == \
-        ("effort", "transformers", 3, 1e-3)
+    assert (metrics["method"], metrics["trainer"], metrics["steps"], metrics["learning_rate"]) == (
+        "effort",
+        "transformers",
+        3,
+        1e-3,
+    )
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "EFFORT" and adapter["residual_rank"] == 1

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from test_finetune_recipe import tiny_model  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,17 +20,22 @@ from common import RecipeError  # noqa: E402
 from data import arithmetic_chat_rows, chat_segments, collate, tokenize  # noqa: E402
 from packaged_models import smollm2_missing  # noqa: E402
 
-CONVERSATION = [{"role": "system", "content": "You add numbers."},
-                {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
-                {"role": "user", "content": "And 10 + 4?"}, {"role": "assistant", "content": "14"}]
+CONVERSATION = [
+    {"role": "system", "content": "You add numbers."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 10 + 4?"},
+    {"role": "assistant", "content": "14"},
+]
 
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     if smollm2_missing():
         pytest.skip(f"the packaged SmolLM2 is not installed: {smollm2_missing()}")
-    from packaged_models import smollm2_path
     from transformers import AutoTokenizer
+
+    from packaged_models import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path())
 
@@ -72,8 +76,10 @@ def test_chat_rows_train_on_the_assistant_turns_only(smollm2_tokenizer):
     assert example["answer_length"] == len(trained)
     untrained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == -100])
     assert "What is 2 + 3?" in untrained and "You add numbers." in untrained and "<|im_start|>assistant\n" in untrained
-    assert [text for text, trained in chat_segments(CONVERSATION, tokenizer) if trained] == \
-        ["5<|im_end|>\n", "14<|im_end|>\n"]
+    assert [text for text, trained in chat_segments(CONVERSATION, tokenizer) if trained] == [
+        "5<|im_end|>\n",
+        "14<|im_end|>\n",
+    ]
 
 
 def test_chat_data_needs_a_chat_template(tiny_model):  # noqa: F811
@@ -83,11 +89,14 @@ def test_chat_data_needs_a_chat_template(tiny_model):  # noqa: F811
         tokenize([{"messages": CONVERSATION}], AutoTokenizer.from_pretrained(tiny_model), 64)
 
 
-@pytest.mark.parametrize("row, expected", [
-    ({"messages": [{"role": "user", "content": "q"}]}, "has no assistant turn"),
-    ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 of 'messages' is"),
-    ({"messages": "hello"}, "is str, not a conversation"),
-])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": [{"role": "user", "content": "q"}]}, "has no assistant turn"),
+        ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 of 'messages' is"),
+        ({"messages": "hello"}, "is str, not a conversation"),
+    ],
+)
 def test_bad_chat_rows_name_the_line(tmp_path, row, expected):
     good = json.dumps({"messages": CONVERSATION[1:3]})
     path = tmp_path / "chat.jsonl"
@@ -105,9 +114,17 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
 
     folder = tmp_path_factory.mktemp("chat") / "llama"
     tokenizer = smollm2_tokenizer
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -121,14 +138,41 @@ def test_a_chat_run_trains_on_the_assistant_turns(tiny_chat_model, tmp_path, sou
         dataset = str(tmp_path / "chat.jsonl")
         with open(dataset, "w") as handle:
             for row in arithmetic_chat_rows(40, 3):
-                handle.write(json.dumps({"conversation": [{"role": "system", "content": "Add."}, *row["messages"]]})
-                             + "\n")
-    recipe = finetune.configure(["--model", tiny_chat_model, "--dataset", dataset, "--messages_field",
-                                 "conversation" if source == "file" else "messages", "--train_size", "32",
-                                 "--eval_size", "4", "--max_length", "96", "--method", "lora",
-                                 "--method_config", "{r: 2, target_modules: all-linear}", "--max_steps", "3",
-                                 "--learning_rate", "1e-2", "--save_steps", "3", "--per_device_train_batch_size", "4",
-                                 "--disable_tqdm", "true", "--output_dir", str(tmp_path / "run")])
+                handle.write(
+                    json.dumps({"conversation": [{"role": "system", "content": "Add."}, *row["messages"]]}) + "\n"
+                )
+    recipe = finetune.configure(
+        [
+            "--model",
+            tiny_chat_model,
+            "--dataset",
+            dataset,
+            "--messages_field",
+            "conversation" if source == "file" else "messages",
+            "--train_size",
+            "32",
+            "--eval_size",
+            "4",
+            "--max_length",
+            "96",
+            "--method",
+            "lora",
+            "--method_config",
+            "{r: 2, target_modules: all-linear}",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--save_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--disable_tqdm",
+            "true",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     metrics = finetune.run(recipe)
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -17,7 +17,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_finetune_recipe import METHOD_CONFIGS, RECIPE, recipe_args, tiny_model  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +50,7 @@ def error_line(module, argv: list[str], capsys) -> str:
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
-    return lines[-1][len("error: "):]
+    return lines[-1][len("error: ") :]
 
 
 def write(path, text: str) -> str:
@@ -64,6 +63,7 @@ def rows(count: int) -> str:
 
 
 # -- the YAML file and the flags -----------------------------------------------------------------------------------
+
 
 def test_malformed_yaml_names_file_line_and_column(tmp_path, capsys):
     config = write(tmp_path / "bad.yaml", "method: pissa\ntraining: {max_steps: 3\n  learning_rate: [1e-4}\n")
@@ -87,8 +87,10 @@ def test_unknown_key_names_its_line_and_the_closest_key(tmp_path, capsys):
 
 def test_a_key_set_twice_is_refused(tmp_path, capsys):
     config = write(tmp_path / "r.yaml", "method: lora\neval_size: 8\neval_size: 16\n")
-    assert error_line(finetune, ["--config", config], capsys) == \
-        f"{config}:3: eval_size is set twice (first on line 2); fix: keep one of them"
+    assert (
+        error_line(finetune, ["--config", config], capsys)
+        == f"{config}:3: eval_size is set twice (first on line 2); fix: keep one of them"
+    )
 
 
 def test_wrong_type_names_the_line_and_key(tmp_path, capsys):
@@ -98,23 +100,30 @@ def test_wrong_type_names_the_line_and_key(tmp_path, capsys):
     assert "eval_size must be an integer, got 'abc'" in message and "fix: set eval_size to an integer" in message
 
 
-@pytest.mark.parametrize("flag, value, expected", [
-    ("eval_size", "0", "eval_size must be an integer >= 1"),
-    ("train_size", "-3", "train_size must be an integer >= 1"),
-    ("max_length", "0", "max_length must be an integer >= 1"),
-    ("train_size", "2.5", "train_size must be an integer, got 2.5"),
-    ("resume", "maybe", "resume must be true or false"),
-    ("training", "{learning_rate: 0}", "training.learning_rate must be a finite number in (0, inf), got 0"),
-    ("training", "{learning_rate: -1.0e-4}", "training.learning_rate must be a finite number in (0, inf)"),
-    ("training", "{learning_rate: .nan}", "training.learning_rate is nan, which is not a finite number"),
-    ("training", "{learning_rate: nan}", "training.learning_rate must be a finite number in (0, inf), got nan"),
-    ("training", "{max_steps: 0}", "training.max_steps must be an integer >= 1"),
-    ("training", "{per_device_train_batch_size: 0}", "training.per_device_train_batch_size must be an integer >= 1"),
-    ("training", "{per_device_eval_batch_size: -1}", "training.per_device_eval_batch_size must be an integer >= 1"),
-    ("training", "{max_stepz: 3}", "training: unknown key(s) ['max_stepz'] (did you mean ['max_steps']?)"),
-    ("method_config", "{lora_alpha: .inf}", "method_config.lora_alpha is inf, which is not a finite number"),
-    ("method", "dora", "method must be one of"),
-])
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("eval_size", "0", "eval_size must be an integer >= 1"),
+        ("train_size", "-3", "train_size must be an integer >= 1"),
+        ("max_length", "0", "max_length must be an integer >= 1"),
+        ("train_size", "2.5", "train_size must be an integer, got 2.5"),
+        ("resume", "maybe", "resume must be true or false"),
+        ("training", "{learning_rate: 0}", "training.learning_rate must be a finite number in (0, inf), got 0"),
+        ("training", "{learning_rate: -1.0e-4}", "training.learning_rate must be a finite number in (0, inf)"),
+        ("training", "{learning_rate: .nan}", "training.learning_rate is nan, which is not a finite number"),
+        ("training", "{learning_rate: nan}", "training.learning_rate must be a finite number in (0, inf), got nan"),
+        ("training", "{max_steps: 0}", "training.max_steps must be an integer >= 1"),
+        (
+            "training",
+            "{per_device_train_batch_size: 0}",
+            "training.per_device_train_batch_size must be an integer >= 1",
+        ),
+        ("training", "{per_device_eval_batch_size: -1}", "training.per_device_eval_batch_size must be an integer >= 1"),
+        ("training", "{max_stepz: 3}", "training: unknown key(s) ['max_stepz'] (did you mean ['max_steps']?)"),
+        ("method_config", "{lora_alpha: .inf}", "method_config.lora_alpha is inf, which is not a finite number"),
+        ("method", "dora", "method must be one of"),
+    ],
+)
 def test_bad_flag_values_name_the_flag_key_and_fix(tmp_path, capsys, flag, value, expected):
     message = error_line(finetune, [f"--{flag}", value] + _rest(tmp_path, flag), capsys)
     assert message.startswith(f"--{flag}: "), message
@@ -126,8 +135,13 @@ def _rest(tmp_path, flag: str) -> list[str]:
     """Valid values for the other keys (a tiny folder with a config.json as the model, which nothing loads)."""
     (tmp_path / "model").mkdir(exist_ok=True)
     write(tmp_path / "model" / "config.json", "{}")
-    values = {"dataset": write(tmp_path / "d.jsonl", rows(100)), "train_size": "8", "eval_size": "4",
-              "model": str(tmp_path / "model"), "output_dir": str(tmp_path / "out")}
+    values = {
+        "dataset": write(tmp_path / "d.jsonl", rows(100)),
+        "train_size": "8",
+        "eval_size": "4",
+        "model": str(tmp_path / "model"),
+        "output_dir": str(tmp_path / "out"),
+    }
     return [item for key, value in values.items() if key != flag for item in (f"--{key}", value)]
 
 
@@ -160,20 +174,37 @@ def test_run_from_python_raises_a_value_error_before_loading(tmp_path):
 
 # -- the data file -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, flags, expected", [
-    ("empty.jsonl", "", [], "dataset {path} holds no rows; fix: add rows"),
-    ("small.jsonl", rows(10), [], "dataset {path} has 10 rows, fewer than train_size + eval_size = 8 + 4 = 12; "
-                                  "fix: lower them (e.g. --eval_size 2 --train_size 8)"),
-    ("field.jsonl", rows(3) + json.dumps({"prompt": "q"}) + "\n" + rows(20), [],
-     "{path}:4: the row has no 'answer' field (answer_field)"),
-    ("broken.jsonl", rows(2) + '{"prompt": "q", "answer": \n' + rows(20), [], "{path}:3:"),
-    ("number.jsonl", json.dumps({"prompt": "q", "answer": 5}) + "\n" + rows(20), [],
-     "{path}:1: the row has 5 (int), not text, in its 'answer' field (answer_field); fix:"),
-    ("column.csv", "question,answer\n" + "q,a\n" * 20, [], "dataset {path} has no column(s) ['prompt']"),
-    ("short.csv", "prompt,answer\nq,a\nq,\n" + "q,a\n" * 20, [], "{path}:3: the row has an empty 'answer' field"),
-    ("list.json", json.dumps([{"prompt": "q", "answer": "a"}] * 5), [], "dataset {path} has 5 rows"),
-    ("missing.jsonl", None, [], "--dataset: no such file {path}; fix"),
-])
+
+@pytest.mark.parametrize(
+    "name, content, flags, expected",
+    [
+        ("empty.jsonl", "", [], "dataset {path} holds no rows; fix: add rows"),
+        (
+            "small.jsonl",
+            rows(10),
+            [],
+            "dataset {path} has 10 rows, fewer than train_size + eval_size = 8 + 4 = 12; "
+            "fix: lower them (e.g. --eval_size 2 --train_size 8)",
+        ),
+        (
+            "field.jsonl",
+            rows(3) + json.dumps({"prompt": "q"}) + "\n" + rows(20),
+            [],
+            "{path}:4: the row has no 'answer' field (answer_field)",
+        ),
+        ("broken.jsonl", rows(2) + '{"prompt": "q", "answer": \n' + rows(20), [], "{path}:3:"),
+        (
+            "number.jsonl",
+            json.dumps({"prompt": "q", "answer": 5}) + "\n" + rows(20),
+            [],
+            "{path}:1: the row has 5 (int), not text, in its 'answer' field (answer_field); fix:",
+        ),
+        ("column.csv", "question,answer\n" + "q,a\n" * 20, [], "dataset {path} has no column(s) ['prompt']"),
+        ("short.csv", "prompt,answer\nq,a\nq,\n" + "q,a\n" * 20, [], "{path}:3: the row has an empty 'answer' field"),
+        ("list.json", json.dumps([{"prompt": "q", "answer": "a"}] * 5), [], "dataset {path} has 5 rows"),
+        ("missing.jsonl", None, [], "--dataset: no such file {path}; fix"),
+    ],
+)
 def test_bad_data_files_name_the_file_and_field_before_loading(tmp_path, capsys, name, content, flags, expected):
     path = str(tmp_path / name) if content is None else write(tmp_path / name, content)
     message = error_line(finetune, ["--dataset", path] + _rest(tmp_path, "dataset") + flags, capsys)
@@ -197,6 +228,7 @@ def test_max_length_that_cuts_off_every_held_out_answer_stops_before_the_model(t
 
 # -- the Hub repo id -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("repo_id", ["user/bad repo", "a/b/c", "user/x--y"])
 def test_push_to_hub_repo_id_is_checked_before_training(tmp_path, capsys, repo_id):
     message = error_line(finetune, ["--push_to_hub", repo_id] + _rest(tmp_path, "push_to_hub"), capsys)
@@ -211,6 +243,7 @@ def test_push_to_hub_in_the_file_names_its_line(tmp_path, capsys):
 
 
 # -- resume: the newest complete checkpoint ------------------------------------------------------------------------
+
 
 def fake_checkpoint(folder, step: int) -> str:
     """A checkpoint-N folder with the files Trainer writes (small, but each in its real format)."""
@@ -244,24 +277,31 @@ def truncate(path: str, keep: float = 0.5) -> None:
 def corrupt(path: str) -> None:
     data = bytearray(open(path, "rb").read())
     middle = len(data) // 2
-    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     open(path, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda p: truncate(os.path.join(p, "optimizer.pt")), "optimizer.pt is truncated or corrupt"),
-    (lambda p: os.remove(os.path.join(p, "optimizer.pt")), "optimizer.pt is missing"),
-    (lambda p: os.remove(os.path.join(p, "scheduler.pt")), "scheduler.pt is missing"),
-    (lambda p: os.remove(os.path.join(p, "rng_state.pth")), "rng_state.pth is missing"),
-    (lambda p: corrupt(os.path.join(p, "optimizer.pt")), "optimizer.pt is corrupt"),
-    (lambda p: truncate(os.path.join(p, "adapter_model.safetensors"), 0.9), "adapter_model.safetensors is truncated"),
-    (lambda p: os.remove(os.path.join(p, "adapter_model.safetensors")), "adapter_model.safetensors is missing"),
-    (lambda p: truncate(os.path.join(p, "trainer_state.json")), "trainer_state.json is not valid JSON"),
-    (lambda p: os.remove(os.path.join(p, "trainer_state.json")), "trainer_state.json is missing"),
-    (lambda p: open(os.path.join(p, "training_args.bin"), "wb").close(), "training_args.bin is empty"),
-])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, capsys, no_unpickling,
-                                                                             damage, reason):
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: truncate(os.path.join(p, "optimizer.pt")), "optimizer.pt is truncated or corrupt"),
+        (lambda p: os.remove(os.path.join(p, "optimizer.pt")), "optimizer.pt is missing"),
+        (lambda p: os.remove(os.path.join(p, "scheduler.pt")), "scheduler.pt is missing"),
+        (lambda p: os.remove(os.path.join(p, "rng_state.pth")), "rng_state.pth is missing"),
+        (lambda p: corrupt(os.path.join(p, "optimizer.pt")), "optimizer.pt is corrupt"),
+        (
+            lambda p: truncate(os.path.join(p, "adapter_model.safetensors"), 0.9),
+            "adapter_model.safetensors is truncated",
+        ),
+        (lambda p: os.remove(os.path.join(p, "adapter_model.safetensors")), "adapter_model.safetensors is missing"),
+        (lambda p: truncate(os.path.join(p, "trainer_state.json")), "trainer_state.json is not valid JSON"),
+        (lambda p: os.remove(os.path.join(p, "trainer_state.json")), "trainer_state.json is missing"),
+        (lambda p: open(os.path.join(p, "training_args.bin"), "wb").close(), "training_args.bin is empty"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(
+    tmp_path, capsys, no_unpickling, damage, reason
+):
     older, newer = fake_checkpoint(tmp_path, 2), fake_checkpoint(tmp_path, 4)
     fake_checkpoint(tmp_path, 1)
     damage(newer)
@@ -290,10 +330,13 @@ def test_no_complete_checkpoint_is_one_line_before_loading(tmp_path, capsys):
     out = tmp_path / "run"
     truncate(os.path.join(fake_checkpoint(out, 2), "optimizer.pt"))
     os.remove(os.path.join(fake_checkpoint(out, 4), "scheduler.pt"))
-    message = error_line(finetune, ["--resume", "true"] + _rest(tmp_path, "output_dir") + ["--output_dir", str(out)],
-                         capsys)
-    assert message.startswith(f"--resume: no complete checkpoint in {out}: {out}/checkpoint-4 (scheduler.pt is "
-                              f"missing); {out}/checkpoint-2 (optimizer.pt is truncated or corrupt")
+    message = error_line(
+        finetune, ["--resume", "true"] + _rest(tmp_path, "output_dir") + ["--output_dir", str(out)], capsys
+    )
+    assert message.startswith(
+        f"--resume: no complete checkpoint in {out}: {out}/checkpoint-4 (scheduler.pt is "
+        f"missing); {out}/checkpoint-2 (optimizer.pt is truncated or corrupt"
+    )
     assert message.endswith("fix: set resume: false to start a new run, or output_dir to the run to continue")
 
 
@@ -312,23 +355,39 @@ def test_resume_without_any_checkpoint_is_one_line_before_loading(tmp_path, caps
 def test_resume_falls_back_past_a_truncated_optimizer_and_matches_the_uninterrupted_run(tiny_model, tmp_path):
     """A real run: checkpoint-4 (the newest) gets a truncated optimizer.pt (it was an OSError with no fallback);
     resuming continues from checkpoint-2, says so in one line, and ends with the uninterrupted run's adapter."""
-    common = dict(method="pissa", method_config=METHOD_CONFIGS["pissa"],
-                  training={"max_steps": 4, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 4,
-                            "disable_tqdm": True, "save_total_limit": None})
+    common = dict(
+        method="pissa",
+        method_config=METHOD_CONFIGS["pissa"],
+        training={
+            "max_steps": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "disable_tqdm": True,
+            "save_total_limit": None,
+        },
+    )
     out = tmp_path / "run"
-    first = subprocess.run([sys.executable, RECIPE, *recipe_args(tiny_model, out, **common)], capture_output=True,
-                           text=True, timeout=600)
+    first = subprocess.run(
+        [sys.executable, RECIPE, *recipe_args(tiny_model, out, **common)], capture_output=True, text=True, timeout=600
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     straight = load_file(out / "adapter" / "adapter_model.safetensors")
     shutil.rmtree(out / "adapter")
     truncate(str(out / "checkpoint-4" / "optimizer.pt"))
-    resumed = subprocess.run([sys.executable, RECIPE, *recipe_args(tiny_model, out, resume=True, **common)],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, RECIPE, *recipe_args(tiny_model, out, resume=True, **common)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     notes = [line for line in resumed.stderr.splitlines() if line.startswith("resume: ")]
-    assert notes == [f"resume: skipping incomplete checkpoint {out}/checkpoint-4 (optimizer.pt is truncated or "
-                     f"corrupt (not a readable torch zip archive: File is not a zip file)); resuming from "
-                     f"{out}/checkpoint-2"], resumed.stderr[-3000:]
+    assert notes == [
+        f"resume: skipping incomplete checkpoint {out}/checkpoint-4 (optimizer.pt is truncated or "
+        f"corrupt (not a readable torch zip archive: File is not a zip file)); resuming from "
+        f"{out}/checkpoint-2"
+    ], resumed.stderr[-3000:]
     got = load_file(out / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == got.keys()
     for key in straight:
@@ -336,6 +395,7 @@ def test_resume_falls_back_past_a_truncated_optimizer_and_matches_the_uninterrup
 
 
 # -- merge.py ------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def merge_inputs(tmp_path):
@@ -351,24 +411,33 @@ def merge_config(root, text: str) -> str:
     return write(root / "merge.yaml", f"base: {root / 'base'}\noutput_dir: {root / 'out'}\n" + text)
 
 
-TASKS = "tasks:\n  - name: a\n    model: {root}/tuned\n    unlabeled: {root}/texts.jsonl\n" \
-        "  - name: b\n    adapter: {root}/adapter\n    unlabeled: {unlabeled}\n"
+TASKS = (
+    "tasks:\n  - name: a\n    model: {root}/tuned\n    unlabeled: {root}/texts.jsonl\n"
+    "  - name: b\n    adapter: {root}/adapter\n    unlabeled: {unlabeled}\n"
+)
 
 
-@pytest.mark.parametrize("text, line, expected", [
-    ("method: ties\ndensity: 0\n", 4, "density must be a finite number in (0, 1], got 0.0 (float); fix: set density"),
-    ("method: dare\ndrop_rate: 1.0\n", 4, "drop_rate must be a finite number in [0, 1), got 1.0"),
-    ("scaling: .nan\n", 3, "scaling must be a finite number in (-inf, inf), got nan"),
-    ("scaling: abc\n", 3, "scaling must be a number, got 'abc' (str)"),
-    ("steps: 0\n", 3, "steps must be an integer >= 1"),
-    ("lr: -1.0\n", 3, "lr must be a finite number in (0, inf)"),
-    ("temperature: 0\n", 3, "temperature must be a finite number in (0, inf)"),
-    ("batch_size: 0\n", 3, "batch_size must be an integer >= 1"),
-    ("final_mask: soft\n", 3, "final_mask must be one of ('expectation', 'sample', 'hard')"),
-    ("model_class: AutoModelForNothing\n", 3, "model_class 'AutoModelForNothing' is no transformers model class"),
-    ("lamda: 0.3\n", 3, "unknown recipe keys ['lamda']"),
-    ("method: ties\n  scaling: 0.3\n", 4, "malformed YAML"),
-])
+@pytest.mark.parametrize(
+    "text, line, expected",
+    [
+        (
+            "method: ties\ndensity: 0\n",
+            4,
+            "density must be a finite number in (0, 1], got 0.0 (float); fix: set density",
+        ),
+        ("method: dare\ndrop_rate: 1.0\n", 4, "drop_rate must be a finite number in [0, 1), got 1.0"),
+        ("scaling: .nan\n", 3, "scaling must be a finite number in (-inf, inf), got nan"),
+        ("scaling: abc\n", 3, "scaling must be a number, got 'abc' (str)"),
+        ("steps: 0\n", 3, "steps must be an integer >= 1"),
+        ("lr: -1.0\n", 3, "lr must be a finite number in (0, inf)"),
+        ("temperature: 0\n", 3, "temperature must be a finite number in (0, inf)"),
+        ("batch_size: 0\n", 3, "batch_size must be an integer >= 1"),
+        ("final_mask: soft\n", 3, "final_mask must be one of ('expectation', 'sample', 'hard')"),
+        ("model_class: AutoModelForNothing\n", 3, "model_class 'AutoModelForNothing' is no transformers model class"),
+        ("lamda: 0.3\n", 3, "unknown recipe keys ['lamda']"),
+        ("method: ties\n  scaling: 0.3\n", 4, "malformed YAML"),
+    ],
+)
 def test_bad_merge_values_name_the_line_key_and_fix(merge_inputs, capsys, text, line, expected):
     config = merge_config(merge_inputs, text + TASKS.format(root=merge_inputs, unlabeled=merge_inputs / "texts.jsonl"))
     message = error_line(merge, ["--config", config], capsys)
@@ -377,22 +446,32 @@ def test_bad_merge_values_name_the_line_key_and_fix(merge_inputs, capsys, text, 
     assert not (merge_inputs / "out").exists()
 
 
-@pytest.mark.parametrize("damage, line, expected", [
-    (lambda root: shutil.rmtree(root / "adapter"), 9, "tasks[1].adapter: no folder"),
-    (lambda root: os.remove(root / "adapter" / "adapter_config.json"), 9, "adapter has no adapter_config.json"),
-    (lambda root: shutil.rmtree(root / "tuned"), 6, "tasks[0].model: no folder"),
-    (lambda root: write(root / "tuned" / "config.json", '{"a": 1,\n'), None, "config.json:2:1: not valid JSON"),
-    (lambda root: write(root / "texts2.jsonl", ""), 10, "tasks[1].unlabeled: {root}/texts2.jsonl holds no texts"),
-    (lambda root: write(root / "texts2.jsonl", '{"text": "a"}\n{"text": 3}\n'), None,
-     "{root}/texts2.jsonl:2: expected a JSON object with a non-empty 'text' string"),
-    (lambda root: write(root / "texts2.jsonl", '{"text": "a"}\n\n{"text": "b"\n'), None,
-     "{root}/texts2.jsonl:3:13: not valid JSON"),
-    (lambda root: None, 10, "tasks[1].unlabeled: no such file {root}/texts2.jsonl"),
-])
+@pytest.mark.parametrize(
+    "damage, line, expected",
+    [
+        (lambda root: shutil.rmtree(root / "adapter"), 9, "tasks[1].adapter: no folder"),
+        (lambda root: os.remove(root / "adapter" / "adapter_config.json"), 9, "adapter has no adapter_config.json"),
+        (lambda root: shutil.rmtree(root / "tuned"), 6, "tasks[0].model: no folder"),
+        (lambda root: write(root / "tuned" / "config.json", '{"a": 1,\n'), None, "config.json:2:1: not valid JSON"),
+        (lambda root: write(root / "texts2.jsonl", ""), 10, "tasks[1].unlabeled: {root}/texts2.jsonl holds no texts"),
+        (
+            lambda root: write(root / "texts2.jsonl", '{"text": "a"}\n{"text": 3}\n'),
+            None,
+            "{root}/texts2.jsonl:2: expected a JSON object with a non-empty 'text' string",
+        ),
+        (
+            lambda root: write(root / "texts2.jsonl", '{"text": "a"}\n\n{"text": "b"\n'),
+            None,
+            "{root}/texts2.jsonl:3:13: not valid JSON",
+        ),
+        (lambda root: None, 10, "tasks[1].unlabeled: no such file {root}/texts2.jsonl"),
+    ],
+)
 def test_bad_merge_files_name_the_file_and_task_before_loading(merge_inputs, capsys, damage, line, expected):
     root = merge_inputs
-    config = merge_config(root, "method: concrete_task_arithmetic\n" +
-                          TASKS.format(root=root, unlabeled=root / "texts2.jsonl"))
+    config = merge_config(
+        root, "method: concrete_task_arithmetic\n" + TASKS.format(root=root, unlabeled=root / "texts2.jsonl")
+    )
     damage(root)
     message = error_line(merge, ["--config", config], capsys)
     if line is not None:
@@ -415,8 +494,9 @@ def test_merge_run_from_python_raises_a_value_error(merge_inputs):
 
 
 def test_max_steps_minus_one_means_epochs_as_in_transformers(tmp_path):
-    recipe = finetune.FinetuneRecipe(output_dir=str(tmp_path / "out"),
-                                     training={"max_steps": -1, "num_train_epochs": 2})
+    recipe = finetune.FinetuneRecipe(
+        output_dir=str(tmp_path / "out"), training={"max_steps": -1, "num_train_epochs": 2}
+    )
     arguments = finetune.training_arguments(recipe)
     assert arguments.max_steps == -1 and arguments.num_train_epochs == 2
     with pytest.raises(RecipeError, match=r"training.max_steps must be an integer >= 1.*-1 trains for num_train"):

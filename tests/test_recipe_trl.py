@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-
 from test_finetune_recipe import METHOD_CONFIGS, tiny_model  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,10 +17,35 @@ import finetune  # noqa: E402
 
 
 def trl_argv(model: str, out, method: str, *extra: str) -> list[str]:
-    return ["--model", model, "--output_dir", str(out), "--train_size", "16", "--eval_size", "4", "--method", method,
-            "--method_config", json.dumps(METHOD_CONFIGS[method]), "--trainer", "trl", "--max_steps", "3",
-            "--save_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "4", "--learning_rate",
-            "1e-2", "--disable_tqdm", "true", *extra]
+    return [
+        "--model",
+        model,
+        "--output_dir",
+        str(out),
+        "--train_size",
+        "16",
+        "--eval_size",
+        "4",
+        "--method",
+        method,
+        "--method_config",
+        json.dumps(METHOD_CONFIGS[method]),
+        "--trainer",
+        "trl",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))

@@ -25,6 +25,7 @@ from subspace_peft import merging
 from subspace_peft.hub import model_card
 from subspace_peft.methods import DEFAULT_METHOD, METHODS
 from subspace_peft.registry import Method, Paper, known_methods, method_record, register, registered_methods
+
 from tiny_models import build, inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,8 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 import merge as merge_recipe  # noqa: E402
 
-
 # -- a toy method, defined here: a learned shift added to each targeted Linear's output --------------------------------
+
 
 @dataclass
 class ToyShiftConfig(PeftConfig):
@@ -78,8 +79,14 @@ class ToyShiftModel(BaseTuner):
             setattr(parent, target_name, ToyShiftLayer(target, adapter_name))
 
 
-TOY = Method("toyshift", ToyShiftConfig, ToyShiftModel, display_name="ToyShift", card_fields=("target_modules",),
-             paper=Paper("A toy", "Nobody", 2026, "https://example.com/toy"))
+TOY = Method(
+    "toyshift",
+    ToyShiftConfig,
+    ToyShiftModel,
+    display_name="ToyShift",
+    card_fields=("target_modules",),
+    paper=Paper("A toy", "Nobody", 2026, "https://example.com/toy"),
+)
 
 
 def test_a_new_method_is_one_record(tmp_path):
@@ -153,10 +160,11 @@ def test_the_recipes_read_the_records():
 
 # -- the README's tables are the records' --------------------------------------------------------------------------
 
+
 def readme_table(header: str) -> list[list[str]]:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         text = handle.read()
-    rows = text[text.index(header):].split("\n\n")[0].splitlines()[2:]
+    rows = text[text.index(header) :].split("\n\n")[0].splitlines()[2:]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
@@ -165,20 +173,27 @@ def paper_link(paper: Paper) -> str:
 
 
 def test_readme_method_table_rows_are_the_records():
-    rows = [row for row in readme_table("| method | config | paper | status | what trains |")
-            if row[1] != "`subspace_peft.merging`"]
+    rows = [
+        row
+        for row in readme_table("| method | config | paper | status | what trains |")
+        if row[1] != "`subspace_peft.merging`"
+    ]
     ours = [method for method in METHODS if not method.peft_builtin]
-    assert [(row[0].split(" / ")[0], row[1], row[2]) for row in rows] == \
-        [(m.title, f"`{m.config_cls.__name__}`", paper_link(m.paper)) for m in ours]
+    assert [(row[0].split(" / ")[0], row[1], row[2]) for row in rows] == [
+        (m.title, f"`{m.config_cls.__name__}`", paper_link(m.paper)) for m in ours
+    ]
 
 
 def test_readme_merging_table_rows_are_the_merge_registry():
     rows = readme_table("| method | name | parameters | paper |")
-    assert rows == [[m.title, f"`{m.name}`", ", ".join(f"`{p.name}`" for p in m.parameters), paper_link(m.paper)]
-                    for m in merging.MERGE_METHODS.values()]
+    assert rows == [
+        [m.title, f"`{m.name}`", ", ".join(f"`{p.name}`" for p in m.parameters), paper_link(m.paper)]
+        for m in merging.MERGE_METHODS.values()
+    ]
 
 
 # -- the merge registry ----------------------------------------------------------------------------------------------
+
 
 def test_the_merge_recipe_has_a_field_per_parameter_with_the_schema_default():
     recipe_fields = {f.name: f.default for f in dataclasses.fields(merge_recipe.MergeRecipe)}
@@ -187,15 +202,22 @@ def test_the_merge_recipe_has_a_field_per_parameter_with_the_schema_default():
             assert recipe_fields[parameter.name] == parameter.default, (method.name, parameter.name)
             if parameter.choices:
                 assert parameter.default in parameter.choices
-    assert set(merging.MERGE_METHODS) == {"task_arithmetic", "ties", "dare", "concrete_task_arithmetic",
-                                          "concrete_adamerging"}
+    assert set(merging.MERGE_METHODS) == {
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "concrete_task_arithmetic",
+        "concrete_adamerging",
+    }
 
 
 def test_merge_by_name_fills_the_schema_defaults_and_refuses_unknown_parameters():
     base = build("mlp")
     generator = torch.Generator().manual_seed(0)
-    vectors = [{name: 0.01 * torch.randn(p.shape, generator=generator) for name, p in base.named_parameters()}
-               for _ in range(2)]
+    vectors = [
+        {name: 0.01 * torch.randn(p.shape, generator=generator) for name, p in base.named_parameters()}
+        for _ in range(2)
+    ]
     merged = merging.merge("ties", base, vectors, density=0.5)
     reference = merging.ties_merging(base, vectors, 0.3, 0.5)
     for got, want in zip(merged.model.state_dict().values(), reference.state_dict().values()):

@@ -9,6 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import subspace_peft
+
 from tiny_models import minilm
 
 
@@ -26,8 +27,11 @@ class Known(nn.Module):
         self.tall = nn.Linear(5, 10)
         self.conv = nn.Conv2d(3, 4, 2)  # a (4, 3*2*2) matrix
         self.norm = nn.LayerNorm(5)
-        self.values = {"wide": torch.arange(6, 0, -1.0), "tall": torch.tensor([4.0, 2, 1, 1, 0.5]),
-                       "conv": torch.tensor([3.0, 1, 1, 1])}
+        self.values = {
+            "wide": torch.arange(6, 0, -1.0),
+            "tall": torch.tensor([4.0, 2, 1, 1, 0.5]),
+            "conv": torch.tensor([3.0, 1, 1, 1]),
+        }
         with torch.no_grad():
             self.wide.weight.copy_(with_singular_values(6, 12, self.values["wide"].double(), 0))
             self.tall.weight.copy_(with_singular_values(10, 5, self.values["tall"].double(), 1))
@@ -68,8 +72,9 @@ def test_all_linear_on_a_pretrained_model_and_through_a_peft_model(tmp_path):
     # a PeftModel is read through its base weights (PiSSA never rewrites them)
     adapted = get_peft_model(minilm(), subspace_peft.PiSSAConfig(r=4, target_modules=["query", "value"]))
     through = subspace_peft.spectrum(adapted, ["query", "value"])
-    assert torch.allclose(through.layers["encoder.layer.0.attention.self.query"].singular_values,
-                          query.singular_values, rtol=1e-6)
+    assert torch.allclose(
+        through.layers["encoder.layer.0.attention.self.query"].singular_values, query.singular_values, rtol=1e-6
+    )
     table = report.summary(energy=0.9, rank=16)
     assert "| query | 6 | 384x384 |" in table and "| dense | 19 |" in table
     png = report.plot(tmp_path / "spectrum.png", energy=0.9, title="MiniLM")
@@ -80,10 +85,13 @@ def test_all_linear_on_a_pretrained_model_and_through_a_peft_model(tmp_path):
     assert matplotlib.image.imread(png).shape[:2] == (540, 1440)  # 12 x 4.5 inches at 120 dpi
 
 
-@pytest.mark.parametrize("targets, message", [
-    (["nothing_here"], "matched no module"),
-    (["norm"], "LayerNorm"),
-])
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (["nothing_here"], "matched no module"),
+        (["norm"], "LayerNorm"),
+    ],
+)
 def test_bad_targets(targets, message):
     with pytest.raises(ValueError, match=message):
         subspace_peft.spectrum(Known(), targets)

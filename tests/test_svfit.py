@@ -10,9 +10,10 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import subspace_peft
-from parity import assert_refused_unchanged, rel_err
 from subspace_peft import SVFitConfig
 from subspace_peft.tuners.svfit.layer import SVFitLayer
+
+from parity import assert_refused_unchanged, rel_err
 from tiny_models import build, minilm
 
 
@@ -91,10 +92,14 @@ def test_minilm_parameter_count_and_adapter_size_against_lora_r8(tmp_path, capsy
     n_energy = by_energy.get_nb_trainable_parameters()[0]
     assert n_energy == sum(layer.r["default"] for layer in svfit_layers(by_energy).values())
     with capsys.disabled():
-        print(f"\nMiniLM query+value: SVFit energy=0.99 trains {n_energy} parameters ({n_lora / n_energy:.1f}x fewer "
-              f"than LoRA r=8)")
-        print(f"MiniLM query+value: SVFit r=32 trains {n_svfit} parameters, LoRA r=8 {n_lora} "
-              f"({n_lora / n_svfit:.0f}x more); adapter files {size_svfit / 1e6:.2f} MB vs {size_lora / 1e6:.2f} MB")
+        print(
+            f"\nMiniLM query+value: SVFit energy=0.99 trains {n_energy} parameters ({n_lora / n_energy:.1f}x fewer "
+            f"than LoRA r=8)"
+        )
+        print(
+            f"MiniLM query+value: SVFit r=32 trains {n_svfit} parameters, LoRA r=8 {n_lora} "
+            f"({n_lora / n_svfit:.0f}x more); adapter files {size_svfit / 1e6:.2f} MB vs {size_lora / 1e6:.2f} MB"
+        )
     # the file holds U_r and V_r too (frozen, needed to reload exactly): 4x LoRA r=8's factors at r=32
     assert size_svfit == pytest.approx(4 * size_lora, rel=0.02)
 
@@ -104,9 +109,19 @@ def test_trainer_trains_only_sigma(tmp_path):
 
     model = get_peft_model(build("gpt2"), SVFitConfig(r=4, target_modules=["c_attn", "c_proj"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no")
+    rows = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=rows).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".svfit_sigma." in n for n in changed)

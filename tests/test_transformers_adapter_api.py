@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
+
 from tiny_models import build
 
 CONFIGS = {
@@ -62,11 +63,20 @@ def test_transformers_load_adapter_refuses_qpissa_and_leaves_the_model_as_it_was
 
     def llama():
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                            num_attention_heads=2, num_key_value_heads=2))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
 
     trained(llama(), PiSSAConfig(r=2, target_modules=["gate_proj"], residual_quantization="nf4")).save_pretrained(
-        str(tmp_path))
+        str(tmp_path)
+    )
     model = llama()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"QPiSSA adapters load through peft only.*PeftModel.from_pretrained"):

@@ -132,7 +132,9 @@ def truncated_svd_batched(
         per_batch = max(1, max_batch_elements // (shape[0] * shape[1]))
         for start in range(0, len(indices), per_batch):
             chunk = indices[start : start + per_batch]
-            stacked = torch.stack([_as_fp32(weights[i]) for i in chunk]) if len(chunk) > 1 else _as_fp32(weights[chunk[0]])
+            stacked = (
+                torch.stack([_as_fp32(weights[i]) for i in chunk]) if len(chunk) > 1 else _as_fp32(weights[chunk[0]])
+            )
             if settings.method == "exact":
                 u, s, vh = _exact(stacked, rank, settings.components)
             else:

@@ -8,7 +8,20 @@ from .registry import MERGE_METHODS, Merged, MergeMethod, Parameter, merge, merg
 from .task_vectors import TaskVector, adapter_task_vector, task_vector
 
 __all__ = [
-    "MERGE_METHODS", "ConcreteMergeResult", "MergeMethod", "Merged", "Parameter", "TaskVector", "adapter_task_vector",
-    "concrete_merge", "dare_merging", "merge", "merge_method", "merge_task_vectors", "prediction_entropy",
-    "task_arithmetic", "task_vector", "ties_merging",
+    "MERGE_METHODS",
+    "ConcreteMergeResult",
+    "MergeMethod",
+    "Merged",
+    "Parameter",
+    "TaskVector",
+    "adapter_task_vector",
+    "concrete_merge",
+    "dare_merging",
+    "merge",
+    "merge_method",
+    "merge_task_vectors",
+    "prediction_entropy",
+    "task_arithmetic",
+    "task_vector",
+    "ties_merging",
 ]

@@ -34,8 +34,9 @@ def merge_task_vectors(
     params = dict(merged.named_parameters())
     for name in sorted(set().union(*vectors)):
         param = params[name]
-        deltas = [v[name].to(torch.float32) if name in v else torch.zeros_like(param, dtype=torch.float32)
-                  for v in vectors]
+        deltas = [
+            v[name].to(torch.float32) if name in v else torch.zeros_like(param, dtype=torch.float32) for v in vectors
+        ]
         update = combine(deltas).to(param.dtype)
         if not all_finite(update) or not all_finite(param.add_(update)):
             raise ValueError(
@@ -52,38 +53,60 @@ def _weights(count: int, scaling: float) -> torch.Tensor:
 def task_arithmetic(base: nn.Module, vectors: list[TaskVector], scaling: float = 0.3) -> nn.Module:
     """``theta_0 + scaling * sum_i tau_i`` (Ilharco et al., 2023). ``scaling``: a finite number."""
     scaling = number("task_arithmetic", "scaling", scaling, _SCALING_FIX, fp32=True)
-    return merge_task_vectors(base, vectors, lambda deltas: merge_utils.task_arithmetic(deltas, _weights(len(deltas), scaling)))
+    return merge_task_vectors(
+        base, vectors, lambda deltas: merge_utils.task_arithmetic(deltas, _weights(len(deltas), scaling))
+    )
 
 
 def ties_merging(
-    base: nn.Module, vectors: list[TaskVector], scaling: float = 1.0, density: float = 0.2,
+    base: nn.Module,
+    vectors: list[TaskVector],
+    scaling: float = 1.0,
+    density: float = 0.2,
     majority_sign_method: Literal["total", "frequency"] = "total",
 ) -> nn.Module:
     """TIES (Yadav et al., 2023): keep each task vector's top ``density`` share of entries by magnitude (per
     parameter tensor), elect a sign per entry, average the entries that agree with it, scale by ``scaling``.
     ``density`` lies in (0, 1] (1 keeps every entry; a tensor where ``density`` keeps no entry is not merged)."""
     scaling = number("ties_merging", "scaling", scaling, "pass e.g. scaling=1.0", fp32=True)
-    density = number("ties_merging", "density", density,
-                     "pass the share of each task vector's entries to keep, e.g. density=0.2", low=0.0, high=1.0,
-                     low_open=True)
+    density = number(
+        "ties_merging",
+        "density",
+        density,
+        "pass the share of each task vector's entries to keep, e.g. density=0.2",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
     choice("ties_merging", "majority_sign_method", majority_sign_method, ("total", "frequency"))
     return merge_task_vectors(
-        base, vectors,
+        base,
+        vectors,
         lambda deltas: merge_utils.ties(deltas, _weights(len(deltas), scaling), density, majority_sign_method),
     )
 
 
 def dare_merging(
-    base: nn.Module, vectors: list[TaskVector], scaling: float = 0.3, drop_rate: float = 0.9, seed: int = 0,
+    base: nn.Module,
+    vectors: list[TaskVector],
+    scaling: float = 0.3,
+    drop_rate: float = 0.9,
+    seed: int = 0,
     use_ties: bool = False,
 ) -> nn.Module:
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``drop_rate`` (in [0, 1)) and rescale the
     rest by ``1 / (1 - drop_rate)``, then task arithmetic (or TIES' sign election with ``use_ties``). Seeded: the
     same ``seed`` (an integer) gives the same merge whatever the global RNG state."""
     scaling = number("dare_merging", "scaling", scaling, _SCALING_FIX, fp32=True)
-    drop_rate = number("dare_merging", "drop_rate", drop_rate,
-                       "pass the probability of dropping an entry, e.g. drop_rate=0.9 (1 would drop everything)",
-                       low=0.0, high=1.0, high_open=True)
+    drop_rate = number(
+        "dare_merging",
+        "drop_rate",
+        drop_rate,
+        "pass the probability of dropping an entry, e.g. drop_rate=0.9 (1 would drop everything)",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
     seed = integer("dare_merging", "seed", seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
     choice("dare_merging", "use_ties", use_ties, (False, True))
     density = 1.0 - drop_rate

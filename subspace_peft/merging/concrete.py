@@ -64,8 +64,10 @@ def _selected(names: Iterable[str], modules: Optional[Sequence[str]]) -> list[st
     chosen = []
     for name in names:
         module = name.rsplit(".", 1)[0]
-        if any(module == m or module.endswith("." + m) or module.startswith(m + ".") or re.fullmatch(m, module)
-               for m in modules):
+        if any(
+            module == m or module.endswith("." + m) or module.startswith(m + ".") or re.fullmatch(m, module)
+            for m in modules
+        ):
             chosen.append(name)
     if not chosen:
         raise ValueError(f"modules={list(modules)!r} matched no parameter the task vectors change")
@@ -143,20 +145,40 @@ def concrete_merge(
     choice(where, "method", method, ("task_arithmetic", "adamerging"))
     choice(where, "lambda_granularity", lambda_granularity, ("task", "layer"))
     choice(where, "final_mask", final_mask, ("expectation", "sample", "hard"))
-    scaling = number(where, "scaling", scaling, "pass e.g. scaling=0.3 (the task vectors' weight lambda)",
-                     fp32=True)
+    scaling = number(where, "scaling", scaling, "pass e.g. scaling=0.3 (the task vectors' weight lambda)", fp32=True)
     steps = integer(where, "steps", steps, "pass e.g. steps=200 (for no mask at all, use task_arithmetic)", low=1)
     lr = number(where, "lr", lr, "pass e.g. lr=1e-3 (the mask logits' Adam learning rate)", low=0.0, low_open=True)
-    lambda_lr = number(where, "lambda_lr", lambda_lr, "pass e.g. lambda_lr=1e-3 (AdaMerging's Adam learning rate)",
-                       low=0.0, low_open=True)
+    lambda_lr = number(
+        where,
+        "lambda_lr",
+        lambda_lr,
+        "pass e.g. lambda_lr=1e-3 (AdaMerging's Adam learning rate)",
+        low=0.0,
+        low_open=True,
+    )
     if adamerging_steps is not None:
-        adamerging_steps = integer(where, "adamerging_steps", adamerging_steps,
-                                   "pass e.g. adamerging_steps=200, or None for as many as steps", low=0)
-    temperature = number(where, "temperature", temperature,
-                         "pass e.g. temperature=0.5 (the Concrete distribution's; lower is closer to a hard mask)",
-                         low=0.0, low_open=True)
-    initial_logits = number(where, "initial_logits", initial_logits,
-                            "pass e.g. initial_logits=0.0 (keep probability sigmoid(initial_logits) = 1/2)", fp32=True)
+        adamerging_steps = integer(
+            where,
+            "adamerging_steps",
+            adamerging_steps,
+            "pass e.g. adamerging_steps=200, or None for as many as steps",
+            low=0,
+        )
+    temperature = number(
+        where,
+        "temperature",
+        temperature,
+        "pass e.g. temperature=0.5 (the Concrete distribution's; lower is closer to a hard mask)",
+        low=0.0,
+        low_open=True,
+    )
+    initial_logits = number(
+        where,
+        "initial_logits",
+        initial_logits,
+        "pass e.g. initial_logits=0.0 (keep probability sigmoid(initial_logits) = 1/2)",
+        fp32=True,
+    )
     seed = integer(where, "seed", seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
     params = check_vectors_fit(base, task_vectors)
     if len(unlabeled) != len(task_vectors) or any(len(batches) == 0 for batches in unlabeled):
@@ -168,8 +190,15 @@ def concrete_merge(
     if len(logits_fns) != len(task_vectors):
         raise ValueError(f"got {len(logits_fns)} logits_fns for {len(task_vectors)} task vectors")
 
-    merger = _Merger(params, task_vectors, _selected(set().union(*task_vectors), modules), initial_logits,
-                     scaling, method, lambda_granularity)
+    merger = _Merger(
+        params,
+        task_vectors,
+        _selected(set().union(*task_vectors), modules),
+        initial_logits,
+        scaling,
+        method,
+        lambda_granularity,
+    )
     batches = [itertools.cycle(list(b)) for b in unlabeled]
 
     def loss_of(merged_params):
@@ -205,16 +234,19 @@ def concrete_merge(
         with torch.no_grad():
             merger.lambdas.copy_(merger.initial_lambdas)
         lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=lambda_lr)
-        for step in tqdm(range(steps if adamerging_steps is None else adamerging_steps), desc="AdaMerging",
-                         disable=not progress):
+        for step in tqdm(
+            range(steps if adamerging_steps is None else adamerging_steps), desc="AdaMerging", disable=not progress
+        ):
             lambda_optimizer.zero_grad()
             loss = loss_of(merger.merged(final))
             _check_loss(loss, step + 1, "AdaMerging step", f"lambda_lr={lambda_lr}")
             loss.backward()
             lambda_optimizer.step()
     with torch.no_grad():
-        values = {name: value.to(params[name].dtype)
-                  for name, value in merger.merged(final, lambdas=merger.lambdas.detach()).items()}
+        values = {
+            name: value.to(params[name].dtype)
+            for name, value in merger.merged(final, lambdas=merger.lambdas.detach()).items()
+        }
         for name, value in values.items():
             if not all_finite(value):
                 raise ValueError(
@@ -226,7 +258,9 @@ def concrete_merge(
         for name, value in values.items():
             merged_params[name].copy_(value)
     return ConcreteMergeResult(
-        model=merged, lambdas=merger.lambdas.detach().clone(), entropy=history,
+        model=merged,
+        lambdas=merger.lambdas.detach().clone(),
+        entropy=history,
         masks={n: m.clone() for n, m in final.items()} if return_masks else None,
     )
 
@@ -248,9 +282,13 @@ class _Merger:
         self.params = params
         self.names = sorted(set().union(*vectors))
         self.vectors = [{n: v[n].float() for n in v} for v in vectors]
-        self.logits = {n: torch.full(params[n].shape, float(initial_logits), device=params[n].device,
-                                     requires_grad=True) for n in masked}
-        shape = (len(vectors),) if method == "task_arithmetic" or granularity == "task" else (len(vectors), len(self.names))
+        self.logits = {
+            n: torch.full(params[n].shape, float(initial_logits), device=params[n].device, requires_grad=True)
+            for n in masked
+        }
+        shape = (
+            (len(vectors),) if method == "task_arithmetic" or granularity == "task" else (len(vectors), len(self.names))
+        )
         self.initial_lambdas = torch.full(shape, float(scaling))
         self.lambdas = self.initial_lambdas.clone().requires_grad_(method == "adamerging")
         # Concrete TA never changes lambda, so each tensor's sum_i lambda_i tau_i is formed once, not every step

@@ -42,8 +42,11 @@ class Parameter:
     def fix(self) -> str:
         """How to set it, for an error message."""
         bounded = self.low is not None or self.high is not None
-        return f"set {self.name} to {self.help}" + (f", in {self.interval()}" if bounded else "") + \
-            f", e.g. {self.default}"
+        return (
+            f"set {self.name} to {self.help}"
+            + (f", in {self.interval()}" if bounded else "")
+            + f", e.g. {self.default}"
+        )
 
 
 class Merged(NamedTuple):
@@ -70,21 +73,40 @@ class MergeMethod:
 SCALING = Parameter("scaling", float, 0.3, "the weight of each task vector")
 DENSITY = Parameter("density", float, 0.2, "the share of entries TIES keeps", low=0.0, high=1.0, low_open=True)
 DROP_RATE = Parameter("drop_rate", float, 0.9, "the share of entries DARE drops", low=0.0, high=1.0, high_open=True)
-SEED = Parameter("seed", int, 0, "the seed of the random drops or the Concrete noise (same seed, same merge)",
-                 low=0)
+SEED = Parameter("seed", int, 0, "the seed of the random drops or the Concrete noise (same seed, same merge)", low=0)
 STEPS = Parameter("steps", int, 200, "Concrete mask training steps", low=1)
 LR = Parameter("lr", float, 1e-3, "the mask logits' Adam learning rate", low=0.0, low_open=True)
-LAMBDA_LR = Parameter("lambda_lr", float, 1e-3, "AdaMerging's Adam learning rate for lambda", low=0.0,
-                      low_open=True)
-LAMBDA_GRANULARITY = Parameter("lambda_granularity", str, "task", "AdaMerging's lambda per task, or per task and "
-                               "parameter tensor", choices=("task", "layer"))
-TEMPERATURE = Parameter("temperature", float, 0.5, "the Concrete distribution's temperature (lower is closer to a "
-                        "hard mask)", low=0.0, low_open=True)
+LAMBDA_LR = Parameter("lambda_lr", float, 1e-3, "AdaMerging's Adam learning rate for lambda", low=0.0, low_open=True)
+LAMBDA_GRANULARITY = Parameter(
+    "lambda_granularity",
+    str,
+    "task",
+    "AdaMerging's lambda per task, or per task and parameter tensor",
+    choices=("task", "layer"),
+)
+TEMPERATURE = Parameter(
+    "temperature",
+    float,
+    0.5,
+    "the Concrete distribution's temperature (lower is closer to a hard mask)",
+    low=0.0,
+    low_open=True,
+)
 INITIAL_LOGITS = Parameter("initial_logits", float, 0.0, "the mask logits' start (0: keep probability 1/2)")
-FINAL_MASK = Parameter("final_mask", str, "expectation", "the returned model's mask: sigmoid(logits), a sample, or "
-                       "thresholded", choices=("expectation", "sample", "hard"))
-MODULES = Parameter("modules", list, None, "the module names (e.g. [query, value]) whose parameters are masked; null "
-                    "masks every changed parameter", optional=True)
+FINAL_MASK = Parameter(
+    "final_mask",
+    str,
+    "expectation",
+    "the returned model's mask: sigmoid(logits), a sample, or thresholded",
+    choices=("expectation", "sample", "hard"),
+)
+MODULES = Parameter(
+    "modules",
+    list,
+    None,
+    "the module names (e.g. [query, value]) whose parameters are masked; null masks every changed parameter",
+    optional=True,
+)
 
 
 def _task_arithmetic(base, vectors, unlabeled, return_masks, *, scaling) -> Merged:
@@ -108,24 +130,65 @@ def _concrete(method: str) -> Callable[..., Merged]:
 
 
 _CONCRETE = (SCALING, STEPS, LR, TEMPERATURE, INITIAL_LOGITS, SEED, MODULES, FINAL_MASK)
-_CONCRETE_PAPER = Paper("Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion",
-                        "Tang et al.", 2023, "https://arxiv.org/abs/2312.06173")
+_CONCRETE_PAPER = Paper(
+    "Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion",
+    "Tang et al.",
+    2023,
+    "https://arxiv.org/abs/2312.06173",
+)
 
-MERGE_METHODS: dict[str, MergeMethod] = {method.name: method for method in (
-    MergeMethod("task_arithmetic", "Task Arithmetic", _task_arithmetic, (SCALING,),
-                Paper("Editing Models with Task Arithmetic", "Ilharco et al.", 2023,
-                      "https://arxiv.org/abs/2212.04089")),
-    MergeMethod("ties", "TIES", _ties, (SCALING, DENSITY),
-                Paper("TIES-Merging: Resolving Interference When Merging Models", "Yadav et al.", 2023,
-                      "https://arxiv.org/abs/2306.01708")),
-    MergeMethod("dare", "DARE", _dare, (SCALING, DROP_RATE, SEED),
-                Paper("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
-                      "Yu et al.", 2024, "https://arxiv.org/abs/2311.03099")),
-    MergeMethod("concrete_task_arithmetic", "Concrete Task Arithmetic", _concrete("task_arithmetic"), _CONCRETE,
-                _CONCRETE_PAPER, needs_unlabeled=True),
-    MergeMethod("concrete_adamerging", "Concrete AdaMerging", _concrete("adamerging"),
-                _CONCRETE + (LAMBDA_LR, LAMBDA_GRANULARITY), _CONCRETE_PAPER, needs_unlabeled=True),
-)}
+MERGE_METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod(
+            "task_arithmetic",
+            "Task Arithmetic",
+            _task_arithmetic,
+            (SCALING,),
+            Paper("Editing Models with Task Arithmetic", "Ilharco et al.", 2023, "https://arxiv.org/abs/2212.04089"),
+        ),
+        MergeMethod(
+            "ties",
+            "TIES",
+            _ties,
+            (SCALING, DENSITY),
+            Paper(
+                "TIES-Merging: Resolving Interference When Merging Models",
+                "Yadav et al.",
+                2023,
+                "https://arxiv.org/abs/2306.01708",
+            ),
+        ),
+        MergeMethod(
+            "dare",
+            "DARE",
+            _dare,
+            (SCALING, DROP_RATE, SEED),
+            Paper(
+                "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+                "Yu et al.",
+                2024,
+                "https://arxiv.org/abs/2311.03099",
+            ),
+        ),
+        MergeMethod(
+            "concrete_task_arithmetic",
+            "Concrete Task Arithmetic",
+            _concrete("task_arithmetic"),
+            _CONCRETE,
+            _CONCRETE_PAPER,
+            needs_unlabeled=True,
+        ),
+        MergeMethod(
+            "concrete_adamerging",
+            "Concrete AdaMerging",
+            _concrete("adamerging"),
+            _CONCRETE + (LAMBDA_LR, LAMBDA_GRANULARITY),
+            _CONCRETE_PAPER,
+            needs_unlabeled=True,
+        ),
+    )
+}
 
 
 def merge_method(name: str) -> MergeMethod:
@@ -140,15 +203,22 @@ def all_parameters() -> tuple[Parameter, ...]:
     return tuple({p.name: p for method in MERGE_METHODS.values() for p in method.parameters}.values())
 
 
-def merge(name: str, base: nn.Module, vectors: list[TaskVector], unlabeled: Optional[Sequence] = None,
-          return_masks: bool = False, **parameters) -> Merged:
+def merge(
+    name: str,
+    base: nn.Module,
+    vectors: list[TaskVector],
+    unlabeled: Optional[Sequence] = None,
+    return_masks: bool = False,
+    **parameters,
+) -> Merged:
     """Merge ``vectors`` into a copy of ``base`` with the method ``name``; parameters not given take the schema's
     defaults. An unknown parameter, or a method that needs unlabeled batches without them, is a ValueError."""
     method = merge_method(name)
     unknown = sorted(set(parameters) - {p.name for p in method.parameters})
     if unknown:
-        raise ValueError(f"{name} has no parameter(s) {unknown}; its parameters are "
-                         f"{[p.name for p in method.parameters]}")
+        raise ValueError(
+            f"{name} has no parameter(s) {unknown}; its parameters are {[p.name for p in method.parameters]}"
+        )
     if method.needs_unlabeled and unlabeled is None:
         raise ValueError(f"{name} needs unlabeled batches for every task: pass unlabeled=[[batch, ...], ...]")
     return method.run(base, vectors, unlabeled, return_masks, **{**method.defaults(), **parameters})

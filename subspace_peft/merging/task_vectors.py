@@ -51,9 +51,14 @@ def task_vector(
     ``max_relative_distance`` (a finite number > 0, or None) times the base's norm (a fine-tune of another base).
     """
     if max_relative_distance is not None:
-        number("task_vector", "max_relative_distance", max_relative_distance,
-               f"pass e.g. {DEFAULT_MAX_RELATIVE_DISTANCE} (the default), or None to skip the distance check",
-               low=0.0, low_open=True)
+        number(
+            "task_vector",
+            "max_relative_distance",
+            max_relative_distance,
+            f"pass e.g. {DEFAULT_MAX_RELATIVE_DISTANCE} (the default), or None to skip the distance check",
+            low=0.0,
+            low_open=True,
+        )
     base_params, tuned_params = _parameters(base), _parameters(finetuned)
     missing = [name for name in base_params if name not in tuned_params]
     if missing:
@@ -67,8 +72,10 @@ def task_vector(
                 f"parameter {name!r} has shape {tuple(tuned_params[name].shape)} in the fine-tuned model but "
                 f"{tuple(value.shape)} in the base: the models do not share a base"
             )
-    vector = {name: (tuned_params[name].detach().to(value.dtype) - value.detach()).clone()
-              for name, value in base_params.items()}
+    vector = {
+        name: (tuned_params[name].detach().to(value.dtype) - value.detach()).clone()
+        for name, value in base_params.items()
+    }
     for name, delta in vector.items():  # one reduction per tensor; the culprit is looked for only on failure
         if not all_finite(delta):
             if not all_finite(base_params[name].detach()):
@@ -103,7 +110,8 @@ def adapter_task_vector(peft_model, adapter_name: str = "default", base: Optiona
     vector: TaskVector = {}
     for name, module in peft_model.get_base_model().named_modules():
         holds_adapter = isinstance(module, BaseTunerLayer) and adapter_name in getattr(
-            module, module.adapter_layer_names[0], {})
+            module, module.adapter_layer_names[0], {}
+        )
         if holds_adapter:
             base_layer = module.get_base_layer()
             delta = module.get_delta_weight(adapter_name).detach()
@@ -127,15 +135,18 @@ def check_vectors_fit(base: nn.Module, vectors: list[TaskVector]) -> dict[str, t
     finite values, and that the base parameters it changes are finite. Each failure is a ValueError naming the task
     vector (by index) and the tensor; nothing is modified. Costs one reduction per tensor."""
     if isinstance(vectors, dict):
-        raise ValueError("task vectors must come as a list of dicts (one per task); got a single dict: wrap it, "
-                         "[vector]")
+        raise ValueError(
+            "task vectors must come as a list of dicts (one per task); got a single dict: wrap it, [vector]"
+        )
     if not vectors:
         raise ValueError("no task vectors to merge: pass at least one")
     params = _parameters(base)
     for index, vector in enumerate(vectors):
         if not isinstance(vector, dict):
-            raise ValueError(f"task vector {index} is a {type(vector).__name__}, not a dict of tensors "
-                             "{parameter name: delta}: build it with task_vector() or adapter_task_vector()")
+            raise ValueError(
+                f"task vector {index} is a {type(vector).__name__}, not a dict of tensors "
+                "{parameter name: delta}: build it with task_vector() or adapter_task_vector()"
+            )
         if not vector:
             raise ValueError(f"task vector {index} is empty")
         for name, delta in vector.items():

@@ -9,5 +9,18 @@ from .model import PlannedTuner, SVDTuner
 from .plan import LayerPlan
 from .targets import Target, pattern_value
 
-__all__ = ["CONV_TYPES", "FactorLayer", "LayerPlan", "PlannedTuner", "SVDInitConfig", "SVDTuner", "SingularValues",
-           "Target", "TargetConfig", "TensorLeaf", "geometry_for", "pattern_value", "weight_matrix"]
+__all__ = [
+    "CONV_TYPES",
+    "FactorLayer",
+    "LayerPlan",
+    "PlannedTuner",
+    "SVDInitConfig",
+    "SVDTuner",
+    "SingularValues",
+    "Target",
+    "TargetConfig",
+    "TensorLeaf",
+    "geometry_for",
+    "pattern_value",
+    "weight_matrix",
+]

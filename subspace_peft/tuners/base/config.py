@@ -50,20 +50,49 @@ class TargetConfig(PeftConfig):
         modules_to_save: extra modules trained in full and saved with the adapter.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": (
-        "Modules to adapt: a list of module names (exact or suffix match), a regex (str), or 'all-linear' for every "
-        "linear layer; usually the attention and MLP projections.")})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": (
-        "Modules never adapted, even where target_modules matches them: a list of module names (exact or suffix "
-        "match) or a regex (str).")})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": (
-        "Only adapt the layers with these indices (an int or a list of ints, from 0); None adapts every layer. "
-        "Not with a regex target_modules.")})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": (
-        "Name of the model's list of layers (e.g. 'layers' or 'h'), needed with layers_to_transform when that list "
-        "is not found automatically.")})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": (
-        "Extra modules (e.g. a classifier head) trained in full and saved with the adapter.")})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules to adapt: a list of module names (exact or suffix match), a regex (str), or 'all-linear' for "
+                "every "
+                "linear layer; usually the attention and MLP projections."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules never adapted, even where target_modules matches them: a list of module names (exact or "
+                "suffix "
+                "match) or a regex (str)."
+            )
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Only adapt the layers with these indices (an int or a list of ints, from 0); None adapts every layer. "
+                "Not with a regex target_modules."
+            )
+        },
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Name of the model's list of layers (e.g. 'layers' or 'h'), needed with layers_to_transform when that "
+                "list "
+                "is not found automatically."
+            )
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": ("Extra modules (e.g. a classifier head) trained in full and saved with the adapter.")},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,21 +136,52 @@ class SVDInitConfig(TargetConfig):
             config is ignored (a downloaded file never chooses where this package writes).
     """
 
-    init: Literal["svd", "randomized"] = field(default="svd", metadata={"help": (
-        "How the initial SVD is computed: 'svd' (exact, the default) or 'randomized' (a seeded randomized SVD, "
-        "faster on large weights; set by niter, oversample and seed). Effort needs 'svd'.")})
-    niter: int = field(default=2, metadata={"help": (
-        f"Power iterations of the randomized SVD (0-{MAX_NITER}): more is more accurate and slower; 2-8 is typical. "
-        "Only with init='randomized'.")})
-    oversample: int = field(default=16, metadata={"help": (
-        f"Extra columns of the randomized SVD's test matrix (0-{MAX_OVERSAMPLE}); 16 suits most weights. "
-        "Only with init='randomized'.")})
-    seed: int = field(default=0, metadata={"help": (
-        "Seed of the randomized SVD's test matrix (a non-negative int): the same seed gives the same factors "
-        "whatever the global RNG state.")})
-    svd_cache: Optional[Union[bool, str]] = field(default=None, metadata={"help": (
-        "Cache of SVD factors: None (off), True (the default folder, $SUBSPACE_PEFT_CACHE or "
-        "~/.cache/subspace_peft/svd) or a folder path. A setting of this machine, never saved with the adapter.")})
+    init: Literal["svd", "randomized"] = field(
+        default="svd",
+        metadata={
+            "help": (
+                "How the initial SVD is computed: 'svd' (exact, the default) or 'randomized' (a seeded randomized SVD, "
+                "faster on large weights; set by niter, oversample and seed). Effort needs 'svd'."
+            )
+        },
+    )
+    niter: int = field(
+        default=2,
+        metadata={
+            "help": (
+                f"Power iterations of the randomized SVD (0-{MAX_NITER}): more is more accurate and slower; 2-8 is "
+                f"typical. "
+                "Only with init='randomized'."
+            )
+        },
+    )
+    oversample: int = field(
+        default=16,
+        metadata={
+            "help": (
+                f"Extra columns of the randomized SVD's test matrix (0-{MAX_OVERSAMPLE}); 16 suits most weights. "
+                "Only with init='randomized'."
+            )
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Seed of the randomized SVD's test matrix (a non-negative int): the same seed gives the same factors "
+                "whatever the global RNG state."
+            )
+        },
+    )
+    svd_cache: Optional[Union[bool, str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Cache of SVD factors: None (off), True (the default folder, $SUBSPACE_PEFT_CACHE or "
+                "~/.cache/subspace_peft/svd) or a folder path. A setting of this machine, never saved with the adapter."
+            )
+        },
+    )
 
     def __post_init__(self):
         from_saved_dict = self.peft_type is not None  # only a saved config's dict passes peft_type

@@ -135,8 +135,9 @@ class EmbeddingGeometry(LinearGeometry):
 
     def project_input(self, x, a_in):
         base = self.embedding
-        return F.embedding(x, a_in, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                           base.sparse)
+        return F.embedding(
+            x, a_in, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def factor_weights(self, a_matrix, b_matrix):
         return a_matrix.T, b_matrix

@@ -86,8 +86,10 @@ class FactorLayer(nn.Module, BaseTunerLayer):
         if factors is None:
             weights = [torch.empty(shape, device=device) for shape in self.geometry.factor_shapes(r)]
         else:
-            weights = [value.to(device).clone(memory_format=torch.contiguous_format)
-                       for value in self.geometry.factor_weights(*factors)]
+            weights = [
+                value.to(device).clone(memory_format=torch.contiguous_format)
+                for value in self.geometry.factor_weights(*factors)
+            ]
         return tuple(TensorLeaf(weight, trainable=trainable) for weight in weights)
 
     def _new_singular_values(self, r: int, values: Optional[torch.Tensor]) -> tuple[nn.Module, nn.Module]:
@@ -168,8 +170,10 @@ class FactorLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             raise ValueError("cannot pass adapter_names while adapters are merged: call unmerge_adapter() first")
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows: "
-                             "give one adapter name (or '__base__') per row")
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows: "
+                "give one adapter name (or '__base__') per row"
+            )
         result = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)

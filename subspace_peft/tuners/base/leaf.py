@@ -12,7 +12,9 @@ class TensorLeaf(nn.Module):
     """One tensor as ``self.weight``: the given one, or an uninitialised one of the given shape (the owner fills it
     in); a parameter if ``trainable``, else a (saved) buffer."""
 
-    def __init__(self, shape_or_weight: tuple[int, ...] | int | torch.Tensor, device=None, trainable: bool = True) -> None:
+    def __init__(
+        self, shape_or_weight: tuple[int, ...] | int | torch.Tensor, device=None, trainable: bool = True
+    ) -> None:
         super().__init__()
         weight = shape_or_weight
         if not isinstance(weight, torch.Tensor):

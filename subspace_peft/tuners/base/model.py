@@ -53,7 +53,11 @@ class PlannedTuner(BaseTuner):
         self.register_load_state_dict_post_hook(_complete_layers_after_load)
 
     def inject_adapter(
-        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         state_dict=None,
     ) -> None:
         config = self.peft_config[adapter_name]
@@ -65,8 +69,11 @@ class PlannedTuner(BaseTuner):
         self._plans_to_inject = plans
         try:
             super().inject_adapter(
-                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
             )
         finally:
             del self._plans_to_inject
@@ -185,8 +192,10 @@ class PlannedTuner(BaseTuner):
         layer and ``modules_to_save`` wrapper gets the per-row adapter names for the duration of the call."""
         adapter_names = kwargs.pop("adapter_names", None)
         if kwargs.get("alora_offsets") is not None:
-            raise ValueError(f"alora_offsets is an option of peft's activated LoRA; {self.method_name} has no "
-                             "activated form: drop alora_offsets")
+            raise ValueError(
+                f"alora_offsets is an option of peft's activated LoRA; {self.method_name} has no "
+                "activated form: drop alora_offsets"
+            )
         if adapter_names is None:
             yield
             return
@@ -195,8 +204,10 @@ class PlannedTuner(BaseTuner):
         known = set().union(*(layer.r.keys() for _, layer in _layers(self)))
         unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
         if unknown:
-            raise ValueError(f"adapter_names names adapter(s) this model does not have: {', '.join(unknown)} "
-                             f"(it has {', '.join(sorted(known))}, and '__base__' for the base model)")
+            raise ValueError(
+                f"adapter_names names adapter(s) this model does not have: {', '.join(unknown)} "
+                f"(it has {', '.join(sorted(known))}, and '__base__' for the base model)"
+            )
         beams = kwargs.get("num_beams")
         per_row = list(adapter_names)
         if isinstance(beams, int) and beams > 1:  # generate repeats each decoder row num_beams times
@@ -257,8 +268,11 @@ def _pass_adapter_names(module, args, kwargs, adapter_names):
 
 def _hook_adapter_names(model: nn.Module, adapter_names: list) -> list:
     hook = partial(_pass_adapter_names, adapter_names=adapter_names)
-    return [module.register_forward_pre_hook(hook, with_kwargs=True) for module in model.modules()
-            if isinstance(module, (FactorLayer, AuxiliaryTrainingWrapper))]
+    return [
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        for module in model.modules()
+        if isinstance(module, (FactorLayer, AuxiliaryTrainingWrapper))
+    ]
 
 
 def _layers(tuner: PlannedTuner):
@@ -283,8 +297,10 @@ def _check_checkpoint_before_load(tuner, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook on the tuner: runs before any tensor below it is copied. A tensor of the wrong shape
     is a ValueError naming it (peft has already dropped them under ``ignore_mismatched_sizes=True``); empty layers whose
     adapter this checkpoint holds are listed for the post-hook, as loaded or dropped."""
-    found = [(key, layer, adapter, tensor, state_dict.get(full), full)
-             for full, key, layer, adapter, tensor in _adapter_state_keys(tuner, prefix)]
+    found = [
+        (key, layer, adapter, tensor, state_dict.get(full), full)
+        for full, key, layer, adapter, tensor in _adapter_state_keys(tuner, prefix)
+    ]
     loading = {adapter for _, _, adapter, _, value, _ in found if value is not None}
     for key, _, _, tensor, value, full in found:
         if value is not None and tuple(value.shape) != tuple(tensor.shape):

@@ -41,17 +41,39 @@ class EffortConfig(SVDInitConfig):
         init: must be ``"svd"``: minor components need an exact SVD.
     """
 
-    residual_rank: int = field(default=1, metadata={"help": (
-        "Minor singular components trained per layer (a positive int, below min(d_out, d_in)); the paper uses 1 "
-        "per attention projection.")})
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
-        "Per-module override of residual_rank: a mapping from a module-name regex to its rank.")})
-    orth_weight: float = field(default=1.0, metadata={"help": (
-        "Weight (>= 0) of the orthogonality loss that keeps the update in the minor subspace; 0 switches it off.")})
-    norm_weight: float = field(default=1.0, metadata={"help": (
-        "Weight (>= 0) of the singular-value (Frobenius energy) preservation loss; 0 switches it off.")})
-    bias: Literal["none", "all", "effort_only"] = field(default="none", metadata={"help": (
-        "Which biases train: 'none', 'all' or 'effort_only' (those of the adapted layers only).")})
+    residual_rank: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Minor singular components trained per layer (a positive int, below min(d_out, d_in)); the paper uses "
+                "1 "
+                "per attention projection."
+            )
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={"help": ("Per-module override of residual_rank: a mapping from a module-name regex to its rank.")},
+    )
+    orth_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Weight (>= 0) of the orthogonality loss that keeps the update in the minor subspace; 0 switches it "
+                "off."
+            )
+        },
+    )
+    norm_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": ("Weight (>= 0) of the singular-value (Frobenius energy) preservation loss; 0 switches it off.")
+        },
+    )
+    bias: Literal["none", "all", "effort_only"] = field(
+        default="none",
+        metadata={"help": ("Which biases train: 'none', 'all' or 'effort_only' (those of the adapted layers only).")},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -53,8 +53,11 @@ class EffortLayer(FactorLayer):
 
     def _triplet(self, adapter: str, initial: bool = False):
         """(U (d_out, r), s (r,), Vh (r, d_in)) in fp32."""
-        u, s, vh = (self.effort_U0, self.effort_S0, self.effort_Vh0) if initial else (
-            self.effort_U, self.effort_S, self.effort_Vh)
+        u, s, vh = (
+            (self.effort_U0, self.effort_S0, self.effort_Vh0)
+            if initial
+            else (self.effort_U, self.effort_S, self.effort_Vh)
+        )
         vh_matrix, u_matrix = self.geometry.factor_matrices(vh[adapter].weight.float(), u[adapter].weight.float())
         return u_matrix, s[adapter].weight.float(), vh_matrix
 

@@ -115,7 +115,11 @@ def group_losses(layers: list[LossInputs]) -> dict[str, torch.Tensor]:
         overlap_v = (vh - cross_v.mT @ vh0).pow(2).sum((-2, -1))
     else:
         overlap_v = overlap
-    orth = 2 * (overlap_u + overlap_v) + _squared_deviation_from_identity(gram_u) + _squared_deviation_from_identity(gram_v)
+    orth = (
+        2 * (overlap_u + overlap_v)
+        + _squared_deviation_from_identity(gram_u)
+        + _squared_deviation_from_identity(gram_v)
+    )
     change = _pair_inner(s, s, gram_u, gram_v) - 2 * _pair_inner(s, s0, cross_u, cross_v) + initial_square_norm
     norm = (2 * (inner - initial_inner) + change).abs()
     return {"orth": orth.sum(), "norm": norm.sum()}

@@ -59,8 +59,13 @@ class EffortModel(SVDTuner):
                 for name in module.active_adapters:
                     if name in module.r:
                         inputs = module.loss_inputs(name)
-                        key = (name, tuple(inputs.weight.shape), module.r[name], inputs.weight.dtype,
-                               inputs.weight.device)
+                        key = (
+                            name,
+                            tuple(inputs.weight.shape),
+                            module.r[name],
+                            inputs.weight.dtype,
+                            inputs.weight.device,
+                        )
                         groups.setdefault(key, []).append(inputs)
         per_adapter: dict[str, dict[str, torch.Tensor]] = {}
         for (name, *_), layers in groups.items():
@@ -93,8 +98,7 @@ class EffortModel(SVDTuner):
         to the gradient (at ``grad_scale``: the loss scale of fp16 mixed precision, else 1), the step's other
         micro-batches do not. :class:`~subspace_peft.RegulariserCallback` calls this at every Trainer step; call it
         yourself in a hand-written loop with gradient accumulation. Until the first call every training pass ties it."""
-        number("start_optimizer_step", "grad_scale", grad_scale, "pass the fp16 loss scale, or 1", low=0,
-               low_open=True)
+        number("start_optimizer_step", "grad_scale", grad_scale, "pass the fp16 loss scale, or 1", low=0, low_open=True)
         self._regulariser_every_pass, self._regulariser_step = False, grad_scale
 
     def regularise_every_pass(self) -> None:
@@ -118,9 +122,12 @@ class EffortModel(SVDTuner):
             return  # nothing to clear: no walk over the modules
         if due and self._regulariser_every_pass and "num_items_in_batch" in kwargs and not self._warned_no_callback:
             self._warned_no_callback = True
-            warnings.warn("Effort is training under a Trainer without subspace_peft.add_regulariser_callback(trainer): "
-                          "its regulariser is not logged, and with gradient accumulation it counts once per "
-                          "micro-batch instead of once per optimizer step", stacklevel=2)
+            warnings.warn(
+                "Effort is training under a Trainer without subspace_peft.add_regulariser_callback(trainer): "
+                "its regulariser is not logged, and with gradient accumulation it counts once per "
+                "micro-batch instead of once per optimizer step",
+                stacklevel=2,
+            )
         handed = None
         layers = self._effort_layers()
         if due:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
 import torch
 
 
@@ -55,7 +56,9 @@ class RegulariserLog:
     def pop_means(self, prefix: str) -> dict[str, float]:
         """``{prefix + "loss": mean weighted total per pass, prefix + "orth": ..., prefix + "norm": ...}``, then
         resets; empty when no pass computed the regulariser since the last call."""
-        means = {} if not self.passes else {prefix + key: float(value) / self.passes for key, value in self.sums.items()}
+        means = (
+            {} if not self.passes else {prefix + key: float(value) / self.passes for key, value in self.sums.items()}
+        )
         self.passes, self.sums = 0, {}
         return means
 

@@ -43,22 +43,50 @@ class FLoRAConfig(TargetConfig):
         bias: ``"none"``, ``"all"`` or ``"flora_only"``: which biases train.
     """
 
-    r: int = field(default=8, metadata={"help": (
-        "Rank of every mode (a positive int, capped at each mode's size) of 2-D weights (Linear, Conv1D, "
-        "Embedding) and of convolutions without conv_ranks.")})
-    conv_ranks: Optional[tuple[int, ...]] = field(default=None, metadata={"help": (
-        "Per-mode ranks of convolution weights, ordered (in, out, k_1, ...), e.g. (16, 16, 2, 2) for Conv2d "
-        "(the official ConvNeXt setting, with scale=4).")})
-    scale: float = field(default=1.0, metadata={"help": (
-        "Multiplies the update (a float); 1 by default, 4 in the official ConvNeXt setting.")})
-    flora_dropout: float = field(default=0.0, metadata={"help": (
-        "Dropout probability on the adapter's input, in [0, 1); 0 switches dropout off. Not applied to "
-        "Embedding layers.")})
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
-        "Per-module ranks: a mapping from a module-name regex to an int or a per-mode tuple; wins over r and "
-        "conv_ranks.")})
-    bias: Literal["none", "all", "flora_only"] = field(default="none", metadata={"help": (
-        "Which biases train: 'none', 'all' or 'flora_only' (those of the adapted layers only).")})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Rank of every mode (a positive int, capped at each mode's size) of 2-D weights (Linear, Conv1D, "
+                "Embedding) and of convolutions without conv_ranks."
+            )
+        },
+    )
+    conv_ranks: Optional[tuple[int, ...]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Per-mode ranks of convolution weights, ordered (in, out, k_1, ...), e.g. (16, 16, 2, 2) for Conv2d "
+                "(the official ConvNeXt setting, with scale=4)."
+            )
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={"help": ("Multiplies the update (a float); 1 by default, 4 in the official ConvNeXt setting.")},
+    )
+    flora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Dropout probability on the adapter's input, in [0, 1); 0 switches dropout off. Not applied to "
+                "Embedding layers."
+            )
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "Per-module ranks: a mapping from a module-name regex to an int or a per-mode tuple; wins over r and "
+                "conv_ranks."
+            )
+        },
+    )
+    bias: Literal["none", "all", "flora_only"] = field(
+        default="none",
+        metadata={"help": ("Which biases train: 'none', 'all' or 'flora_only' (those of the adapted layers only).")},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,8 +104,9 @@ class FLoRAConfig(TargetConfig):
             self.conv_ranks = tuple(self.conv_ranks)
         for pattern, spec in (self.rank_pattern or {}).items():
             check_rank_spec(spec, f"rank_pattern[{pattern!r}]")
-        number("FLoRAConfig", "flora_dropout", self.flora_dropout, "0 switches dropout off", low=0, high=1,
-               high_open=True)
+        number(
+            "FLoRAConfig", "flora_dropout", self.flora_dropout, "0 switches dropout off", low=0, high=1, high_open=True
+        )
         number("FLoRAConfig", "scale", self.scale, "the official ConvNeXt setting is scale=4")
         if self.bias not in ("none", "all", "flora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'flora_only', got {self.bias!r}")

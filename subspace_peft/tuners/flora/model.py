@@ -30,8 +30,11 @@ def resolve_ranks(spec: RankSpec, target: Target) -> tuple[int, ...]:
         )
     for name, rank, size in zip(names, spec, user_sizes):
         if rank > size:
-            hint = " (a depthwise/grouped convolution: c_in / groups)" if name == "in" and isinstance(
-                target.base, CONV_TYPES) and target.base.groups > 1 else ""
+            hint = (
+                " (a depthwise/grouped convolution: c_in / groups)"
+                if name == "in" and isinstance(target.base, CONV_TYPES) and target.base.groups > 1
+                else ""
+            )
             raise ValueError(
                 f"FLoRA rank {rank} for mode '{name}' of layer '{target.key}' exceeds that mode's size {size}{hint}: "
                 f"choose at most {size} (set rank_pattern for this layer)."

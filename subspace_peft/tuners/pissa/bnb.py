@@ -28,8 +28,13 @@ def quantize_residual(linear: nn.Linear, residual: torch.Tensor, kind: str, stor
     if kind in ("nf4", "fp4"):
         quant_storage = getattr(torch, storage or "uint8")
         quantized = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype, quant_type=kind,
-            quant_storage=quant_storage, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=dtype,
+            quant_type=kind,
+            quant_storage=quant_storage,
+            device="meta",
         )
         # module=: bitsandbytes then keeps the quant state on the layer too, and restores it from there when FSDP
         # has replaced the weight by a plain tensor view
@@ -38,7 +43,11 @@ def quantize_residual(linear: nn.Linear, residual: torch.Tensor, kind: str, stor
         )
     elif kind == "int8":
         quantized = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0,
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=0.0,
             device="meta",
         )
         quantized.weight = bnb.nn.Int8Params(residual.cpu(), requires_grad=False, has_fp16_weights=False)

@@ -37,29 +37,70 @@ class PiSSAConfig(SVDInitConfig):
             other parameters in (the same as ``BitsAndBytesConfig(bnb_4bit_quant_storage=...)`` for QLoRA).
     """
 
-    r: int = field(default=8, metadata={"help": (
-        "Rank of the adapter (a positive int): the number of principal singular components each adapted layer "
-        "starts from, e.g. 8-64.")})
-    lora_alpha: int = field(default=8, metadata={"help": (
-        "Scaling numerator (> 0): the update is scaled by lora_alpha / r. PiSSA's default is lora_alpha = r "
-        "(scale 1).")})
-    lora_dropout: float = field(default=0.0, metadata={"help": (
-        "Dropout probability on the adapter's input, in [0, 1); 0 switches dropout off.")})
-    bias: Literal["none", "all", "pissa_only"] = field(default="none", metadata={"help": (
-        "Which biases train: 'none', 'all' or 'pissa_only' (those of the adapted layers only).")})
-    fan_in_fan_out: bool = field(default=False, metadata={"help": (
-        "Set for layers storing their weight as (in, out), e.g. GPT-2's Conv1D; set automatically for those.")})
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
-        "Per-module override of r: a mapping from a module-name regex to its rank, e.g. {'q_proj': 16}.")})
-    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
-        "Per-module override of lora_alpha: a mapping from a module-name regex to its alpha (> 0).")})
-    residual_quantization: Optional[Literal["nf4", "fp4", "int8"]] = field(default=None, metadata={"help": (
-        "QPiSSA: None (off), 'nf4', 'fp4' or 'int8' replaces each adapted Linear's base weight by the "
-        "bitsandbytes-quantised residual. Load the base model in full precision.")})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Rank of the adapter (a positive int): the number of principal singular components each adapted layer "
+                "starts from, e.g. 8-64."
+            )
+        },
+    )
+    lora_alpha: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Scaling numerator (> 0): the update is scaled by lora_alpha / r. PiSSA's default is lora_alpha = r "
+                "(scale 1)."
+            )
+        },
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": ("Dropout probability on the adapter's input, in [0, 1); 0 switches dropout off.")},
+    )
+    bias: Literal["none", "all", "pissa_only"] = field(
+        default="none",
+        metadata={"help": ("Which biases train: 'none', 'all' or 'pissa_only' (those of the adapted layers only).")},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Set for layers storing their weight as (in, out), e.g. GPT-2's Conv1D; set automatically for those."
+            )
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": ("Per-module override of r: a mapping from a module-name regex to its rank, e.g. {'q_proj': 16}.")
+        },
+    )
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": ("Per-module override of lora_alpha: a mapping from a module-name regex to its alpha (> 0).")
+        },
+    )
+    residual_quantization: Optional[Literal["nf4", "fp4", "int8"]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "QPiSSA: None (off), 'nf4', 'fp4' or 'int8' replaces each adapted Linear's base weight by the "
+                "bitsandbytes-quantised residual. Load the base model in full precision."
+            )
+        },
+    )
     residual_quant_storage: Optional[Literal["uint8", "float32", "bfloat16", "float16"]] = field(
-        default=None, metadata={"help": (
-            "Storage dtype of nf4/fp4 residuals: None or 'uint8' (bitsandbytes' default), 'float32', 'bfloat16' or "
-            "'float16'. Under FSDP use the dtype FSDP shards the other parameters in.")})
+        default=None,
+        metadata={
+            "help": (
+                "Storage dtype of nf4/fp4 residuals: None or 'uint8' (bitsandbytes' default), 'float32', 'bfloat16' or "
+                "'float16'. Under FSDP use the dtype FSDP shards the other parameters in."
+            )
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

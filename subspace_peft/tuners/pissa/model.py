@@ -82,7 +82,11 @@ class PiSSAModel(SVDTuner):
 
     # -- peft's add_weighted_adapter ----------------------------------------------------------------------------------
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
         svd_rank: int | None = None,
     ) -> None:
         """Add ``adapter_name``, the weighted sum ``sum_i w_i * delta_i`` of PiSSA adapters, as peft's LoRA does.
@@ -94,23 +98,37 @@ class PiSSAModel(SVDTuner):
         The new adapter is not active; reload needs no SVD like any other.
         """
         self._check_weighted_adapters(adapters, weights, adapter_name, combination_type, svd_rank)
-        layers = [(key, layer) for key, layer in self.model.named_modules()
-                  if isinstance(layer, PiSSALayer) and any(name in layer.r for name in adapters)]
-        combined = {key: _combined_factors(key, layer, adapters, weights, combination_type, svd_rank)
-                    for key, layer in layers}
+        layers = [
+            (key, layer)
+            for key, layer in self.model.named_modules()
+            if isinstance(layer, PiSSALayer) and any(name in layer.r for name in adapters)
+        ]
+        combined = {
+            key: _combined_factors(key, layer, adapters, weights, combination_type, svd_rank) for key, layer in layers
+        }
         ranks = {key: factors[0].shape[0] for key, factors in combined.items()}
         pattern = {re.escape(key): rank for key, rank in ranks.items()}  # exact module names; scale s = 1 everywhere
         values = self.peft_config[adapters[0]].to_dict()
         values.update(
-            r=next(iter(ranks.values())), lora_alpha=next(iter(ranks.values())), rank_pattern=pattern,
-            alpha_pattern=dict(pattern), target_modules=sorted(ranks), exclude_modules=None, layers_to_transform=None,
-            layers_pattern=None, modules_to_save=None, residual_quantization=None, residual_quant_storage=None,
+            r=next(iter(ranks.values())),
+            lora_alpha=next(iter(ranks.values())),
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            target_modules=sorted(ranks),
+            exclude_modules=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            modules_to_save=None,
+            residual_quantization=None,
+            residual_quant_storage=None,
         )
 
         def fill(key, layer):
             a, b, a0, b0 = combined[key]
             for (a_module, b_module), (a_matrix, b_matrix) in (
-                    ((layer.pissa_A, layer.pissa_B), (a, b)), ((layer.pissa_A0, layer.pissa_B0), (a0, b0))):
+                ((layer.pissa_A, layer.pissa_B), (a, b)),
+                ((layer.pissa_A0, layer.pissa_B0), (a0, b0)),
+            ):
                 a_weight, b_weight = layer.geometry.factor_weights(a_matrix, b_matrix)
                 a_module[adapter_name].weight.copy_(a_weight)
                 b_module[adapter_name].weight.copy_(b_weight)
@@ -121,18 +139,26 @@ class PiSSAModel(SVDTuner):
         where = "add_weighted_adapter"
         choice(where, "combination_type", combination_type, ("cat", "linear", "svd"))
         if not adapters or len(adapters) != len(weights):
-            raise ValueError(f"{where}: give one weight per adapter, got {len(adapters)} adapters and {len(weights)} "
-                             "weights")
+            raise ValueError(
+                f"{where}: give one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights"
+            )
         missing = [name for name in adapters if name not in self.peft_config]
         if missing:
             raise ValueError(f"{where}: this model has no adapter(s) {missing}; it has {sorted(self.peft_config)}")
         for name, weight in zip(adapters, weights):
             low = 0 if combination_type == "linear" else None
-            number(where, f"weight of {name!r}", weight, "linear needs weights >= 0 (cat and svd take any)"
-                   if low is not None else "weights are finite numbers", low=low)
+            number(
+                where,
+                f"weight of {name!r}",
+                weight,
+                "linear needs weights >= 0 (cat and svd take any)" if low is not None else "weights are finite numbers",
+                low=low,
+            )
             if self.peft_config[name].residual_quantization:
-                raise ValueError(f"{where}: adapter {name!r} is QPiSSA, whose base holds its own residual: a "
-                                 "combination with it has no base to run on. Combine full-precision PiSSA adapters.")
+                raise ValueError(
+                    f"{where}: adapter {name!r} is QPiSSA, whose base holds its own residual: a "
+                    "combination with it has no base to run on. Combine full-precision PiSSA adapters."
+                )
         if svd_rank is not None:
             integer(where, "svd_rank", svd_rank, "pass the rank of the combined adapter, e.g. svd_rank=16", low=1)
         if adapter_name in self.peft_config:
@@ -147,24 +173,35 @@ def _combined_factors(key: str, layer: PiSSALayer, adapters, weights, combinatio
     if combination_type == "cat":
         rank, (a, b) = sum(layer.r[n] for n, _, _ in terms), current[terms[0][0]]
         if rank > min(b.shape[0], a.shape[1]):
-            raise ValueError(f"add_weighted_adapter: 'cat' would give layer '{key}' rank {rank}, more than min(d_out, "
-                             f"d_in) = {min(b.shape[0], a.shape[1])}: use combination_type='svd' (with svd_rank <= "
-                             f"{min(b.shape[0], a.shape[1])}), or leave that layer out of the adapters' targets")
-        return (torch.cat([w * s * current[n][0] for n, w, s in terms]), torch.cat([current[n][1] for n, _, _ in terms],
-                dim=1), torch.cat([w * s * initial[n][0] for n, w, s in terms]),
-                torch.cat([initial[n][1] for n, _, _ in terms], dim=1))
+            raise ValueError(
+                f"add_weighted_adapter: 'cat' would give layer '{key}' rank {rank}, more than min(d_out, "
+                f"d_in) = {min(b.shape[0], a.shape[1])}: use combination_type='svd' (with svd_rank <= "
+                f"{min(b.shape[0], a.shape[1])}), or leave that layer out of the adapters' targets"
+            )
+        return (
+            torch.cat([w * s * current[n][0] for n, w, s in terms]),
+            torch.cat([current[n][1] for n, _, _ in terms], dim=1),
+            torch.cat([w * s * initial[n][0] for n, w, s in terms]),
+            torch.cat([initial[n][1] for n, _, _ in terms], dim=1),
+        )
     if combination_type == "linear":
         if len({layer.r[n] for n, _, _ in terms}) > 1:
-            raise ValueError(f"add_weighted_adapter: 'linear' needs equal ranks, but layer '{key}' has ranks "
-                             f"{ {n: layer.r[n] for n, _, _ in terms} }: use combination_type='cat' or 'svd'")
+            raise ValueError(
+                f"add_weighted_adapter: 'linear' needs equal ranks, but layer '{key}' has ranks "
+                f"{ {n: layer.r[n] for n, _, _ in terms} }: use combination_type='cat' or 'svd'"
+            )
         root = {n: math.sqrt(w * s) for n, w, s in terms}
-        return tuple(sum(root[n] * factors[n][i] for n, _, _ in terms)
-                     for factors, i in ((current, 0), (current, 1), (initial, 0), (initial, 1)))
+        return tuple(
+            sum(root[n] * factors[n][i] for n, _, _ in terms)
+            for factors, i in ((current, 0), (current, 1), (initial, 0), (initial, 1))
+        )
     delta = sum(w * s * (current[n][1] @ current[n][0] - initial[n][1] @ initial[n][0]) for n, w, s in terms)
     rank = svd_rank or max(layer.r[n] for n, _, _ in terms)
     if rank > min(delta.shape):
-        raise ValueError(f"add_weighted_adapter: svd_rank={rank} exceeds min(d_out, d_in) = {min(delta.shape)} of "
-                         f"layer '{key}': choose svd_rank <= {min(delta.shape)}")
+        raise ValueError(
+            f"add_weighted_adapter: svd_rank={rank} exceeds min(d_out, d_in) = {min(delta.shape)} of "
+            f"layer '{key}': choose svd_rank <= {min(delta.shape)}"
+        )
     u, singular, vh = truncated_svd(delta, rank)
     root = singular.sqrt()
     a, b = root[:, None] * vh, u * root[None, :]

@@ -28,19 +28,43 @@ class SVFitConfig(SVDInitConfig):
         bias: ``"none"``, ``"all"`` or ``"svfit_only"``: which biases train.
     """
 
-    r: int = field(default=8, metadata={"help": (
-        "Number of singular values trained per layer (a positive int), e.g. 8-64; ignored where energy or "
-        "rank_pattern decides.")})
-    energy: Optional[float] = field(default=None, metadata={"help": (
-        "If set, in (0, 1]: each layer's r is the smallest whose top singular values hold this share of the "
-        "weight's Frobenius energy (the paper uses 0.99). Costs one extra svdvals per layer.")})
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": (
-        "Per-module override of r: a mapping from a module-name regex to its rank; wins over energy.")})
-    bias: Literal["none", "all", "svfit_only"] = field(default="none", metadata={"help": (
-        "Which biases train: 'none', 'all' or 'svfit_only' (those of the adapted layers only).")})
-    energy_ranks: Optional[dict] = field(default=None, metadata={"help": (
-        "Ranks chosen by energy (module name -> r), written by the tuner and saved with the adapter so that "
-        "reloading needs no SVD. Not meant to be set by hand.")})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Number of singular values trained per layer (a positive int), e.g. 8-64; ignored where energy or "
+                "rank_pattern decides."
+            )
+        },
+    )
+    energy: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "If set, in (0, 1]: each layer's r is the smallest whose top singular values hold this share of the "
+                "weight's Frobenius energy (the paper uses 0.99). Costs one extra svdvals per layer."
+            )
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": ("Per-module override of r: a mapping from a module-name regex to its rank; wins over energy.")
+        },
+    )
+    bias: Literal["none", "all", "svfit_only"] = field(
+        default="none",
+        metadata={"help": ("Which biases train: 'none', 'all' or 'svfit_only' (those of the adapted layers only).")},
+    )
+    energy_ranks: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Ranks chosen by energy (module name -> r), written by the tuner and saved with the adapter so that "
+                "reloading needs no SVD. Not meant to be set by hand."
+            )
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,8 +72,9 @@ class SVFitConfig(SVDInitConfig):
         where = "SVFitConfig"
         integer(where, "r", self.r, "pass the number of trained singular values, e.g. r=16", low=1)
         if self.energy is not None:
-            number(where, "energy", self.energy, "e.g. 0.99 for 99% of the spectrum's energy", low=0, low_open=True,
-                   high=1)
+            number(
+                where, "energy", self.energy, "e.g. 0.99 for 99% of the spectrum's energy", low=0, low_open=True, high=1
+            )
         for field_name, pattern in (("rank_pattern", self.rank_pattern), ("energy_ranks", self.energy_ranks)):
             for key, rank in (pattern or {}).items():
                 integer(where, f"{field_name}[{key!r}]", rank, "ranks are positive integers", low=1)
