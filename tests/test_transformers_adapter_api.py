@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
 
-from tiny_models import build
+from tiny_models import build, perturb_trainable
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False),
@@ -30,11 +30,7 @@ IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 
 def trained(base, config):
     model = get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    perturb_trainable(model, scale=0.05)
     return model.eval()
 
 

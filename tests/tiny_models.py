@@ -132,6 +132,16 @@ def inputs(name: str, seed: int = 1) -> dict:
     raise KeyError(name)
 
 
+def perturb_trainable(model: nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Moves every trainable tensor by ``scale`` times seeded Gaussian noise, as training would (away from init,
+    where an adapter's update, and Effort's regularisers, are zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
 def output_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
