@@ -3,14 +3,14 @@ loss and counts it once per optimizer step, whatever the gradient accumulation a
 
 from __future__ import annotations
 
+from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
 
 def regularised_tuner(model):
-    """The tuner of ``model`` (a PeftModel, possibly wrapped by DDP/accelerate) that has a regulariser, or None."""
-    while hasattr(model, "module") and not hasattr(model, "base_model"):
-        model = model.module  # DistributedDataParallel and similar wrappers
-    tuner = getattr(model, "base_model", None)
+    """The tuner of ``model`` (a PeftModel, possibly wrapped by DDP, DeepSpeed or torch.compile) that has a
+    regulariser, or None."""
+    tuner = getattr(extract_model_from_parallel(model), "base_model", None)
     return tuner if hasattr(tuner, "start_optimizer_step") else None
 
 
