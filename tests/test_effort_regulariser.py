@@ -172,7 +172,9 @@ def test_trainer_with_gradient_accumulation_logs_the_regulariser_once_per_step(t
     model = _effort()
     computed = []
     batched = EffortModel._adapter_losses
-    monkeypatch.setattr(EffortModel, "_adapter_losses", lambda self: computed.append(self) or batched(self))
+    monkeypatch.setattr(
+        EffortModel, "_adapter_losses", lambda self, *args: computed.append(self) or batched(self, *args)
+    )
     trainer = _trainer(tmp_path, model, max_steps=4, gradient_accumulation_steps=2, logging_steps=1)
     callback = add_regulariser_callback(trainer)
     assert trainer.callback_handler.callbacks[0] is callback

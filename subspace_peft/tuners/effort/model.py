@@ -51,10 +51,10 @@ class EffortModel(SVDTuner):
                 )
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
-    def _adapter_losses(self) -> dict[str, dict[str, torch.Tensor]]:
+    def _adapter_losses(self, layers: Optional[list[EffortLayer]] = None) -> dict[str, dict[str, torch.Tensor]]:
         """Unweighted losses per active adapter; layers of one weight shape and rank are computed in one batch."""
         groups: dict[tuple, list] = {}
-        for module in self._effort_layers():
+        for module in layers if layers is not None else self._effort_layers():
             if not module.disable_adapters:
                 for name in module.active_adapters:
                     if name in module.r:
@@ -135,7 +135,7 @@ class EffortModel(SVDTuner):
             scale = 1.0 if self._regulariser_every_pass else self._regulariser_step
             handed = RegulariserPass(weights, scale, self._regulariser_log)
             if not any(_whole_only_in_forward(layer) for layer in layers):
-                per_adapter = self._adapter_losses()
+                per_adapter = self._adapter_losses(layers)
                 if per_adapter:
                     handed.total = self.subspace_loss(per_adapter)
                     self._regulariser_log.add({"loss": handed.total, **_summed(per_adapter)})
