@@ -10,6 +10,7 @@ from .callbacks import RegulariserCallback, add_regulariser_callback
 from .export import export_lora
 from .hub import model_card, push_adapter
 from .methods import METHODS
+from .offline_init import init_adapter
 from .registry import Method, register
 from .spectrum import LayerSpectrum, Spectrum, spectrum
 from .tuners.effort import EffortConfig, EffortModel
@@ -41,6 +42,7 @@ __all__ = [
     "Spectrum",
     "add_regulariser_callback",
     "export_lora",
+    "init_adapter",
     "merging",
     "model_card",
     "push_adapter",
