@@ -89,6 +89,11 @@ def init_adapter(
             f"init_adapter initialises subspace-peft adapters (PiSSAConfig, SVFitConfig, EffortConfig, FLoRAConfig), "
             f"got {type(config).__name__}: for peft's own methods use get_peft_model on the loaded model"
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ValueError(
+            "init_adapter runs in a single process (it streams one weight at a time): run it outside torchrun / "
+            "accelerate launch, then load the folder in the distributed job"
+        )
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir, overwrite)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -326,8 +331,15 @@ def _find_tensor(param: str, aliases: dict, files: dict[str, str], base_prefix: 
 def _stored_shape(path: str, name: str) -> tuple[int, ...]:
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as handle:
-        return tuple(handle.get_slice(name).get_shape())
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+    except Exception as error:
+        raise ValueError(
+            f"{os.path.basename(path)} does not hold tensor '{name}', which {SAFE_INDEX} places there "
+            f"({type(error).__name__}: {error}): the shard is incomplete or from another checkpoint; download or save "
+            "the checkpoint again"
+        ) from error
 
 
 def _read_tensor(path: str, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
