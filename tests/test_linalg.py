@@ -96,3 +96,76 @@ def test_cache_round_trip_and_key(tmp_path):
     assert weight_fingerprint(w) != weight_fingerprint(w.reshape(12, 20))
     files[0].write_bytes(b"not safetensors")  # a corrupt entry is a miss, not an error
     assert cache.get(weight_fingerprint(w), 3, settings, torch.device("cpu")) is None
+
+
+def decaying_spectrum(m, n, seed=0, decay=0.7):
+    """A float64 weight with singular values decay**i (i = 0..min(m, n)-1) and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return u @ torch.diag(s) @ v.T, u, s, v
+
+
+def sin_angle(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    """Sine of the largest principal angle between the column spaces (float64, the estimate re-orthonormalised so
+    that fp32 rounding of its norms does not count)."""
+    basis = torch.linalg.qr(estimate.double()).Q
+    return float(torch.linalg.matrix_norm(basis - reference @ (reference.T @ basis), ord=2))
+
+
+@pytest.mark.parametrize("shape", [(90, 70), (70, 90)])  # tall and wide: the Gram matrix of the shorter side
+@pytest.mark.parametrize("components", ["principal", "minor"])
+def test_exact_route_is_at_least_as_accurate_as_an_fp32_lapack_svd(shape, components):
+    from subspace_peft.linalg.gram import gram_svd
+
+    w = decaying_spectrum(*shape, decay=0.93)[0].float()
+    rank = 6
+    keep = slice(0, rank) if components == "principal" else slice(min(shape) - rank, None)
+    triplet = gram_svd(w, rank, components)
+    assert triplet is not None, "a well-conditioned weight takes the Gram route"
+    u, s, vh = truncated_svd(w, rank, SVDSettings(components=components))
+    assert torch.equal(u, triplet[0]) and torch.equal(s, triplet[1])
+    lapack = torch.linalg.svd(w, full_matrices=False)
+    # against the float64 truth of the rounded fp32 weight: ours is no worse than LAPACK's fp32 answer
+    exact = torch.linalg.svd(w.double(), full_matrices=False)
+    truth_s, truth_u = exact.S[keep], exact.U[:, keep]
+    ours_s = float((s.double() - truth_s).abs().max() / truth_s.max())
+    lapack_s = float((lapack.S[keep].double() - truth_s).abs().max() / truth_s.max())
+    assert ours_s <= max(lapack_s, 1e-7)
+    assert sin_angle(truth_u, u) <= max(sin_angle(truth_u, lapack.U[:, keep]), 1e-6)
+    assert float((u.double().T @ u.double() - torch.eye(rank, dtype=torch.float64)).abs().max()) <= 2**-24
+    assert bool((s[1:] <= s[:-1]).all()), "descending, as LAPACK returns them"
+    truth = exact.U[:, keep] @ torch.diag(exact.S[keep]) @ exact.Vh[keep]
+    assert rel_err((u.double() * s.double()) @ vh.double(), truth) <= 1e-6
+
+
+def test_exact_route_falls_back_to_lapack_on_a_rank_deficient_weight():
+    from subspace_peft.linalg.gram import gram_svd
+
+    w = low_rank_plus_noise(80, 64, 3, noise=0.0)  # rank 3: the 4th singular vector is 0/0 through the Gram matrix
+    assert gram_svd(w, 5, "principal") is None
+    u, s, vh = truncated_svd(w, 5)
+    ref = torch.linalg.svd(w, full_matrices=False)
+    assert torch.equal(s, ref.S[:5].contiguous())  # LAPACK's own answer
+    assert rel_err(u @ torch.diag(s) @ vh, w) <= 1e-5
+
+
+def test_exact_route_uses_a_partial_eigensolver_on_large_grams(monkeypatch):
+    import scipy.linalg
+
+    from subspace_peft.linalg import gram
+
+    calls = []
+    real = scipy.linalg.eigh
+
+    def spy(a, *args, **kwargs):
+        calls.append(kwargs.get("subset_by_index"))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", spy)
+    w = decaying_spectrum(200, 96, decay=0.97)[0].float()
+    gram.gram_svd(w, 4, "principal")
+    gram.gram_svd(w, 4, "minor")
+    assert calls == [[92, 95], [0, 3]]  # only the wanted eigenpairs of the 96 x 96 Gram matrix

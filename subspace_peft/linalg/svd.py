@@ -12,9 +12,10 @@ from typing import Sequence
 import torch
 
 from .cache import weight_fingerprint
+from .gram import gram_svd
 from .settings import SVDComponents, SVDSettings
 
-# Weights of one shape are stacked and decomposed together while the stack stays under this many elements
+# Randomized SVDs of weights of one shape are stacked and run together while the stack stays under this many elements
 # (fp32: 4 bytes each). Measured on CPU, stacking large weights is slower than a loop (LAPACK already
 # uses every core), so only small matrices, where per-call overhead dominates, are batched.
 DEFAULT_BATCH_ELEMENTS = 256 * 1024
@@ -47,7 +48,17 @@ def _randomized(w: torch.Tensor, rank: int, settings: SVDSettings):
     return _leading(u, s, vh, rank)
 
 
-def _exact(w: torch.Tensor, rank: int, components: SVDComponents = "principal"):
+def _exact_2d(weight: torch.Tensor, rank: int, components: SVDComponents = "principal"):
+    """Exact triplets of one 2-D weight: through its float64 Gram matrix (``gram.py``) when that passes its accuracy
+    checks, else LAPACK's full SVD in fp32."""
+    triplet = gram_svd(weight, rank, components)
+    if triplet is None:
+        triplet = _full_svd(_as_fp32(weight), rank, components)
+    _release_freed_memory()
+    return triplet
+
+
+def _full_svd(w: torch.Tensor, rank: int, components: SVDComponents = "principal"):
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     if components == "minor":
         return _kept(u, s, vh, slice(s.shape[-1] - rank, None))
@@ -111,10 +122,11 @@ def truncated_svd_batched(
     settings: SVDSettings = SVDSettings(),
     max_batch_elements: int = DEFAULT_BATCH_ELEMENTS,
 ):
-    """Truncated SVD of several 2-D weights; weights of equal shape and device are decomposed in one batched call.
+    """Truncated SVD of several 2-D weights, one ``(U, S, Vh)`` per input weight, in input order.
 
-    Returns one ``(U, S, Vh)`` per input weight, in input order. Batching changes no result beyond round-off: the
-    randomized test matrix depends on the seed and the shape only, not on a weight's position in the batch.
+    Exact: one weight at a time through its Gram matrix (see ``gram.py``; no stacking, so no second copy of the
+    weights). Randomized: weights of equal shape and device are decomposed in one batched call; batching changes no
+    result beyond round-off, as the test matrix depends on the seed and the shape only.
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
@@ -124,6 +136,8 @@ def truncated_svd_batched(
                 f"rank {rank} is larger than min(d_out, d_in) = {min(weight.shape)} of a weight of shape "
                 f"{tuple(weight.shape)}; choose rank <= {min(weight.shape)}"
             )
+    if settings.method == "exact":
+        return [_exact_2d(weight, rank, settings.components) for weight in weights]
     results: list = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
@@ -135,13 +149,8 @@ def truncated_svd_batched(
             stacked = (
                 torch.stack([_as_fp32(weights[i]) for i in chunk]) if len(chunk) > 1 else _as_fp32(weights[chunk[0]])
             )
-            if settings.method == "exact":
-                u, s, vh = _exact(stacked, rank, settings.components)
-            else:
-                u, s, vh = _randomized(stacked, rank, settings)
+            u, s, vh = _randomized(stacked, rank, settings)
             del stacked
-            if settings.method == "exact":
-                _release_freed_memory()
             if len(chunk) == 1:
                 results[chunk[0]] = (u, s, vh)
             else:
