@@ -2,7 +2,7 @@
 method over a per-layer-type geometry, and the leaf modules adapter tensors live in."""
 
 from .config import SVDInitConfig, TargetConfig
-from .geometry import CONV_TYPES, geometry_for, weight_matrix
+from .geometry import CONV_TYPES, full_shape, geometry_for, matrix_shape, weight_matrix
 from .layer import FactorLayer
 from .leaf import SingularValues, TensorLeaf
 from .model import PlannedTuner, SVDTuner
@@ -20,7 +20,9 @@ __all__ = [
     "Target",
     "TargetConfig",
     "TensorLeaf",
+    "full_shape",
     "geometry_for",
+    "matrix_shape",
     "pattern_value",
     "weight_matrix",
 ]

@@ -8,6 +8,7 @@ one geometry object (``self.geometry = geometry_for(base_layer)``) and asks it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,14 +23,15 @@ SUPPORTED_NAMES = "nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d (groups=1) a
 _POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def weight_matrix(base: nn.Module) -> torch.Tensor:
-    """The base weight as the (d_out, d_in) matrix the adapter factorises (a view, no copy).
+def full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``weight`` as the model defines it, also while DeepSpeed ZeRO-3 has partitioned it (then
+    ``weight.shape`` is ``(0,)`` and the real shape is ``ds_shape``). FSDP2's DTensor reports its global shape."""
+    return tuple(getattr(weight, "ds_shape", None) or weight.shape)
 
-    Linear: W. Conv1D (GPT-2, stored as (in, out)): W^T. ConvNd: W reshaped to (c_out, c_in * prod(kernel)).
-    Embedding (stored as (num_embeddings, dim)): W^T, so that, as in peft's LoRA, B has ``dim`` rows and A has
-    ``num_embeddings`` columns.
-    """
-    weight = base.weight
+
+def as_matrix(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, a whole weight of ``base``'s shape (e.g. gathered from shards), as the (d_out, d_in) matrix the
+    adapter factorises (a view, no copy); see :func:`weight_matrix`."""
     if isinstance(base, Conv1D):
         return weight.T
     if isinstance(base, CONV_TYPES):
@@ -37,6 +39,27 @@ def weight_matrix(base: nn.Module) -> torch.Tensor:
     if isinstance(base, nn.Embedding):
         return weight.T
     return weight
+
+
+def weight_matrix(base: nn.Module) -> torch.Tensor:
+    """The base weight as the (d_out, d_in) matrix the adapter factorises (a view, no copy).
+
+    Linear: W. Conv1D (GPT-2, stored as (in, out)): W^T. ConvNd: W reshaped to (c_out, c_in * prod(kernel)).
+    Embedding (stored as (num_embeddings, dim)): W^T, so that, as in peft's LoRA, B has ``dim`` rows and A has
+    ``num_embeddings`` columns.
+    """
+    return as_matrix(base, base.weight)
+
+
+def matrix_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of :func:`weight_matrix`, read from the shape alone: also right for a weight that DeepSpeed
+    ZeRO-3 has partitioned, FSDP2 has sharded or that sits on the meta device."""
+    shape = full_shape(base.weight)
+    if isinstance(base, (Conv1D, nn.Embedding)):
+        return shape[1], shape[0]
+    if isinstance(base, CONV_TYPES):
+        return shape[0], math.prod(shape[1:])
+    return shape[0], shape[1]
 
 
 class LinearGeometry:
@@ -50,7 +73,7 @@ class LinearGeometry:
         if hasattr(base, "out_features"):
             self.d_out, self.d_in = base.out_features, base.in_features
         else:
-            self.d_out, self.d_in = weight_matrix(base).shape
+            self.d_out, self.d_in = matrix_shape(base)
         self.mode_sizes = (self.d_out, self.d_in)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -88,7 +111,7 @@ class ConvGeometry(LinearGeometry):
     def __init__(self, base: nn.Module) -> None:
         self.conv = base
         self.kernel_size = tuple(base.kernel_size)
-        self.weight_shape = tuple(base.weight.shape)
+        self.weight_shape = full_shape(base.weight)
         self.mode_sizes = self.weight_shape  # (c_out, c_in / groups, k_1, ...)
 
     def factor_shapes(self, r):

@@ -21,7 +21,7 @@ import warnings
 from abc import abstractmethod
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft import PeftConfig
@@ -31,9 +31,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ...linalg.cache import SVDCache
-from ...linalg.svd import truncated_svds
 from .config import expect_checkpoint, is_saved_adapter_config, mark_checkpoint_loaded
-from .geometry import weight_matrix
+from .distributed import initial_svds
 from .layer import FactorLayer
 from .plan import LayerPlan
 from .targets import Target, check_rank, check_target, find_targets
@@ -226,7 +225,11 @@ class PlannedTuner(BaseTuner):
         """Initialise one layer's adapter as a new one would be (its checkpoint tensors were dropped as mismatched)."""
         config = self.peft_config[adapter_name]
         plans = {key: self._plan_layer(Target(key, layer.get_base_layer()), config)}
-        self._add_initial_factors(plans, config)
+        self._initialising_one_layer = True  # on this rank alone: not a collective of a distributed job
+        try:
+            self._add_initial_factors(plans, config)
+        finally:
+            self._initialising_one_layer = False
         trainable = {name: p.requires_grad for name, p in layer.named_parameters() if f".{adapter_name}." in name}
         layer.update_layer(adapter_name, plans[key])
         for name, parameter in layer.named_parameters():
@@ -253,11 +256,22 @@ class SVDTuner(PlannedTuner):
         """The layer's initial tensors from its singular triplets; by default ``(Vh, U, S)``."""
         return vh, u, s
 
+    def _needs_whole_weights(self, config) -> Optional[str]:
+        """Why this init cannot run on partitioned or sharded base weights (e.g. QPiSSA), or None."""
+        return None
+
     def _initial_factors(self, plans: dict[str, LayerPlan], config) -> dict:
-        weights = {key: weight_matrix(plan.target.base) for key, plan in plans.items()}
-        ranks = {key: plan.r for key, plan in plans.items()}
-        desc = f"{self.method_name} init"
-        svds = truncated_svds(weights, ranks, config.svd_settings(), svd_cache_for(config), desc=desc)
+        # split across the ranks of a torch.distributed job when one runs (see distributed.py)
+        svds = initial_svds(
+            {key: plan.target.base for key, plan in plans.items()},
+            {key: plan.r for key, plan in plans.items()},
+            config.svd_settings(),
+            svd_cache_for(config),
+            desc=f"{self.method_name} init",
+            method=self.method_name,
+            whole_only=self._needs_whole_weights(config),
+            collective=not getattr(self, "_initialising_one_layer", False),
+        )
         return {key: self._factors_from_svd(*svds.pop(key), plans[key]) for key in list(svds)}
 
 

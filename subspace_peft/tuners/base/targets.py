@@ -13,7 +13,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ...checks import all_finite
-from .geometry import CONV_TYPES, SUPPORTED_NAMES, SUPPORTED_TYPES, weight_matrix
+from .geometry import CONV_TYPES, SUPPORTED_NAMES, SUPPORTED_TYPES, full_shape, matrix_shape
 
 
 @dataclass
@@ -82,12 +82,11 @@ def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
 
 def check_rank(target: Target, rank: int, method: str) -> None:
     """Raise a ValueError naming the layer and the fix if ``rank`` does not fit the layer's weight."""
-    weight = target.base.weight
-    max_rank = min(weight_matrix(target.base).shape)
+    max_rank = min(matrix_shape(target.base))
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{method} rank for layer '{target.key}' must be a positive integer, got {rank!r}")
     if rank > max_rank:
         raise ValueError(
             f"{method} rank r={rank} is larger than min(d_out, d_in) = {max_rank} of layer '{target.key}' "
-            f"(weight {tuple(weight.shape)}): choose r <= {max_rank} (set rank_pattern for this layer)."
+            f"(weight {full_shape(target.base.weight)}): choose r <= {max_rank} (set rank_pattern for this layer)."
         )

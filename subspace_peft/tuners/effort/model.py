@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ...checks import number
-from ..base import SVDTuner, Target, pattern_value, weight_matrix
+from ..base import SVDTuner, Target, matrix_shape, pattern_value
 from .config import EffortConfig
 from .layer import EffortLayer
 from .losses import group_losses
@@ -42,7 +42,7 @@ class EffortModel(SVDTuner):
 
     def _check_plan(self, model, config: EffortConfig, plan: dict) -> None:
         for key, planned in plan.items():
-            n = min(weight_matrix(planned.target.base).shape)
+            n = min(matrix_shape(planned.target.base))
             if planned.r >= n:
                 raise ValueError(
                     f"Effort residual_rank={planned.r} must be smaller than min(d_out, d_in) = {n} of layer '{key}': "

@@ -73,6 +73,15 @@ class PiSSAModel(SVDTuner):
                     "residual_quantization=None"
                 )
 
+    def _needs_whole_weights(self, config: PiSSAConfig):
+        if config.residual_quantization:
+            return (
+                "QPiSSA (residual_quantization) replaces each base weight by its quantised residual and needs every "
+                "whole weight on every rank. Fix: load the base unpartitioned (DeepSpeed zero3_init_flag: false; "
+                "FSDP2 fsdp_cpu_ram_efficient_loading: false, fully_shard after get_peft_model)"
+            )
+        return None
+
     def _factors_from_svd(self, u, s, vh, plan: LayerPlan):
         return pissa_factors(u, s, vh, scaling=plan.scale)
 

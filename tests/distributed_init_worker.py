@@ -1,0 +1,175 @@
+"""The SVD init split across 2 ranks (torchrun, gloo, CPU), for several methods in one run:
+
+    torchrun --nproc_per_node 2 tests/distributed_init_worker.py LAYOUT OUT_DIR METHOD...
+
+LAYOUT is how the tiny Llama's base weights are held when get_peft_model runs:
+
+- ``whole``: every rank holds them (DDP, plain torchrun);
+- ``zero3``: built under ``deepspeed.zero.Init()`` (accelerate's ``zero3_init_flag: true``) and loaded into the
+  partitions as transformers' from_pretrained does (``GatheredParameters(modifier_rank=0)``);
+- ``dtensor``: every decoder layer and the model sharded by FSDP2's ``fully_shard`` first;
+- ``rank0``: rank 0 holds them, rank 1 builds the model on meta (accelerate's ``fsdp_cpu_ram_efficient_loading``);
+  afterwards accelerate's own FSDP2 loading (``fsdp2_load_full_state_dict``) is tried on the adapted model.
+
+Each rank writes OUT_DIR/<method>_rank<r>.safetensors: the adapter's tensors (gathered whole) and the base weights
+(gathered whole, under ``base.``), and OUT_DIR/<method>_rank<r>.json (or ``{"refused": message}``): the number of
+matrices this rank decomposed, the largest weight made whole at once and the most held at once (elements), and how
+many adapter tensors are on meta. Run by tests/test_distributed_init.py, which compares
+the files with a one-process init.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+layout, out, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
+if layout == "zero3":
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+import torch.distributed as dist  # noqa: E402
+
+if not dist.is_initialized():
+    dist.init_process_group("gloo")
+from peft import get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from test_distributed_init import init_config  # noqa: E402
+from test_fsdp2 import tiny_llama  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import subspace_peft.linalg.svd as svd  # noqa: E402
+from subspace_peft.tuners.base import distributed  # noqa: E402
+
+rank = dist.get_rank()
+# the adapter containers of every method tested here (a tensor's name: ....<container>.<adapter>.weight)
+ADAPTER = {"pissa_A", "pissa_B", "pissa_A0", "pissa_B0", "svfit_sigma", "svfit_sigma0", "svfit_U", "svfit_Vh"}
+ADAPTER |= {"effort_U", "effort_S", "effort_Vh", "effort_U0", "effort_S0", "effort_Vh0"}
+decomposed = []
+prepared = {}  # how build_model left the base weights
+_batched = svd.truncated_svd_batched
+
+
+def counting_batched(weights, *args, **kwargs):
+    decomposed.extend(tuple(w.shape) for w in weights)
+    return _batched(weights, *args, **kwargs)
+
+
+svd.truncated_svd_batched = counting_batched  # what every truncated SVD of linalg runs
+
+
+def is_adapter(name: str) -> bool:
+    return any(part in ADAPTER for part in name.split("."))
+
+
+def build_model():
+    reference = tiny_llama()
+    if layout == "whole":
+        return reference
+    if layout == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.Init(dtype=torch.float32):
+            model = type(reference)(reference.config)
+        for name, param in model.named_parameters():
+            assert param.shape == (0,) and tuple(param.ds_shape) == tuple(reference.get_parameter(name).shape)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(reference.get_parameter(name))
+        prepared["partitioned"] = all(p.shape == (0,) for p in model.parameters())
+        return model
+    if layout == "dtensor":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in reference.model.layers:
+            fully_shard(layer)
+        fully_shard(reference)
+        prepared["sharded"] = all(isinstance(p, DTensor) for p in reference.parameters())
+        return reference
+    if layout == "rank0":
+        if rank == 0:
+            return reference
+        with torch.device("meta"):
+            return type(reference)(reference.config)
+    raise SystemExit(f"unknown layout {layout}")
+
+
+def accelerate_fsdp2_loading(model):
+    """What accelerate's fsdp2_prepare_model does with fsdp_cpu_ram_efficient_loading: take rank 0's state dict, move
+    the model to meta, shard it, then broadcast and shard rank 0's tensors (fsdp2_load_full_state_dict). Raises
+    AttributeError ('Tensor' object has no attribute 'device_mesh') on a persistent buffer, which FSDP2 leaves
+    unsharded: accelerate 1.15 expects parameters only."""
+    from types import SimpleNamespace
+
+    from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    original = model.state_dict()
+    model = model.to(torch.device("meta"))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=rank == 0), model, original)
+    return model
+
+
+def whole_tensors(model) -> dict:
+    """Every adapter tensor and every base weight, whole."""
+    tensors = {}
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    for name, tensor in params.items():
+        if layout == "zero3" and hasattr(tensor, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor]):
+                whole = tensor.detach().clone()
+        elif isinstance(tensor, DTensor):
+            whole = tensor.detach().full_tensor()
+        else:
+            whole = tensor.detach().clone()
+        if whole.device.type == "meta":
+            continue
+        key = name if is_adapter(name) else "base." + name
+        tensors[key] = whole.contiguous()
+    return tensors
+
+
+for method in methods:
+    decomposed.clear()
+    distributed.last_record = None
+    model = build_model()
+    try:
+        model = get_peft_model(model, init_config(method))
+    except ValueError as error:
+        with open(os.path.join(out, f"{method}_rank{rank}.json"), "w") as handle:
+            json.dump({"method": method, "rank": rank, "refused": str(error)}, handle)
+        continue
+    record = distributed.last_record
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    on_meta = [n for n, t in tensors if t.device.type == "meta" and is_adapter(n)]
+    save_file(whole_tensors(model), os.path.join(out, f"{method}_rank{rank}.safetensors"))
+    if layout == "rank0":
+        try:
+            accelerate_fsdp2_loading(model)
+            prepared["accelerate_loading"] = "ok"
+        except AttributeError as error:  # accelerate 1.15 broadcasts parameters only, see the test
+            prepared["accelerate_loading"] = str(error)
+    result = {
+        "method": method,
+        "rank": rank,
+        "decomposed": len(decomposed),
+        "owned": len(record.owned),
+        "layout": record.layout,
+        "largest_gathered": record.largest_gathered,
+        "held_peak": record.held_peak,
+        "adapters_on_meta": len(on_meta),
+        **prepared,
+    }
+    with open(os.path.join(out, f"{method}_rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+dist.barrier()
+if rank == 0:
+    print("SAVED", layout, flush=True)
+dist.destroy_process_group()
