@@ -31,6 +31,8 @@ def init_config(method: str):
     return {
         "pissa": lambda: subspace_peft.PiSSAConfig(r=2, lora_alpha=4, target_modules="all-linear", init="svd"),
         "svfit": lambda: subspace_peft.SVFitConfig(r=2, target_modules="all-linear", init="svd"),
+        # ranks chosen by energy: every target's singular values first, split across the ranks too
+        "svfit_energy": lambda: subspace_peft.SVFitConfig(energy=0.9, target_modules="all-linear", init="svd"),
         "effort": lambda: subspace_peft.EffortConfig(residual_rank=2, target_modules="all-linear"),
         "qpissa": lambda: subspace_peft.PiSSAConfig(
             r=2, target_modules="all-linear", init="svd", residual_quantization="nf4"
@@ -87,7 +89,7 @@ def check_shares(tmp_path, methods, layout: str) -> None:
 
 
 def test_whole_weights_every_method_decomposes_half_and_matches_one_process(tmp_path):
-    methods = ["pissa", "svfit", "effort", "qpissa"]
+    methods = ["pissa", "svfit", "svfit_energy", "effort", "qpissa"]
     run_two_ranks("distributed_init_worker.py", "whole", str(tmp_path), *methods)
     check_shares(tmp_path, methods, "whole")
     for method in methods:
@@ -96,7 +98,7 @@ def test_whole_weights_every_method_decomposes_half_and_matches_one_process(tmp_
 
 def test_zero3_partitioned_weights_are_gathered_one_at_a_time(tmp_path):
     pytest.importorskip("deepspeed")
-    methods = ["pissa", "svfit", "effort", "qpissa"]
+    methods = ["pissa", "svfit_energy", "effort", "qpissa"]
     run_two_ranks("distributed_init_worker.py", "zero3", str(tmp_path), *methods)
     assert all(record["partitioned"] for record in results(tmp_path, methods[:3]).values())
     check_shares(tmp_path, methods[:3], "zero3")

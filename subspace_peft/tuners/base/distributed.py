@@ -24,6 +24,7 @@ partitions and shards stay as they are.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...linalg.svd import truncated_svds
+from ...linalg.svd import singular_values, truncated_svds
 from .geometry import as_matrix, full_shape, matrix_shape, weight_matrix
 
 ENV_VAR = "SUBSPACE_PEFT_DISTRIBUTED_INIT"
@@ -89,6 +90,32 @@ def initial_svds(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The truncated SVD ``(U, S, Vh)`` of every base layer's weight matrix, split across ranks where a process group
     exists (and ``collective``). ``whole_only``: why this init needs whole weights on every rank (QPiSSA), or None."""
+
+    def decompose(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        return truncated_svds(weights, {key: ranks[key] for key in weights}, settings, cache, desc=desc)
+
+    outputs = {}
+    for key, base in bases.items():
+        (m, n), r = matrix_shape(base), ranks[key]
+        outputs[key] = [(m, r), (r,), (r, n)]
+    tag = f"svd {settings.key()}"
+    return _computed(bases, outputs, decompose, method, tag, whole_only, collective)
+
+
+def singular_value_spectra(bases: dict[str, nn.Module], method: str) -> dict[str, torch.Tensor]:
+    """Every singular value (descending, fp32) of every base layer's weight matrix, split across ranks as
+    :func:`initial_svds` is (SVFit's ``energy`` ranks)."""
+
+    def spectra(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        return {key: (singular_values(weight),) for key, weight in weights.items()}
+
+    outputs = {key: [(min(matrix_shape(base)),)] for key, base in bases.items()}
+    return {key: values[0] for key, values in _computed(bases, outputs, spectra, method, "spectra").items()}
+
+
+def _computed(bases, outputs, compute, method: str, tag: str, whole_only=None, collective: bool = True) -> dict:
+    """``compute`` (whole weight matrices by key -> fp32 tensors by key, shaped as ``outputs`` says) of every base
+    layer, on this rank alone or split across the ranks of the process group."""
     global last_record
     layouts = {weight_layout(base.weight) for base in bases.values()}
     local = layouts.pop() if len(layouts) == 1 else "mixed"
@@ -107,22 +134,20 @@ def initial_svds(
                 f"the adapter on every rank of the job (all ranks call get_peft_model) with {ENV_VAR} unset, or "
                 "load the base model unpartitioned (zero3_init_flag: false; fully_shard after get_peft_model)"
             )
-        weights = {key: weight_matrix(base) for key, base in bases.items()}
-        return truncated_svds(weights, ranks, settings, cache, desc=desc)
+        return compute({key: weight_matrix(base) for key, base in bases.items()})
 
     dist = torch.distributed
     rank, device = dist.get_rank(), _comm_device()
-    layout = _agree(bases, ranks, settings, method, local, device)
+    shapes = {key: matrix_shape(base) for key, base in bases.items()}
+    layout = _agree(_plan_digest(shapes, outputs, tag, method), local, method, device)
     if whole_only and layout != "whole":
         raise ValueError(f"the base weights are {_describe(layout)}, but {whole_only}")
-    shapes = {key: matrix_shape(base) for key, base in bases.items()}
     owners = _assign(shapes, size)
     mine = owners[rank]
     record = InitRecord(rank, size, layout, owned=list(mine))
     results: dict[str, tuple] = {}
     if layout == "whole":
-        weights = {key: weight_matrix(bases[key]) for key in mine}
-        results.update(truncated_svds(weights, {k: ranks[k] for k in mine}, settings, cache, desc=desc))
+        results.update(compute({key: weight_matrix(bases[key]) for key in mine}) if mine else {})
     else:
         fetch = {"zero3": _fetch_zero3, "dtensor": _fetch_dtensor, "rank0": _fetch_from_rank0}[layout]
         for index in range(max(len(keys) for keys in owners)):
@@ -135,9 +160,9 @@ def initial_svds(
                     held[key] = weight
             record.held_peak = max(record.held_peak, sum(w.numel() for w in held.values()))
             if held:
-                results.update(truncated_svds(held, {k: ranks[k] for k in held}, settings, cache, desc=desc))
+                results.update(compute(held))
             del held
-    results = _exchange(results, owners, shapes, ranks, rank, device)
+    results = _exchange(results, owners, outputs, rank, device)
     last_record = record
     return results
 
@@ -159,17 +184,16 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _plan_digest(shapes: dict, ranks: dict, settings, method: str) -> int:
-    text = repr((method, settings.key(), [(key, tuple(shapes[key]), ranks[key]) for key in shapes]))
+def _plan_digest(shapes: dict, outputs: dict, tag: str, method: str) -> int:
+    text = repr((method, tag, [(key, tuple(shapes[key]), outputs[key]) for key in shapes]))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
-def _agree(bases, ranks, settings, method: str, local: str, device) -> str:
+def _agree(digest: int, local: str, method: str, device) -> str:
     """The layout all ranks share (``rank0``: whole on rank 0, meta elsewhere). Raises the same ValueError on every
     rank if the ranks planned different targets, ranks or settings, or hold the weights in incompatible ways."""
     dist = torch.distributed
-    shapes = {key: matrix_shape(base) for key, base in bases.items()}
-    mine = torch.tensor([_plan_digest(shapes, ranks, settings, method), LAYOUTS.index(local)], device=device)
+    mine = torch.tensor([digest, LAYOUTS.index(local)], device=device)
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     digests = [int(t[0]) for t in gathered]
@@ -243,12 +267,12 @@ def _fetch_from_rank0(base: nn.Module, owner: int, rank: int, device) -> Optiona
     return None
 
 
-def _exchange(results: dict, owners: list[list[str]], shapes: dict, ranks: dict, rank: int, device) -> dict:
-    """Every target's fp32 ``(U, S, Vh)`` on every rank: each owner broadcasts its factors as one flat tensor."""
+def _exchange(results: dict, owners: list[list[str]], outputs: dict, rank: int, device) -> dict:
+    """Every target's fp32 tensors (shaped as ``outputs`` says) on every rank: each owner broadcasts its results as
+    one flat tensor."""
     every = {}
     for owner, keys in enumerate(owners):
-        sizes = [(shapes[k][0] * ranks[k], ranks[k], ranks[k] * shapes[k][1]) for k in keys]
-        total = sum(sum(s) for s in sizes)
+        total = sum(math.prod(shape) for key in keys for shape in outputs[key])
         if total == 0:
             continue
         if rank == owner:
@@ -260,11 +284,10 @@ def _exchange(results: dict, owners: list[list[str]], shapes: dict, ranks: dict,
             every.update({k: results[k] for k in keys})
             continue
         offset = 0
-        for key, (nu, ns, nv) in zip(keys, sizes):
-            (m, n), r = shapes[key], ranks[key]
-            u = flat[offset : offset + nu].view(m, r)
-            s = flat[offset + nu : offset + nu + ns]
-            vh = flat[offset + nu + ns : offset + nu + ns + nv].view(r, n)
-            every[key] = (u, s, vh)
-            offset += nu + ns + nv
-    return {key: every[key] for key in shapes}
+        for key in keys:
+            tensors = []
+            for shape in outputs[key]:
+                tensors.append(flat[offset : offset + math.prod(shape)].view(shape))
+                offset += math.prod(shape)
+            every[key] = tuple(tensors)
+    return {key: every[key] for key in outputs}

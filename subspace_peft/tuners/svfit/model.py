@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from ...linalg.svd import energy_rank, singular_values
-from ..base import SVDTuner, Target, pattern_value, weight_matrix
+from ...linalg.svd import energy_rank
+from ..base import SVDTuner, Target, pattern_value
 from ..base.config import is_saved_adapter_config
+from ..base.distributed import singular_value_spectra
+from ..base.targets import check_target, find_targets
 from .config import SVFitConfig
 from .layer import SVFitLayer
 
@@ -33,7 +35,22 @@ class SVFitModel(SVDTuner):
                     "Load it onto the base model it was trained on, or save it again with this version."
                 )
             return r
-        return energy_rank(singular_values(weight_matrix(target.base)), config.energy)
+        return energy_rank(self._spectra[target.key], config.energy)
+
+    def _plan(self, model, config: SVFitConfig):
+        # ranks chosen by energy need every target's singular values: computed in one pass first (split across the
+        # ranks of a torch.distributed job, like the init's SVDs)
+        self._spectra = {}
+        if config.energy is not None and not is_saved_adapter_config(config):
+            targets = find_targets(self, model, config)
+            for target in targets:
+                check_target(target, self.method_name)
+            by_energy = {t.key: t.base for t in targets if pattern_value(config.rank_pattern, t.key, None) is None}
+            self._spectra = singular_value_spectra(by_energy, self.method_name) if by_energy else {}
+        try:
+            return super()._plan(model, config)
+        finally:
+            self._spectra = {}
 
     def _check_plan(self, model, config: SVFitConfig, plan: dict) -> None:
         if config.energy is not None and not is_saved_adapter_config(config):
