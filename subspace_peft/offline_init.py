@@ -31,7 +31,7 @@ from .tuners.base.config import TargetConfig, expect_checkpoint, mark_checkpoint
 from .tuners.base.layer import FactorLayer
 from .tuners.base.model import PlannedTuner, SVDTuner
 from .tuners.base.plan import LayerPlan
-from .tuners.base.targets import Target, check_target
+from .tuners.base.targets import Target
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -160,10 +160,8 @@ def init_adapter(
                 weight = _read_tensor(path, name, load_dtype).to(device)
                 standin = copy.deepcopy(layer.get_base_layer())  # the meta base layer's type and settings
                 standin.weight = nn.Parameter(weight, requires_grad=False)
-                target = Target(key, standin)
-                check_target(target, tuner.method_name, grouped_ok=tuner.supports_grouped_conv)  # finite weights
-                plan = tuner._plan_layer(target, config)
-                tuner._check_rank(plan)
+                # the tuner's own planning and checks (finite weights, the rank the weight decides), on this layer
+                plan = tuner._plan(_one_layer_model(key, standin), _one_layer_config(config, key))[key]
                 plan.factors = tuner._initial_factors({key: plan}, config)[key]
                 built = tuner.tuner_layer_cls(standin, ADAPTER_NAME, plan)
                 cast_adapter_dtype(built, ADAPTER_NAME, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -171,7 +169,7 @@ def init_adapter(
                     full = tuner_cls._remove_adapter_name_from_key(f"base_model.model.{key}.{rel}", ADAPTER_NAME)
                     tensors[full] = tensor.detach().to("cpu").contiguous()
                 plans[key] = LayerPlan(Target(key, layer.get_base_layer()), plan.r, plan.scale, plan.dropout)
-                del weight, standin, target, plan, built
+                del weight, standin, plan, built
         if set(tensors) != set(expected):
             raise RuntimeError(  # our key layout and peft's disagree: a bug, not a user error
                 f"init_adapter produced tensors {sorted(set(tensors) ^ set(expected))[:4]} that differ from what "
@@ -358,6 +356,26 @@ def _read_tensor(path: str, name: str, dtype: Optional[torch.dtype]) -> torch.Te
     if not tensor.dtype.is_floating_point:
         return tensor  # check_target names the quantised layer
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def _one_layer_model(key: str, module: nn.Module) -> nn.Module:
+    """A module holding only ``module``, under its name ``key`` in the full model."""
+    root = parent = nn.Module()
+    *path, leaf = key.split(".")
+    for part in path:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    parent.add_module(leaf, module)
+    return root
+
+
+def _one_layer_config(config, key: str):
+    """``config`` targeting exactly ``key`` (already chosen by the full model's matching rules)."""
+    one = copy.copy(config)
+    one.target_modules, one.exclude_modules = {key}, None
+    one.layers_to_transform = one.layers_pattern = None
+    return one
 
 
 # -- output -------------------------------------------------------------------------------------------------------
