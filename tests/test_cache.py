@@ -448,3 +448,73 @@ def test_put_refuses_factors_that_get_would_reject(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert cache.put(weight_fingerprint(w), RANK, EXACT, (u, s, vh), shape=(M, N))
     assert cache.get(weight_fingerprint(w), RANK, EXACT, CPU, shape=(M, N)) is not None
+
+
+# -- bundles: one file per call with several weights ---------------------------------------------------------------
+def several(count: int = 3) -> dict[str, torch.Tensor]:
+    return {f"layer{i}": weight(10 + i, m=M + i, n=N) for i in range(count)}
+
+
+def bundles(folder: Path) -> list[Path]:
+    return sorted(folder.glob("bundle-*.safetensors"))
+
+
+def test_a_call_with_several_weights_is_answered_from_one_bundle(tmp_path, monkeypatch):
+    weights = several()
+    ranks = dict.fromkeys(weights, RANK)
+    first = truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+    assert len(bundles(tmp_path)) == 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 + len(weights)  # the bundle and one entry per weight
+
+    def no_entry(*args, **kwargs):
+        raise AssertionError("the bundle should have answered")
+
+    monkeypatch.setattr(SVDCache, "get", no_entry)
+    monkeypatch.setattr("subspace_peft.linalg.svd.truncated_svd_batched", no_entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVDCacheWarning)
+        second = truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+    for name in weights:
+        assert all(torch.equal(a, b) for a, b in zip(first[name], second[name]))
+
+
+def test_a_bundle_answers_only_the_exact_set_it_was_written_for(tmp_path):
+    weights = several()
+    ranks = dict.fromkeys(weights, RANK)
+    truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+    fewer = dict(list(weights.items())[:2])
+    truncated_svds(fewer, dict.fromkeys(fewer, RANK), EXACT, SVDCache(tmp_path))  # entry hits, and its own bundle
+    truncated_svds(weights, dict.fromkeys(weights, RANK + 1), EXACT, SVDCache(tmp_path))
+    assert len(bundles(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("tamper", ["edited tensor", "other weights' bundle", "garbage"])
+def test_a_poisoned_bundle_falls_back_to_the_entries(tmp_path, tamper):
+    weights = several()
+    ranks = dict.fromkeys(weights, RANK)
+    truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+    (path,) = bundles(tmp_path)
+    if tamper == "edited tensor":
+        tensors, metadata = read_entry(path)
+        tensors["0.S"] = tensors["0.S"] * 2  # still descending, positive and finite: only the checksum sees it
+        save_file(tensors, str(path), metadata=metadata)
+        reason = "checksum mismatch"
+    elif tamper == "other weights' bundle":
+        other = {f"other{i}": weight(50 + i, m=M + i, n=N) for i in range(3)}
+        truncated_svds(other, dict.fromkeys(other, RANK), EXACT, SVDCache(tmp_path / "other"))
+        os.replace(bundles(tmp_path / "other")[0], path)
+        reason = "a bundle of another format or for other weights"
+    else:
+        path.write_bytes(b"\x00" * 64)
+        reason = "unreadable"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+    messages = [str(c.message) for c in caught if issubclass(c.category, SVDCacheWarning)]
+    assert len(messages) == 1 and reason in messages[0], messages
+    for name, w in weights.items():
+        assert_same(got[name], fresh(w))
+    assert read_entry(path)[1]["format"] == cache_module.BUNDLE_FORMAT  # rewritten from the good entries
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVDCacheWarning)
+        truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))

@@ -11,6 +11,12 @@ the request exactly and the factors are what a truncated SVD of that weight retu
 truncated or foreign file, an edited tensor, a cache folder that is a file, a read-only or full disk) is a miss or a
 skipped write with one :class:`SVDCacheWarning` per cache object and kind of problem, never an exception.
 
+A call that decomposes several weights also writes one *bundle* per model: every entry of the call in one file,
+named by a fingerprint of the list of (weight fingerprint, shape, rank) and the settings, so initialising the same
+model again opens one file instead of one per layer. A bundle is held to the same checks as each entry (its record
+must list exactly the requested entries, checksum over record and tensors, every factor triplet well-formed); a
+rejected bundle falls back to the entries, one by one.
+
 Files are written to a temporary name and renamed, so a crash mid-write never leaves a half entry behind, and a
 failed write removes its temporary file. The checksum covers only the small factors: the weight is hashed once, by
 the caller, for its fingerprint.
@@ -34,6 +40,7 @@ from .settings import SVDSettings
 
 # Bump when the layout or the meaning of an entry changes: entries of another format are misses.
 FORMAT = "subspace_peft.svd_cache.v2"
+BUNDLE_FORMAT = "subspace_peft.svd_cache_bundle.v1"
 _NAMES = ("U", "S", "Vh")
 _RECORD_KEYS = ("format", "fingerprint", "weight_shape", "rank", "settings")
 
@@ -87,6 +94,32 @@ def entry_checksum(tensors: dict[str, torch.Tensor], record: dict[str, str]) -> 
     for name in _NAMES:
         tensor = tensors[name].detach().contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.view(torch.uint8).reshape(-1).numpy())
+    return digest.hexdigest()
+
+
+# (weight fingerprint, (m, n), rank): one entry of a bundle
+BundleRequest = tuple[str, tuple[int, int], int]
+
+
+def _unique(requests: Sequence[BundleRequest]) -> list[BundleRequest]:
+    """The distinct requests in a canonical order (tied weights share one entry)."""
+    return sorted(set(requests))
+
+
+def bundle_manifest(requests: Sequence[BundleRequest], settings: SVDSettings) -> str:
+    """The record of a bundle: its format, the settings and every entry it holds, one per line, in tensor order."""
+    lines = [BUNDLE_FORMAT, settings.key()] + [f"{fp} {m}x{n} r{rank}" for fp, (m, n), rank in _unique(requests)]
+    return "\n".join(lines)
+
+
+def bundle_checksum(tensors: dict[str, torch.Tensor], manifest: str) -> str:
+    """xxh3-128 over the manifest and each tensor's name, shape, dtype and bytes, in name order."""
+    digest = xxhash.xxh3_128()
+    digest.update(manifest.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"\n{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
         digest.update(tensor.view(torch.uint8).reshape(-1).numpy())
     return digest.hexdigest()
 
@@ -227,6 +260,76 @@ class SVDCache:
             return None
         return tensors
 
+    # -- bundles: every entry of one call in one file -----------------------------------------------------------
+    def _bundle_path(self, manifest: str, settings: SVDSettings) -> Path:
+        return self.directory / f"bundle-{xxhash.xxh3_128_hexdigest(manifest.encode())}-{settings.key()}.safetensors"
+
+    def get_bundle(self, requests: Sequence[BundleRequest], settings: SVDSettings, device: torch.device):
+        """``{request: (U, S, Vh)}`` for every request from the bundle written for exactly these requests, or None
+        (no bundle, or a rejected one: then ask :meth:`get` for each)."""
+        manifest = bundle_manifest(requests, settings)
+        path = self._bundle_path(manifest, settings)
+        try:
+            if not path.is_file():
+                return None
+            tensors = self._read_bundle(path, manifest, requests)
+            if tensors is None:
+                return None
+            return {
+                request: tuple(tensors[f"{i}.{name}"].to(device) for name in _NAMES)
+                for i, request in enumerate(_unique(requests))
+            }
+        except BaseException as error:  # noqa: BLE001 - safetensors' Rust panics are BaseExceptions
+            if _is_fatal(error):
+                raise
+            self._reject(path, f"unreadable: {type(error).__name__}")
+            return None
+
+    def _read_bundle(self, path: Path, manifest: str, requests: Sequence[BundleRequest]):
+        unique = _unique(requests)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != BUNDLE_FORMAT or metadata.get("manifest") != manifest:
+                self._reject(path, "a bundle of another format or for other weights")
+                return None
+            expected = {}
+            for i, (_, (m, n), rank) in enumerate(unique):
+                expected.update({f"{i}.U": [m, rank], f"{i}.S": [rank], f"{i}.Vh": [rank, n]})
+            if set(handle.keys()) != set(expected):
+                self._reject(path, "wrong tensors")
+                return None
+            for name, shape in expected.items():
+                part = handle.get_slice(name)
+                if list(part.get_shape()) != shape or part.get_dtype() != "F32":
+                    self._reject(path, "wrong shapes or not fp32")
+                    return None
+            tensors = {name: handle.get_tensor(name) for name in expected}
+        if metadata.get("checksum") != bundle_checksum(tensors, manifest):
+            self._reject(path, "checksum mismatch")
+            return None
+        for i, (_, (m, n), rank) in enumerate(unique):
+            problem = _factor_problem({name: tensors[f"{i}.{name}"] for name in _NAMES}, m, n, rank)
+            if problem is not None:
+                self._reject(path, problem)
+                return None
+        return tensors
+
+    def put_bundle(self, factors: dict[BundleRequest, tuple], settings: SVDSettings) -> bool:
+        """Store every request's ``(U, S, Vh)`` in one bundle; returns whether it was written."""
+        requests = list(factors)
+        manifest = bundle_manifest(requests, settings)
+        tensors = {}
+        for i, request in enumerate(_unique(requests)):
+            triplet = {
+                name: t.detach().to("cpu", torch.float32).contiguous() for name, t in zip(_NAMES, factors[request])
+            }
+            (m, n), rank = request[1], request[2]
+            if _factor_problem(triplet, m, n, rank) is not None:
+                return False  # put() has warned about these factors already
+            tensors.update({f"{i}.{name}": tensor for name, tensor in triplet.items()})
+        metadata = {"format": BUNDLE_FORMAT, "manifest": manifest, "checksum": bundle_checksum(tensors, manifest)}
+        return self._write(self._bundle_path(manifest, settings), tensors, metadata)
+
     # -- write -------------------------------------------------------------------------------------------------
     def put(
         self,
@@ -254,6 +357,11 @@ class SVDCache:
                 f"SVD factors of a ({m}, {n}) weight at rank {rank} were not cached ({problem})",
             )
             return False
+        record = entry_record(fingerprint, (m, n), rank, settings)
+        metadata = dict(record, checksum=entry_checksum(tensors, record))
+        return self._write(self._path(fingerprint, rank, settings), tensors, metadata)
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
         if self._not_a_folder():
             return False
         try:
@@ -264,9 +372,6 @@ class SVDCache:
                 f"the SVD cache folder {self.directory} could not be created ({error}); the cache is not written",
             )
             return False
-        record = entry_record(fingerprint, (m, n), rank, settings)
-        metadata = dict(record, checksum=entry_checksum(tensors, record))
-        path = self._path(fingerprint, rank, settings)
         # Not a ``*.safetensors`` name, so a half-written file can never be taken for an entry.
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:

@@ -189,19 +189,31 @@ def truncated_svds(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Truncated SVDs of many named 2-D weights: cached ones are read, the rest batched by (shape, rank).
 
-    ``cache`` is an :class:`~subspace_peft.linalg.cache.SVDCache` or None. A tqdm bar counts layers when there are
-    more than a handful.
+    ``cache`` is an :class:`~subspace_peft.linalg.cache.SVDCache` or None: with several weights, the call's bundle
+    (one file for all of them) is tried first, then each weight's entry. A tqdm bar counts layers when there are more
+    than a handful.
     """
     from tqdm.auto import tqdm
 
+    requests = {}
+    if cache is not None:
+        requests = {
+            name: (weight_fingerprint(weight), tuple(weight.shape), ranks[name])
+            for name, weight in named_weights.items()
+        }
+        if len(requests) > 1:
+            device = next(iter(named_weights.values())).device
+            if all(weight.device == device for weight in named_weights.values()):
+                bundle = cache.get_bundle(list(requests.values()), settings, device)
+                if bundle is not None:
+                    return {name: bundle[request] for name, request in requests.items()}
     results: dict[str, tuple] = {}
-    fingerprints: dict[str, str] = {}
     todo: dict[tuple, list[str]] = {}
     with tqdm(total=len(named_weights), desc=desc, disable=len(named_weights) < 8, leave=False) as bar:
         for name, weight in named_weights.items():
             if cache is not None:
-                fingerprints[name] = weight_fingerprint(weight)
-                hit = cache.get(fingerprints[name], ranks[name], settings, weight.device, shape=tuple(weight.shape))
+                fingerprint, shape, rank = requests[name]
+                hit = cache.get(fingerprint, rank, settings, weight.device, shape=shape)
                 if hit is not None:
                     results[name] = hit
                     bar.update(1)
@@ -212,6 +224,9 @@ def truncated_svds(
             for name, triplet in zip(names, factors):
                 results[name] = triplet
                 if cache is not None:
-                    cache.put(fingerprints[name], rank, settings, triplet, shape=tuple(named_weights[name].shape))
+                    fingerprint, shape, _ = requests[name]
+                    cache.put(fingerprint, rank, settings, triplet, shape=shape)
             bar.update(len(names))
+    if len(requests) > 1:
+        cache.put_bundle({requests[name]: triplet for name, triplet in results.items()}, settings)
     return results
