@@ -49,7 +49,7 @@ from common import (
     one_line,
 )
 from data import check_answers_fit, collate, load_rows, tokenize
-from guards import check_distribution_took_effect, keep_4bit_layers_on_the_training_path  # noqa: F401
+from guards import check_distribution_took_effect, keep_4bit_layers_on_the_training_path, launch_problem  # noqa: F401
 from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
 from quantization import QUANTIZED_BASE_METHODS, Quantization
 
@@ -415,6 +415,9 @@ def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
     problem is a :class:`RecipeError` naming the file and line (or flag) of the key at fault."""
     with located(recipe):  # the checks that need no heavy import first: their errors come in a fraction of a second
         check_model_source(recipe)
+        problem = launch_problem(recipe.method, recipe.quantization)
+        if problem:
+            raise RecipeError(f"accelerate config: {problem}")
         check_output_dir("output_dir", recipe.output_dir)
         rows = load_rows(recipe)
         save_only_model = bool(recipe.training.get("save_only_model", False))

@@ -114,6 +114,30 @@ def accelerate_fsdp2_loading(model):
     return model
 
 
+def train_under_zero3(model) -> dict:
+    """One SGD step through DeepSpeed's engine, as accelerate's prepare does after a zero.Init load: the engine takes
+    the partitioned base and partitions the (whole) adapter parameters itself."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    whole_before = all(not hasattr(p, "ds_id") for p in trainable)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=0.5), config=config)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return {
+        "adapter_whole_before_engine": whole_before,
+        "adapter_partitioned_by_engine": all(p.shape == (0,) for p in trainable),
+        "loss": float(loss),
+    }
+
+
 def whole_tensors(model) -> dict:
     """Every adapter tensor and every base weight, whole."""
     tensors = {}
@@ -150,6 +174,8 @@ for method in methods:
     tensors = [*model.named_parameters(), *model.named_buffers()]
     on_meta = [n for n, t in tensors if t.device.type == "meta" and is_adapter(n)]
     save_file(whole_tensors(model), os.path.join(out, f"{method}_rank{rank}.safetensors"))
+    if layout == "zero3" and method == "pissa":
+        prepared.update(train_under_zero3(model))
     if layout == "rank0":
         try:
             accelerate_fsdp2_loading(model)

@@ -6,6 +6,8 @@ rank 0 alone (accelerate's fsdp_cpu_ram_efficient_loading)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from test_fsdp2 import run_two_ranks, tiny_llama
 from parity import rel_err
 
 pytestmark = pytest.mark.slow  # torchrun / several processes
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 # the tiny Llama's all-linear targets per decoder layer (d_out, d_in): q, k, v, o, gate, up, down
 SHAPES = [(16, 16), (8, 16), (8, 16), (16, 16), (32, 16), (32, 16), (16, 32)]
@@ -104,6 +108,11 @@ def test_zero3_partitioned_weights_are_gathered_one_at_a_time(tmp_path):
     check_shares(tmp_path, methods[:3], "zero3")
     for method in methods[:3]:
         check_equal_to_one_process(tmp_path, method)
+    # the shipped recipe's path on: DeepSpeed's engine takes the model built on the partitioned base and trains it
+    for rank in (0, 1):
+        trained = results(tmp_path, ["pissa"])[("pissa", rank)]
+        assert trained["adapter_whole_before_engine"] and trained["adapter_partitioned_by_engine"], trained
+        assert 3.0 < trained["loss"] < 5.0, trained  # about ln(64) = 4.16 for the untrained tiny model
     for rank in (0, 1):  # refused on every rank (none waits for the other), naming the fix
         refused = results(tmp_path, ["qpissa"])[("qpissa", rank)]["refused"]
         assert "partitioned by DeepSpeed ZeRO-3" in refused and "zero3_init_flag: false" in refused, refused
@@ -131,3 +140,52 @@ def test_fsdp2_cpu_ram_efficient_loading_rank0_sends_each_weight_to_its_owner(tm
         # accelerate 1.15 then broadcasts parameters only: the frozen factors, buffers that FSDP2 leaves unsharded,
         # stop it (recipes/guards.py refuses fsdp_cpu_ram_efficient_loading for these methods because of this)
         assert "device_mesh" in found[(method, 0)]["accelerate_loading"], found[(method, 0)]
+
+
+def _accelerate_env(config_file: str) -> dict:
+    """The loading settings ``accelerate launch --config_file`` exports for one of recipes/accelerate/*.yaml."""
+    import yaml
+
+    config = yaml.safe_load(open(os.path.join(ROOT, "recipes", "accelerate", config_file)))
+    env = {}
+    if config["distributed_type"] == "DEEPSPEED":
+        env["ACCELERATE_USE_DEEPSPEED"] = "true"
+        env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = str(config["deepspeed_config"]["zero3_init_flag"]).lower()
+    if config["distributed_type"] == "FSDP":
+        env["ACCELERATE_USE_FSDP"] = "true"
+        env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = str(config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]).lower()
+    return env
+
+
+def test_the_recipe_takes_the_shipped_zero3_init_flag_and_refuses_what_cannot_work():
+    from guards import launch_problem
+
+    zero3 = _accelerate_env("deepspeed_zero3.yaml")
+    assert zero3["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"  # the shipped config loads the base partitioned
+    for method in ("lora", "pissa", "svfit", "flora", "effort"):
+        assert launch_problem(method, "none", zero3) is None, method
+    qpissa = launch_problem("pissa", "4bit", zero3)
+    assert "zero3_init_flag: false" in qpissa and "QPiSSA" in qpissa
+    assert launch_problem("lora", "4bit", zero3) is None
+    fsdp = _accelerate_env("fsdp.yaml")
+    assert launch_problem("lora", "none", fsdp) is None and launch_problem("flora", "none", fsdp) is None
+    for method in ("pissa", "svfit", "effort"):
+        assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(method, "none", fsdp), method
+        assert launch_problem(method, "none", dict(fsdp, FSDP_CPU_RAM_EFFICIENT_LOADING="false")) is None
+
+
+def test_frozen_buffer_methods_are_the_ones_whose_layers_hold_buffers():
+    from peft import get_peft_model
+
+    from subspace_peft.methods import METHODS
+
+    from guards import FROZEN_BUFFER_METHODS
+
+    for record in METHODS:
+        if record.name == "lora":
+            continue
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        config = record.config_cls(**dict(record.recipe_defaults, target_modules=["0"]))
+        names = [name for name, _ in get_peft_model(model, config).named_buffers()]
+        assert bool(names) == (record.name in FROZEN_BUFFER_METHODS), (record.name, names)
