@@ -518,3 +518,40 @@ def test_a_poisoned_bundle_falls_back_to_the_entries(tmp_path, tamper):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SVDCacheWarning)
         truncated_svds(weights, ranks, EXACT, SVDCache(tmp_path))
+
+
+# -- the NaN/Inf check of a cached init ----------------------------------------------------------------------------
+@pytest.mark.parametrize("config_cls", ["PiSSAConfig", "EffortConfig", "SVFitConfig"])
+def test_a_cached_init_checks_for_nan_only_the_weights_it_computes(tmp_path, monkeypatch, config_cls):
+    import math
+
+    from peft import get_peft_model
+
+    import subspace_peft
+    import subspace_peft.tuners.base.targets as targets_module
+
+    from parity import assert_refused_unchanged
+    from tiny_models import MLP
+
+    rank = {"PiSSAConfig": "r", "EffortConfig": "residual_rank", "SVFitConfig": "r"}[config_cls]
+
+    def config():
+        return getattr(subspace_peft, config_cls)(**{rank: 2}, target_modules=["lin0", "lin1"], svd_cache=str(tmp_path))
+
+    torch.manual_seed(0)
+    base = MLP()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    get_peft_model(base, config())  # fills the cache
+    checked = []
+    real = targets_module.all_finite
+    monkeypatch.setattr(targets_module, "all_finite", lambda t: checked.append(tuple(t.shape)) or real(t))
+    hit = MLP()
+    hit.load_state_dict(state)
+    get_peft_model(hit, config())
+    assert checked == [], "every weight came from the cache: its entry was written from a finite weight"
+
+    poisoned = MLP()
+    poisoned.load_state_dict(state)
+    with torch.no_grad():
+        poisoned.lin1.weight[0, 0] = math.nan  # another fingerprint: a miss, checked before any SVD
+    assert_refused_unchanged(poisoned, config, "'lin1' has NaN or Inf")

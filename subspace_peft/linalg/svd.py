@@ -7,7 +7,7 @@ Pure torch, no peft imports. Every function works on the weight's own device and
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -186,12 +186,14 @@ def truncated_svds(
     settings: SVDSettings = SVDSettings(),
     cache=None,
     desc: str = "SVD",
+    before_compute: Optional[Callable[[str, torch.Tensor], None]] = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Truncated SVDs of many named 2-D weights: cached ones are read, the rest batched by (shape, rank).
 
     ``cache`` is an :class:`~subspace_peft.linalg.cache.SVDCache` or None: with several weights, the call's bundle
-    (one file for all of them) is tried first, then each weight's entry. A tqdm bar counts layers when there are more
-    than a handful.
+    (one file for all of them) is tried first, then each weight's entry. ``before_compute(name, weight)`` is called
+    for every weight the cache did not answer, all before the first SVD (a check that raises stops the call before any
+    work). A tqdm bar counts layers when there are more than a handful.
     """
     from tqdm.auto import tqdm
 
@@ -219,6 +221,10 @@ def truncated_svds(
                     bar.update(1)
                     continue
             todo.setdefault((tuple(weight.shape), ranks[name]), []).append(name)
+        if before_compute is not None:
+            for names in todo.values():
+                for name in names:
+                    before_compute(name, named_weights[name])
         for (_shape, rank), names in todo.items():
             factors = truncated_svd_batched([named_weights[n] for n in names], rank, settings)
             for name, triplet in zip(names, factors):

@@ -87,12 +87,18 @@ def initial_svds(
     method: str,
     whole_only: Optional[str] = None,
     collective: bool = True,
+    before_compute=None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The truncated SVD ``(U, S, Vh)`` of every base layer's weight matrix, split across ranks where a process group
-    exists (and ``collective``). ``whole_only``: why this init needs whole weights on every rank (QPiSSA), or None."""
+    exists (and ``collective``). ``whole_only``: why this init needs whole weights on every rank (QPiSSA), or None.
+    ``before_compute``: see :func:`~subspace_peft.linalg.svd.truncated_svds` (one process only: a check that raised on
+    one rank of a split init would leave the others waiting)."""
+    if before_compute is not None and collective and world_size() > 1 and not opted_out():
+        raise ValueError("before_compute checks run in one process only; check the weights before a split init")
 
     def decompose(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
-        return truncated_svds(weights, {key: ranks[key] for key in weights}, settings, cache, desc=desc)
+        ranks_of = {key: ranks[key] for key in weights}
+        return truncated_svds(weights, ranks_of, settings, cache, desc=desc, before_compute=before_compute)
 
     outputs = {}
     for key, base in bases.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -52,9 +53,10 @@ def pattern_value(pattern: dict | None, key: str, default):
     return pattern.get(get_pattern_key(list(pattern.keys()), key), default)
 
 
-def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
-    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, finite).
-    Grouped convolutions only where ``grouped_ok`` (their weight is block-diagonal: no low-rank SVD update fits)."""
+def check_target(target: Target, method: str, grouped_ok: bool = False, finite: bool = True) -> None:
+    """Raise a ValueError naming the layer and the fix if ``method`` cannot adapt it (type, dtype, and unless
+    ``finite=False``, finite weights: see :func:`check_finite`). Grouped convolutions only where ``grouped_ok``
+    (their weight is block-diagonal: no low-rank SVD update fits)."""
     base = target.base
     if not isinstance(base, SUPPORTED_TYPES):
         raise ValueError(
@@ -73,10 +75,16 @@ def check_target(target: Target, method: str, grouped_ok: bool = False) -> None:
             "(a quantised model?). Load the base model in full precision; for a 4-/8-bit residual use "
             "PiSSAConfig(residual_quantization='nf4' or 'int8') on the full-precision model (QPiSSA)."
         )
+    if finite:
+        check_finite(target.key, weight)
+
+
+def check_finite(key: str, weight: torch.Tensor) -> None:
+    """Raise a ValueError naming layer ``key`` if its weight holds NaN or Inf."""
     if weight.device.type != "meta" and not all_finite(weight):
         raise ValueError(
-            f"layer '{target.key}' has NaN or Inf in its weight: fix or reload the base weights, or exclude the "
-            "layer from target_modules."
+            f"layer '{key}' has NaN or Inf in its weight: fix or reload the base weights, or exclude the layer from "
+            "target_modules."
         )
 
 
