@@ -20,7 +20,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     data = tensor.detach()
-    if data.device.type == "cpu" and data.dtype in _NUMPY_SUMMABLE and data.is_contiguous():
+    # a plain tensor only: a subclass (FSDP2's DTensor: the sum is then a collective over the shards) has no .numpy()
+    numpy_ok = type(data) is torch.Tensor and data.device.type == "cpu" and data.dtype in _NUMPY_SUMMABLE
+    if numpy_ok and data.is_contiguous():
         with np.errstate(over="ignore", invalid="ignore"):  # an overflowing or NaN sum is the answer, not a warning
             total = float(data.numpy().sum(dtype=np.float64 if data.dtype == torch.float64 else np.float32))
     else:

@@ -164,12 +164,22 @@ for method in methods:
     decomposed.clear()
     distributed.last_record = None
     model = build_model()
+    if method == "mismatch":  # the ranks disagree on the adapter: rank 1 asks for another rank
+        config = init_config("pissa")
+        config.r += rank
+    else:
+        config = init_config(method.removesuffix("_opted_out"))
+    if method.endswith("_opted_out"):
+        os.environ[distributed.ENV_VAR] = "0"
     try:
-        model = get_peft_model(model, init_config(method))
+        model = get_peft_model(model, config)
     except ValueError as error:
+        untouched = not any(hasattr(m, "base_layer") for m in model.modules())
         with open(os.path.join(out, f"{method}_rank{rank}.json"), "w") as handle:
-            json.dump({"method": method, "rank": rank, "refused": str(error)}, handle)
+            json.dump({"method": method, "rank": rank, "refused": str(error), "model_untouched": untouched}, handle)
         continue
+    finally:
+        os.environ.pop(distributed.ENV_VAR, None)
     record = distributed.last_record
     tensors = [*model.named_parameters(), *model.named_buffers()]
     on_meta = [n for n, t in tensors if t.device.type == "meta" and is_adapter(n)]
@@ -186,10 +196,10 @@ for method in methods:
         "method": method,
         "rank": rank,
         "decomposed": len(decomposed),
-        "owned": len(record.owned),
-        "layout": record.layout,
-        "largest_gathered": record.largest_gathered,
-        "held_peak": record.held_peak,
+        "owned": len(record.owned) if record else None,
+        "layout": record.layout if record else None,
+        "largest_gathered": record.largest_gathered if record else None,
+        "held_peak": record.held_peak if record else None,
         "adapters_on_meta": len(on_meta),
         **prepared,
     }

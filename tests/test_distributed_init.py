@@ -68,7 +68,7 @@ def results(tmp_path, methods) -> dict[tuple[str, int], dict]:
 def check_equal_to_one_process(tmp_path, method: str, ranks=(0, 1)) -> None:
     from safetensors.torch import load_file
 
-    single = one_process(method)
+    single = one_process(method.removesuffix("_opted_out"))
     adapter_keys = {k for k in single if not k.startswith("base.")}
     assert adapter_keys
     for rank in ranks:
@@ -94,10 +94,19 @@ def check_shares(tmp_path, methods, layout: str) -> None:
 
 def test_whole_weights_every_method_decomposes_half_and_matches_one_process(tmp_path):
     methods = ["pissa", "svfit", "svfit_energy", "effort", "qpissa"]
-    run_two_ranks("distributed_init_worker.py", "whole", str(tmp_path), *methods)
+    run_two_ranks("distributed_init_worker.py", "whole", str(tmp_path), *methods, "mismatch", "effort_opted_out")
     check_shares(tmp_path, methods, "whole")
     for method in methods:
         check_equal_to_one_process(tmp_path, method)
+    found = results(tmp_path, ["mismatch", "effort_opted_out"])
+    for rank in (0, 1):
+        # ranks that planned different adapters: the same clear error on both (no hang), the models untouched
+        assert "planned different adapters (ranks [1] differ" in found[("mismatch", rank)]["refused"]
+        assert found[("mismatch", rank)]["model_untouched"]
+        # SUBSPACE_PEFT_DISTRIBUTED_INIT=0: every rank decomposes every target itself, as before
+        assert found[("effort_opted_out", rank)]["decomposed"] == TARGETS
+        assert found[("effort_opted_out", rank)]["layout"] is None  # no split init ran
+    check_equal_to_one_process(tmp_path, "effort_opted_out")
 
 
 def test_zero3_partitioned_weights_are_gathered_one_at_a_time(tmp_path):
