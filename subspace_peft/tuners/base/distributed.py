@@ -235,12 +235,12 @@ def _elements(shape) -> int:
 def _assign(shapes: dict[str, tuple[int, int]], size: int) -> list[list[str]]:
     """Per rank, the targets it decomposes: largest cost first, each to the least-loaded rank (lowest rank on ties).
     Deterministic: the same on every rank."""
-    order = sorted(range(len(shapes)), key=lambda i: -_cost(list(shapes.values())[i]))
     keys = list(shapes)
+    costs = [_cost(shapes[key]) for key in keys]
     loads, owners = [0] * size, [[] for _ in range(size)]
-    for i in order:
+    for i in sorted(range(len(keys)), key=lambda i: -costs[i]):  # stable: equal costs keep the model's order
         owner = min(range(size), key=lambda r: (loads[r], r))
-        loads[owner] += _cost(shapes[keys[i]])
+        loads[owner] += costs[i]
         owners[owner].append(keys[i])
     return owners
 
