@@ -177,10 +177,13 @@ def test_the_recipe_takes_the_shipped_zero3_init_flag_and_refuses_what_cannot_wo
     assert "zero3_init_flag: false" in qpissa and "QPiSSA" in qpissa
     assert launch_problem("lora", "4bit", zero3) is None
     fsdp = _accelerate_env("fsdp.yaml")
-    assert launch_problem("lora", "none", fsdp) is None and launch_problem("flora", "none", fsdp) is None
+    assert fsdp["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # the shipped FSDP config runs every method
+    for method in ("lora", "pissa", "svfit", "flora", "effort"):
+        assert launch_problem(method, "none", fsdp) is None, method
+    efficient = dict(fsdp, FSDP_CPU_RAM_EFFICIENT_LOADING="true")
+    assert launch_problem("lora", "none", efficient) is None and launch_problem("flora", "none", efficient) is None
     for method in ("pissa", "svfit", "effort"):
-        assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(method, "none", fsdp), method
-        assert launch_problem(method, "none", dict(fsdp, FSDP_CPU_RAM_EFFICIENT_LOADING="false")) is None
+        assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(method, "none", efficient), method
 
 
 def test_frozen_buffer_methods_are_the_ones_whose_layers_hold_buffers():
