@@ -30,7 +30,7 @@ fixed-cost term: on this shared machine the intercepts are within the noise), an
 larger shapes (SmolLM2's measured time against the prediction checks the model on other shapes). PEFT's exact PiSSA
 runs only at the ``--exact-layers`` sizes (default: the two smallest): it is the slow one. Peak memory: in-memory
 variants as the model's bytes times the measured peak / model-bytes ratio of the largest synthetic model; streaming as
-its measured peak there scaled by (largest weight in bf16 + adapter in fp32) bytes.
+its measured peak there scaled by (largest weight in bf16 + adapter's 4 factors counted in fp32) bytes.
 Prints Markdown tables and writes ``benchmarks/results/scaling.json``. Linux only (VmHWM).
 """
 
