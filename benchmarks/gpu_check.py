@@ -30,8 +30,9 @@ too little time left is skipped with a note. One Markdown row per check; ``bench
    alone could reach ~1e-4).
 4. ``fsdp2_launch`` and ``zero3_launch``: ``accelerate launch --config_file recipes/accelerate/{fsdp,
    deepspeed_zero3}.yaml --num_processes 1 recipes/finetune.py --config recipes/configs/pissa.yaml --max_steps 5
-   --output_dir DIR``. FSDP2 runs a copy of fsdp.yaml with ``fsdp_cpu_ram_efficient_loading: false`` (the recipe
-   refuses PiSSA with true, as fsdp.yaml says). Pass: exit status 0 and ``DIR/adapter/adapter_model.safetensors``.
+   --output_dir DIR``. FSDP2 runs a copy of fsdp.yaml with ``fsdp_cpu_ram_efficient_loading`` forced to false (the
+   shipped file has false; the recipe refuses PiSSA with true). Pass: exit status 0 and
+   ``DIR/adapter/adapter_model.safetensors`` written.
 """
 
 from __future__ import annotations
