@@ -28,9 +28,11 @@ Extrapolation (labelled as such): per target matrix (m x n, m >= n, rank r) each
 summed over the model's targets; per variant, throughput = total F / total seconds over the synthetic sizes (no
 fixed-cost term: on this shared machine the intercepts are within the noise), and seconds = F / throughput on the
 larger shapes (SmolLM2's measured time against the prediction checks the model on other shapes). PEFT's exact PiSSA
-runs only at the ``--exact-layers`` sizes (default: the two smallest): it is the slow one. Peak memory: in-memory
-variants as the model's bytes times the measured peak / model-bytes ratio of the largest synthetic model; streaming as
-its measured peak there scaled by (largest weight in bf16 + adapter's 4 factors counted in fp32) bytes.
+runs only at the ``--exact-layers`` sizes (default: the two smallest): it is the slow one. Peak memory,
+fitted the same way: peak = a * (largest target weight's bytes) + b * (model bytes; streaming: adapter bytes, its 4
+factors counted in fp32), least squares with a, b >= 0 over the synthetic sizes (their largest weight is the same, so
+a is the intercept: the one weight being decomposed and its workspace; b is what grows with the model).
+``--from-json FILE`` redoes the fits and tables from a saved run's measurements.
 Prints Markdown tables and writes ``benchmarks/results/scaling.json``. Linux only (VmHWM).
 """
 
@@ -162,8 +164,29 @@ def fit(points: list[tuple[float, float]]) -> float:
     return sum(y for _, y in points) / sum(x for x, _ in points)
 
 
-def adapter_elements(spec: dict, rank: int) -> int:
-    return sum(rank * (m + n) for m, n in target_shapes(spec))
+def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) of y = a + b x, least squares with a, b >= 0."""
+    n = len(points)
+    mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    b = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx if sxx else 0.0
+    if b < 0:
+        return mean_y, 0.0
+    a = mean_y - b * mean_x
+    if a < 0:
+        return 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return a, b
+
+
+def largest_weight_bytes(spec: dict) -> int:
+    return max(m * n for m, n in target_shapes(spec)) * 2  # bf16
+
+
+def grows_with(variant: str, spec: dict, rank: int) -> float:
+    """The bytes a variant's peak grows with: the model's (bf16), or for streaming the adapter's (fp32 factors)."""
+    if variant == "ours_streaming":
+        return sum(rank * (m + n) for m, n in target_shapes(spec)) * 2 * 2 * 4  # (A, B) and (A_0, B_0)
+    return parameter_count(spec) * 2
 
 
 def extrapolate(measured: list[dict], rank: int) -> dict:
@@ -177,34 +200,26 @@ def extrapolate(measured: list[dict], rank: int) -> dict:
             for r in measured
             if r not in synthetic and r[variant]
         }
-        largest = max(done, key=lambda r: r["spec"]["layers"])  # the memory ratios come from here
+        a, b = linear_fit([(grows_with(variant, r["spec"], rank) / 2**20, r[variant]["peak_mib"]) for r in done])
         result["fits"][variant] = {
             "flop_model": kind,
             "gflop_per_s": 1e-9 / slope,
             "checks": checks,
-            "memory_from": largest["model"],
-            "peak_mib": largest[variant]["peak_mib"],
-            "footprint_bytes": footprint(largest["spec"], rank),
-            "model_mib": largest["lora"]["model_mib"],
+            "peak_per_largest_weight": a / (largest_weight_bytes(done[0]["spec"]) / 2**20),
+            "peak_per_growing_byte": b,
         }
     for name, spec in TARGETS.items():
-        model_bytes = parameter_count(spec) * 2  # bf16
         cells = {}
         for variant, (_, kind) in VARIANTS.items():
             fitted = result["fits"][variant]
             seconds = flops(kind, target_shapes(spec), rank) / fitted["gflop_per_s"] / 1e9
-            if variant == "ours_streaming":
-                peak_mib = fitted["peak_mib"] * footprint(spec, rank) / fitted["footprint_bytes"]
-            else:
-                peak_mib = model_bytes / 2**20 * fitted["peak_mib"] / fitted["model_mib"]
+            peak_mib = (
+                fitted["peak_per_largest_weight"] * largest_weight_bytes(spec)
+                + fitted["peak_per_growing_byte"] * grows_with(variant, spec, rank)
+            ) / 2**20
             cells[variant] = {"seconds": seconds, "peak_mib": peak_mib}
-        result["models"][name] = {"spec": spec, "model_gib": model_bytes / 2**30, "variants": cells}
+        result["models"][name] = {"spec": spec, "model_gib": parameter_count(spec) * 2 / 2**30, "variants": cells}
     return result
-
-
-def footprint(spec: dict, rank: int) -> int:
-    """What streaming init holds at its peak: the largest weight (bf16) and the adapter (A, B, A_0, B_0; fp32)."""
-    return max(m * n for m, n in target_shapes(spec)) * 2 + sum(rank * (m + n) for m, n in target_shapes(spec)) * 16
 
 
 def print_tables(measured: list[dict], extrapolated: dict, rank: int) -> None:
@@ -220,10 +235,13 @@ def print_tables(measured: list[dict], extrapolated: dict, rank: int) -> None:
     rows = []
     for variant, fitted in extrapolated["fits"].items():
         checks = ", ".join(f"{m}: {c['measured_s']:.2f} vs {c['predicted_s']:.2f}" for m, c in fitted["checks"].items())
-        rows.append([VARIANTS[variant][0], fitted["flop_model"], f"{fitted['gflop_per_s']:.3g}", checks])
-    print(markdown_table(["variant", "FLOP model", "G(FL)OP/s", "measured vs predicted s"], rows))
+        memory = f"{fitted['peak_per_largest_weight']:.2f} W + {fitted['peak_per_growing_byte']:.3f} M"
+        rows.append([VARIANTS[variant][0], fitted["flop_model"], f"{fitted['gflop_per_s']:.3g}", checks, memory])
+    headers_fit = ["variant", "FLOP model", "G(FL)OP/s", "measured vs predicted s", "peak = a W + b M"]
+    print(markdown_table(headers_fit, rows))
+    print("\n(W: largest target weight, M: model bytes, for streaming the adapter's bytes)")
     for title, key, fmt in (("init s", "seconds", "{:,.0f}"), ("peak GiB", "peak_mib", "{:,.1f}")):
-        print(f"\nEXTRAPOLATED (not measured), {title}, r={rank}, bf16 weights, from the FLOP model above:\n")
+        print(f"\nEXTRAPOLATED (not measured), {title}, r={rank}, bf16 weights, from the fits above:\n")
         rows = []
         for name, model in extrapolated["models"].items():
             scale = 1 if key == "seconds" else 1 / 1024
@@ -241,6 +259,7 @@ def main() -> None:
     parser.add_argument("--no-smollm2", action="store_true", help="synthetic models only")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary one)")
+    parser.add_argument("--from-json", help="redo the fits and tables from this scaling.json's measurements")
     parser.add_argument("--child")
     parser.add_argument("--folder")
     parser.add_argument("--cache-dir")
@@ -250,6 +269,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args.child, args.folder, args.rank, args.cache_dir, args.out)))
         return
 
+    if args.from_json:
+        with open(args.from_json) as handle:
+            saved = json.load(handle)
+        report(saved["measured"], saved["rank"], saved.get("hidden", args.hidden), saved.get("wall_s"))
+        return
     start = time.perf_counter()
     exact_layers = sorted(args.layers)[:2] if args.exact_layers is None else args.exact_layers
     with tempfile.TemporaryDirectory(dir=args.work) as work:
@@ -274,17 +298,22 @@ def main() -> None:
                 print(f"{name}, {variant}: {row[variant]}", file=sys.stderr, flush=True)
             row["model_gib"] = row["lora"]["model_mib"] / 1024
             measured.append(row)
-    extrapolated = extrapolate(measured, args.rank)
-    inter = SHAPE["intermediate"] * args.hidden // 2048
+    report(measured, args.rank, args.hidden, time.perf_counter() - start)
+
+
+def report(measured: list[dict], rank: int, hidden: int, wall_s: float | None) -> None:
+    extrapolated = extrapolate(measured, rank)
+    inter = SHAPE["intermediate"] * hidden // 2048
     print(
-        f"\nPiSSA r={args.rank}, all-linear (7 targets a layer). Synthetic: Llama-shaped, bf16, hidden {args.hidden}, "
+        f"\nPiSSA r={rank}, all-linear (7 targets a layer). Synthetic: Llama-shaped, bf16, hidden {hidden}, "
         f"intermediate {inter}, {SHAPE['heads']} heads / {SHAPE['kv_heads']} KV heads, vocab {SHAPE['vocab']}. "
-        f"SmolLM2-135M: fp32. Whole run {time.perf_counter() - start:.0f} s."
+        f"SmolLM2-135M: fp32. Measuring took {wall_s or float('nan'):.0f} s."
     )
-    print_tables(measured, extrapolated, args.rank)
+    print_tables(measured, extrapolated, rank)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    record = {"rank": rank, "hidden": hidden, "wall_s": wall_s, "measured": measured, "extrapolated": extrapolated}
     with open(os.path.join(HERE, "results", "scaling.json"), "w") as handle:
-        json.dump({"rank": args.rank, "measured": measured, "extrapolated": extrapolated}, handle, indent=2)
+        json.dump(record, handle, indent=2)
 
 
 if __name__ == "__main__":
