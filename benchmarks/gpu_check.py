@@ -12,6 +12,7 @@ Without CUDA the run stops with "needs a CUDA GPU" and exit status 2; ``--dry-ru
 commands, imports every helper and checks the files they read, without running anything (exit 0). Each check runs in
 its own process with a timeout, under one global time budget (default 7.5 minutes): a check that would start with
 too little time left is skipped with a note. One Markdown row per check; ``benchmarks/results/gpu_check.json``.
+Exit status 0 when every check passed, 1 when one failed or was skipped.
 
 1. ``qpissa_4bit``: SmolLM2-135M (bf16 on CUDA) with ``PiSSAConfig(r=16, all-linear, init="svd",
    residual_quantization="nf4")``, 20 AdamW steps on a fixed batch, ``save_pretrained``, reload with
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -297,16 +299,26 @@ CHECKS = {
 
 
 def run_check(name: str, work: str, timeout: float) -> dict:
+    """One check in its own process (and session: a timeout kills the launches it started too)."""
     command = [sys.executable, __file__, "--check", name, "--work", work]
     start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"passed": False, "details": f"timed out after {timeout:.0f} s", "seconds": timeout}
     seconds = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"passed": False, "details": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}", "seconds": seconds}
+        tail = stderr.strip()[-3000:]
+        return {
+            "passed": False,
+            "details": f"exit {proc.returncode}: {tail[-300:]}",
+            "seconds": seconds,
+            "stderr": tail,
+        }
     return {**json.loads(lines[-1][len("RESULT ") :]), "seconds": seconds}
 
 
@@ -372,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name] = run_check(name, work, min(timeout, left))
             row = rows[name]
             result = {True: "pass", False: "FAIL", None: "skipped"}[row["passed"]]
-            print(f"| {name} | {result} | {row['seconds']:.0f} | {row['details']} |", flush=True)
+            details = " ".join(row["details"].split()).replace("|", "/")  # one table row
+            print(f"| {name} | {result} | {row['seconds']:.0f} | {details} |", flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "gpu_check.json"), "w") as handle:
         json.dump({"device": torch.cuda.get_device_name(0), "checks": rows}, handle, indent=2)
