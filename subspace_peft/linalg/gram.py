@@ -3,7 +3,7 @@
 For a weight ``W`` (m, n) let ``A`` be ``W`` or ``W^T``, whichever is tall (p, k) with ``k = min(m, n)``. The Gram
 matrix ``G = A^T A`` (k, k) has eigenvalues ``sigma_i^2`` and eigenvectors ``v_i``, the singular vectors of ``A``'s
 short side; the other side is ``A v_i / sigma_i``. Only the ``rank`` wanted eigenpairs are computed (LAPACK
-``dsyevx``: tridiagonal reduction, bisection for the chosen indices, inverse iteration), which skips the
+``dsyevr``: tridiagonal reduction, then MRRR for the chosen indices), which skips the
 bidiagonalisation of the tall side and the vectors nobody keeps: 2-4x faster than ``torch.linalg.svd`` on
 SmolLM2's projections (benchmarks/bench_init.py).
 
@@ -18,6 +18,7 @@ weight, where ``A v / sigma`` is 0/0) returns None and the caller runs LAPACK's 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -48,8 +49,20 @@ def _eigenpairs(gram: torch.Tensor, rank: int, components: SVDComponents) -> tup
         return values[wanted[0] : wanted[1] + 1], vectors[:, wanted[0] : wanted[1] + 1]
     import scipy.linalg
 
-    values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=wanted, driver="evx", check_finite=False)
+    with _scipy_blas().limit(limits=1):
+        values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=wanted, driver="evr", check_finite=False)
     return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+@functools.lru_cache(maxsize=1)
+def _scipy_blas():
+    """The BLAS libraries scipy's LAPACK runs on, to hold at one thread for the eigensolver: with more, their threads
+    keep spinning after each call and starve the torch threads of the next Gram product (measured on SmolLM2's 210
+    weights, 2 cores: 7.6 s with 2 threads, 3.8 s with 1; the tridiagonal reduction gains little from a second)."""
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS, so the controller sees it
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
 
 
 def gram_svd(weight: torch.Tensor, rank: int, components: SVDComponents = "principal") -> Optional[tuple]:
