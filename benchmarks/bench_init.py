@@ -1,4 +1,4 @@
-"""PiSSA init: time, principal-subspace error and peak memory, ours against PEFT's, on SmolLM2-135M.
+"""SVD init (PiSSA, Effort): time, principal-subspace error and peak memory, ours against PEFT's, on SmolLM2-135M.
 
     python benchmarks/bench_init.py [--reps 3] [--rank 16]
 
@@ -8,7 +8,9 @@ counter (/proc/self/clear_refs), time ``get_peft_model(..., all-linear, r)``, re
 PEFT's ``pissa_niter_4``; memory ratios against a plain LoRA init of the same model. The principal-subspace error of
 a layer is 1 - ||U_exact^T U||_F^2 / r for the unit columns U of the initial B factor (0 when the top-r left singular
 subspace is found exactly); the energy shortfall is 1 - sum(S_found^2) / sum(S_exact^2) over the top r. Both are
-averaged over layers. Linux only (VmHWM).
+averaged over layers. The ``*_lapack`` variants run our init with the exact SVD as it was before the Gram route
+(subspace_peft/linalg/gram.py), LAPACK's full fp32 SVD, for the side-by-side ratios printed last: ours exact against
+PEFT's exact ``pissa``, Effort against Effort on LAPACK, a cache hit against a plain LoRA init. Linux only (VmHWM).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ VARIANTS = {
     "ours_exact": "subspace-peft init='svd'",
     "ours_randomized": "subspace-peft init='randomized' (defaults)",
     "ours_cached": "subspace-peft init='svd', svd_cache hit",
+    "ours_exact_lapack": "subspace-peft init='svd', LAPACK's full SVD (before the Gram route)",
+    "effort": "subspace-peft Effort (exact minor SVD, residual_rank=1)",
+    "effort_lapack": "subspace-peft Effort, LAPACK's full SVD (before the Gram route)",
 }
+# variants without a PiSSA B factor to compare with the exact principal subspace
+NO_FACTORS = ("lora", "effort", "effort_lapack")
 
 
 def _vm_hwm_kib() -> int:
@@ -53,6 +60,10 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
 
     from models import smollm2_path
 
+    if variant.endswith("_lapack"):  # the exact SVD as it was computed before the Gram route (linalg/gram.py)
+        import subspace_peft.linalg.svd as svd
+
+        svd.gram_svd = lambda *args, **kwargs: None
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     with torch.no_grad():  # fault every weight page in, so peak RSS compares inits, not lazy safetensors loading
@@ -62,6 +73,8 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
     elif variant.startswith("peft_pissa"):
         init = "pissa" if variant == "peft_pissa" else "pissa_niter_4"
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights=init)
+    elif variant.startswith("effort"):
+        config = subspace_peft.EffortConfig(target_modules="all-linear")
     else:
         init = "randomized" if variant == "ours_randomized" else "svd"
         cache = cache_dir if variant == "ours_cached" else None
@@ -158,7 +171,9 @@ def main() -> None:
         for variant in VARIANTS:
             runs = []
             for rep in range(args.reps):
-                factors = os.path.join(work, f"{variant}.safetensors") if rep == 0 and variant != "lora" else None
+                factors = (
+                    os.path.join(work, f"{variant}.safetensors") if rep == 0 and variant not in NO_FACTORS else None
+                )
                 runs.append(spawn(variant, args.rank, cache_dir, factors))
                 print(f"{variant} rep {rep}: {runs[-1]}", file=sys.stderr, flush=True)
             rows[variant] = {
@@ -167,10 +182,13 @@ def main() -> None:
             }
         exact = exact_spectra(args.rank)
         for variant in VARIANTS:
-            if variant != "lora":
+            if variant not in NO_FACTORS:
                 rows[variant]["subspace_error"], rows[variant]["energy_shortfall"] = subspace_errors(
                     os.path.join(work, f"{variant}.safetensors"), args.rank, exact
                 )
+    exact_ratio = rows["ours_exact"]["seconds"] / rows["peft_pissa"]["seconds"]
+    effort_ratio = rows["effort"]["seconds"] / rows["effort_lapack"]["seconds"]
+    cached_ratio = rows["ours_cached"]["seconds"] / rows["lora"]["seconds"]
     time_ref = rows["peft_pissa_niter_4"]["seconds"]
     mem_ref = rows["lora"]["peak_mib"]
     print(f"\nSmolLM2-135M fp32, all-linear (210 layers), r={args.rank}, median of {args.reps} fresh processes\n")
@@ -186,6 +204,9 @@ def main() -> None:
             f"| {label} | {row['seconds']:.2f} | {row['seconds'] / time_ref:.2f}x | {row['peak_mib']:.0f} | "
             f"{row['peak_mib'] / mem_ref:.3f}x | {err} | {short} |"
         )
+    print(f"\nours exact / PEFT pissa (exact): {exact_ratio:.2f}x")
+    print(f"Effort init / Effort with LAPACK's SVD: {effort_ratio:.2f}x")
+    print(f"cache hit / plain LoRA init: {cached_ratio:.2f}x")
 
 
 if __name__ == "__main__":
