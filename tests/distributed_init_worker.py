@@ -21,6 +21,7 @@ the files with a one-process init.
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -172,7 +173,10 @@ for method in methods:
     if method.endswith("_opted_out"):
         os.environ[distributed.ENV_VAR] = "0"
     try:
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = get_peft_model(model, config)
+        prepared["warnings"] = [str(w.message) for w in caught if "sharded by FSDP2" in str(w.message)]
     except ValueError as error:
         untouched = not any(hasattr(m, "base_layer") for m in model.modules())
         with open(os.path.join(out, f"{method}_rank{rank}.json"), "w") as handle:

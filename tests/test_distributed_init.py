@@ -131,6 +131,8 @@ def test_fsdp2_sharded_weights_are_gathered_one_at_a_time(tmp_path):
     methods = ["pissa", "effort"]
     run_two_ranks("distributed_init_worker.py", "dtensor", str(tmp_path), *methods)
     assert all(record["sharded"] for record in results(tmp_path, methods).values())
+    # sharded before the adapter existed: the adapter is not under FSDP, which get_peft_model says on every rank
+    assert all("shard after get_peft_model" in record["warnings"][0] for record in results(tmp_path, methods).values())
     check_shares(tmp_path, methods, "dtensor")
     for method in methods:
         check_equal_to_one_process(tmp_path, method)

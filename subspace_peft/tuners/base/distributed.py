@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -148,6 +149,14 @@ def _computed(bases, outputs, compute, method: str, tag: str, whole_only=None, c
     layout = _agree(_plan_digest(shapes, outputs, tag, method), local, method, device)
     if whole_only and layout != "whole":
         raise ValueError(f"the base weights are {_describe(layout)}, but {whole_only}")
+    if layout == "dtensor":
+        warnings.warn(
+            f"{method}: the base model was sharded by FSDP2 before get_peft_model; the adapter's new parameters are "
+            "not managed by that fully_shard, so nothing averages their gradients across ranks and the ranks' "
+            "adapters drift apart in training. Fix: build the adapter first and shard after get_peft_model (what "
+            "accelerate does)",
+            stacklevel=2,
+        )
     owners = _assign(shapes, size)
     mine = owners[rank]
     record = InitRecord(rank, size, layout, owned=list(mine))
