@@ -205,17 +205,27 @@ def test_bf16_checkpoint_dtypes(checkpoints, tmp_path):
     assert {str(t.dtype) for k, t in tensors.items() if ".pissa_A0." in k} == {"torch.bfloat16"}
 
 
-def test_qpissa(checkpoints, tmp_path):
+@pytest.mark.parametrize("iters", [1, 3])
+def test_qpissa(checkpoints, tmp_path, iters):
     """QPiSSA's adapter is PiSSA's factors of the full-precision weight (the residual is quantised from them on
-    load), so it initialises per tensor too; loading it quantises the base as get_peft_model does."""
+    load), so it initialises per tensor too; loading it quantises the base as get_peft_model does. With
+    residual_quant_iters the alternation runs per layer there as well and only changes the saved factors."""
     pytest.importorskip("bitsandbytes")
     path = str(tmp_path / "llama64")  # bitsandbytes' 4-bit blocks need 64 input features
     tiny_llama(hidden=64).save_pretrained(path)
-    make = lambda: PiSSAConfig(r=4, target_modules=["q_proj", "up_proj"], residual_quantization="nf4")  # noqa: E731
+    make = lambda: PiSSAConfig(  # noqa: E731
+        r=4, target_modules=["q_proj", "up_proj"], residual_quantization="nf4", residual_quant_iters=iters
+    )
     ours, reference = str(tmp_path / "ours"), str(tmp_path / "reference")
     init_adapter(path, make(), ours, progress=False)
     reference_adapter(path, make(), reference)
     assert_same_adapter(ours, reference)
+    if iters > 1:  # the iterations ran: the saved factors are not plain QPiSSA's
+        plain = str(tmp_path / "plain")
+        init_adapter(path, PiSSAConfig(**{**make().to_dict(), "residual_quant_iters": 1}), plain, progress=False)
+        factors = [load_file(os.path.join(folder, "adapter_model.safetensors")) for folder in (ours, plain)]
+        moved = [key for key in factors[1] if ".pissa_A." in key and not torch.equal(factors[0][key], factors[1][key])]
+        assert len(moved) == 4  # 2 layers x (q_proj, up_proj)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     logits = {}
     for name, folder in (("ours", ours), ("reference", reference)):

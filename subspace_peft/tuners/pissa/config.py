@@ -8,6 +8,8 @@ from peft.utils.peft_types import PeftType
 from ...checks import integer, number
 from ..base.config import SVDInitConfig
 
+MAX_QUANT_ITERS = 32  # each iteration is one SVD and one quantisation per layer; LoftQ's papers use 1-5
+
 
 @dataclass
 class PiSSAConfig(SVDInitConfig):
@@ -35,6 +37,9 @@ class PiSSAConfig(SVDInitConfig):
         residual_quant_storage: the dtype nf4/fp4 residuals are stored in: ``None`` (uint8, bitsandbytes' default) or
             ``"float32"``, ``"bfloat16"``, ``"float16"``. FSDP over a QPiSSA model needs the dtype FSDP shards the
             other parameters in (the same as ``BitsAndBytesConfig(bnb_4bit_quant_storage=...)`` for QLoRA).
+        residual_quant_iters: QPiSSA only: how many times the init alternates between the rank-r SVD of
+            ``W - Q`` and the quantisation ``Q = Q(W - s B A)`` (LoftQ's Algorithm 1 started from PiSSA's factors),
+            1 to 32. 1 (the default) is plain QPiSSA. Only the saved factors change: reload runs no iteration.
     """
 
     r: int = field(
@@ -102,6 +107,17 @@ class PiSSAConfig(SVDInitConfig):
         },
     )
 
+    residual_quant_iters: int = field(
+        default=1,
+        metadata={
+            "help": (
+                f"QPiSSA only: alternations (1-{MAX_QUANT_ITERS}) between the rank-r SVD of W - Q and Q = quant(W - "
+                "s B A), as LoftQ does; 1 is plain QPiSSA, 5 lowers the quantisation error further. Reload does not "
+                "iterate."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.PISSA
@@ -122,6 +138,20 @@ class PiSSAConfig(SVDInitConfig):
                 "or drop residual_quant_storage"
             )
         where = "PiSSAConfig"
+        integer(
+            where,
+            "residual_quant_iters",
+            self.residual_quant_iters,
+            "1 is plain QPiSSA, 5 is LoftQ's usual choice",
+            low=1,
+            high=MAX_QUANT_ITERS,
+        )
+        if self.residual_quant_iters > 1 and not self.residual_quantization:
+            raise ValueError(
+                f"{where}: residual_quant_iters={self.residual_quant_iters} applies to QPiSSA only (it alternates SVD "
+                "and quantisation of the residual): set residual_quantization='nf4', 'fp4' or 'int8', or leave "
+                "residual_quant_iters at 1"
+            )
         integer(where, "r", self.r, "pass the adapter rank, e.g. r=16", low=1)
         alpha_fix = "the scale is lora_alpha / r; PiSSA's default is lora_alpha = r (scale 1)"
         number(where, "lora_alpha", self.lora_alpha, alpha_fix, low=0, low_open=True)

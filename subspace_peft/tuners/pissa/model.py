@@ -13,6 +13,7 @@ from ..base import LayerPlan, SVDTuner, Target, pattern_value
 from .bnb import require_bitsandbytes
 from .config import PiSSAConfig
 from .layer import PiSSALayer
+from .quant_iters import alternating_factors
 
 
 def pissa_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float):
@@ -85,6 +86,24 @@ class PiSSAModel(SVDTuner):
     def _factors_from_svd(self, u, s, vh, plan: LayerPlan):
         return pissa_factors(u, s, vh, scaling=plan.scale)
 
+    def _initial_factors(self, plans: dict, config: PiSSAConfig) -> dict:
+        factors = super()._initial_factors(plans, config)
+        if config.residual_quantization and config.residual_quant_iters > 1:
+            # QPiSSA with LoftQ-style alternation (quant_iters.py): the iterations only choose the factors
+            settings = config.svd_settings()
+            for key in list(factors):
+                plan = plans[key]
+                factors[key] = alternating_factors(
+                    plan.target.base,
+                    factors[key],
+                    plan.scale,
+                    config.residual_quantization,
+                    config.residual_quant_iters,
+                    settings,
+                    config.residual_quant_storage,
+                )
+        return factors
+
     def _finish_layer(self, layer: PiSSALayer, adapter_name: str, config: PiSSAConfig) -> None:
         if config.residual_quantization:
             layer.quantize_residual_into_base(adapter_name, config.residual_quantization, config.residual_quant_storage)
@@ -130,6 +149,7 @@ class PiSSAModel(SVDTuner):
             modules_to_save=None,
             residual_quantization=None,
             residual_quant_storage=None,
+            residual_quant_iters=1,
         )
 
         def fill(key, layer):
