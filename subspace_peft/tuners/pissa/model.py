@@ -89,9 +89,13 @@ class PiSSAModel(SVDTuner):
     def _initial_factors(self, plans: dict, config: PiSSAConfig) -> dict:
         factors = super()._initial_factors(plans, config)
         if config.residual_quantization and config.residual_quant_iters > 1:
+            from tqdm.auto import tqdm
+
             # QPiSSA with LoftQ-style alternation (quant_iters.py): the iterations only choose the factors
             settings = config.svd_settings()
-            for key in list(factors):
+            # (every rank of a split init runs this on every layer from the same broadcast factors: no collective)
+            keys = list(factors)
+            for key in tqdm(keys, desc="QPiSSA iterations", disable=len(keys) < 8, leave=False):
                 plan = plans[key]
                 factors[key] = alternating_factors(
                     plan.target.base,
