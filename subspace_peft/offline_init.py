@@ -232,7 +232,14 @@ def _checkpoint_index(folder: str) -> dict[str, str]:
             weight_map = json.load(handle).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map: save the model again with save_pretrained")
-        files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        files = {name: os.path.normpath(os.path.join(folder, str(file))) for name, file in weight_map.items()}
+        root = os.path.normpath(folder)
+        outside = sorted({path for path in files.values() if os.path.dirname(path) != root})
+        if outside:  # an index is data from the checkpoint's author: it names files in its own folder, nothing else
+            raise ValueError(
+                f"{SAFE_INDEX} points outside '{folder}' ({outside[0]}): the index must name shard files in the model "
+                "folder; re-download the checkpoint or fix its index"
+            )
         missing = sorted({path for path in files.values() if not os.path.isfile(path)})
         if missing:
             raise ValueError(

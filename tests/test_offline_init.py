@@ -391,3 +391,17 @@ def test_console_script(checkpoints, tmp_path):
 
 def test_exported_from_the_package():
     assert subspace_peft.init_adapter is init_adapter and "init_adapter" in subspace_peft.__all__
+
+
+def test_an_index_pointing_outside_the_model_folder_is_refused(checkpoints, tmp_path):
+    folder = tmp_path / "escaping"
+    shutil.copytree(checkpoints["llama_sharded"], folder)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    shutil.copy(folder / data["weight_map"][name], tmp_path / "elsewhere.safetensors")
+    data["weight_map"][name] = "../elsewhere.safetensors"  # the index is the checkpoint author's data
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="points outside"):
+        init_adapter(str(folder), CONFIGS["pissa"](), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
