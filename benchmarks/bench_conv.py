@@ -90,10 +90,9 @@ def run(method: str, steps: int, rank: int) -> dict:
     import warnings
 
     import torch
-    from bench_init import _vm_hwm_kib
     from peft import get_peft_model
 
-    from harness import reset_peak_rss, timed_steps
+    from harness import peak_rss_kib, reset_peak_rss, timed_steps
 
     base = mobilenet_like()
     with warnings.catch_warnings():
@@ -113,7 +112,7 @@ def run(method: str, steps: int, rank: int) -> dict:
     step_s = timed_steps(step, steps)
     return {
         "step_s": step_s,
-        "peak_mib": _vm_hwm_kib() / 1024,
+        "peak_mib": peak_rss_kib() / 1024,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 

@@ -42,14 +42,6 @@ VARIANTS = {
 NO_FACTORS = ("lora", "effort", "effort_lapack")
 
 
-def _vm_hwm_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("VmHWM not found: this benchmark needs Linux")
-
-
 def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -58,6 +50,7 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
 
     import subspace_peft
 
+    from harness import peak_rss_kib, reset_peak_rss
     from models import smollm2_path
 
     if variant.endswith("_lapack"):  # the exact SVD as it was computed before the Gram route (linalg/gram.py)
@@ -81,13 +74,12 @@ def run_variant(variant: str, rank: int, cache_dir: str, factors_out: str | None
         config = subspace_peft.PiSSAConfig(
             r=rank, lora_alpha=rank, target_modules="all-linear", init=init, svd_cache=cache
         )
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset VmHWM to the current RSS
-    rss_before = _vm_hwm_kib()
+    reset_peak_rss()
+    rss_before = peak_rss_kib()
     start = time.perf_counter()
     peft_model = get_peft_model(model, config)
     seconds = time.perf_counter() - start
-    peak = _vm_hwm_kib()
+    peak = peak_rss_kib()
     if factors_out:
         b_factors = {}
         for name, module in peft_model.named_modules():

@@ -49,9 +49,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_streaming_init import SHAPE, _vm_kib, write_models  # noqa: E402
+from bench_streaming_init import SHAPE, write_models  # noqa: E402
 
-from harness import markdown_table, reset_peak_rss  # noqa: E402
+from harness import markdown_table, peak_rss_kib, reset_peak_rss  # noqa: E402
 
 VARIANTS = {
     "lora": ("plain LoRA (peft)", "adapter"),
@@ -123,12 +123,12 @@ def run_variant(variant: str, folder: str, rank: int, cache_dir: str, out: str) 
     common = dict(r=rank, lora_alpha=rank, target_modules="all-linear")
     if variant == "ours_streaming":
         reset_peak_rss()
-        before = _vm_kib("VmHWM")
+        before = peak_rss_kib()
         start = time.perf_counter()
         subspace_peft.init_adapter(folder, subspace_peft.PiSSAConfig(**common, init="svd"), out, device="cpu",
                                    progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "peak_mib": (_vm_kib("VmHWM") - before) / 1024}
+        return {"seconds": seconds, "peak_mib": (peak_rss_kib() - before) / 1024}
     if variant.startswith("ours"):
         init = "randomized" if variant == "ours_randomized" else "svd"
         cache = cache_dir if variant == "ours_cached" else None
@@ -142,11 +142,11 @@ def run_variant(variant: str, folder: str, rank: int, cache_dir: str, out: str) 
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gc.collect()  # the collection loading leaves pending would otherwise land in the timed call
     reset_peak_rss()
-    before = _vm_kib("VmHWM")
+    before = peak_rss_kib()
     start = time.perf_counter()
     get_peft_model(model, config)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": (_vm_kib("VmHWM") - before) / 1024, "model_mib": model_bytes / 2**20}
+    return {"seconds": seconds, "peak_mib": (peak_rss_kib() - before) / 1024, "model_mib": model_bytes / 2**20}
 
 
 def spawn(variant: str, folder: str, rank: int, cache_dir: str, out: str, timeout: float) -> dict:

@@ -79,10 +79,9 @@ def run(
     import time
 
     import torch
-    from bench_init import _vm_hwm_kib
     from peft import get_peft_model
 
-    from harness import reset_peak_rss, timed_steps
+    from harness import peak_rss_kib, reset_peak_rss, timed_steps
 
     torch.manual_seed(0)
     base, loss_of = load_model_and_batch(model_name)
@@ -96,7 +95,7 @@ def run(
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     reset_peak_rss()
-    start_mib = _vm_hwm_kib() / 1024
+    start_mib = peak_rss_kib() / 1024
 
     def step():
         loss_of(model).backward()
@@ -107,7 +106,7 @@ def run(
     return {
         "init_s": init_s,
         "step_s": step_s,
-        "peak_mib": _vm_hwm_kib() / 1024,
+        "peak_mib": peak_rss_kib() / 1024,
         "start_mib": start_mib,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "adapter_mib": adapter_bytes / 2**20,

@@ -32,17 +32,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from harness import markdown_table, reset_peak_rss  # noqa: E402
+from harness import markdown_table, peak_rss_kib, reset_peak_rss  # noqa: E402
 
 SHAPE = {"intermediate": 5632, "heads": 16, "kv_heads": 4, "vocab": 8192}
-
-
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found: this benchmark needs Linux")
 
 
 def _llama_config(layers: int, hidden: int):
@@ -133,7 +125,7 @@ def run_variant(variant: str, folder: str, rank: int, out: str) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     reset_peak_rss()
-    rss_before = _vm_kib("VmHWM")
+    rss_before = peak_rss_kib()
     start = time.perf_counter()
     if variant == "ours":
         config = subspace_peft.PiSSAConfig(
@@ -145,7 +137,7 @@ def run_variant(variant: str, folder: str, rank: int, out: str) -> dict:
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights="pissa_niter_4")
         get_peft_model(model, config).save_pretrained(out)
     seconds = time.perf_counter() - start
-    peak = _vm_kib("VmHWM")
+    peak = peak_rss_kib()
     adapter = os.path.join(out, "adapter_model.safetensors")
     return {
         "seconds": seconds,

@@ -17,6 +17,15 @@ def reset_peak_rss() -> None:
         clear.write("5")
 
 
+def peak_rss_kib() -> int:
+    """VmHWM, the process's peak RSS in KiB since it started or since :func:`reset_peak_rss` (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmHWM not found: this benchmark needs Linux")
+
+
 def timed_steps(step: Callable[[], None], steps: int, warmup: int = 2) -> float:
     """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
     times = []
