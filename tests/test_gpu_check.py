@@ -43,3 +43,22 @@ def test_without_cuda_the_run_exits_2(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_dry_run_with_a_gguf_copy_finds_the_stand_in_package(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the stand-in's folder is put first on sys.path
+    monkeypatch.setenv("GPU_CHECK_SMOLLM2_GGUF", "unset")  # restored afterwards (main sets it from --gguf)
+    gguf = tmp_path / "SmolLM2.gguf"
+    gguf.write_bytes(b"GGUF")
+    gpu_check = _gpu_check()
+    assert gpu_check.main(["--dry-run", "--gguf", str(gguf)]) == 0
+    assert json.loads(capsys.readouterr().out)["gguf"] == str(gguf)
+    monkeypatch.setenv("GPU_CHECK_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    try:
+        gpu_check.main(["--dry-run"])
+    except FileNotFoundError as error:
+        assert "missing.gguf" in str(error)
+    else:
+        raise AssertionError("a missing GGUF file passed the dry run")
