@@ -334,6 +334,7 @@ def training_arguments(recipe: FinetuneRecipe):
     if recipe.trainer == "trl":
         values.update(TRL_DEFAULTS, max_length=recipe.max_length)
     values.update(recipe.training)
+    values.update(_deepspeed_mixed_precision(recipe))
     values.setdefault("eval_steps", values["save_steps"])
     hints = typing.get_type_hints(arguments_class)
     for key, value in list(values.items()):  # PyYAML reads 1e-4 (no dot) as a string
@@ -362,6 +363,25 @@ def training_arguments(recipe: FinetuneRecipe):
             f"training: {arguments_class.__name__} rejects it: {one_line(error)}; fix: correct the key it names",
             key=f"training.{named[0]}" if named else "training",
         ) from None
+
+
+def _deepspeed_mixed_precision(recipe: FinetuneRecipe) -> dict:
+    """Under ``accelerate launch`` with DeepSpeed, its config takes the launch's ``mixed_precision`` (bf16 in the
+    shipped deepspeed_zero3.yaml) and transformers refuses TrainingArguments that differ: ``{"bf16": True}`` (or
+    fp16) to match, unless the recipe's ``training`` says otherwise, which is refused here, before loading."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return {}
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("bf16", "fp16"):
+        return {}
+    if recipe.training.get(mixed) is False:
+        raise RecipeError(
+            f"training.{mixed} is false, but the accelerate config launches DeepSpeed with mixed_precision: {mixed}, "
+            f"which DeepSpeed's config takes; fix: remove training.{mixed}, or set mixed_precision: no in the "
+            "accelerate config",
+            key=f"training.{mixed}",
+        )
+    return {mixed: True}
 
 
 def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
@@ -591,9 +611,18 @@ def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) 
     return {"eval_loss": total / count, "exact_match": hits / len(examples)}
 
 
-def evaluate(model, eval_set, tokenizer, when: str) -> dict:
-    """:func:`answer_metrics` of the held-out set, printed as ``<when>: {...}``."""
-    metrics = answer_metrics(model, eval_set, collate(tokenizer))
+def evaluate(model, eval_set, tokenizer, when: str, gather_partitioned: bool = False) -> dict:
+    """:func:`answer_metrics` of the held-out set, printed as ``<when>: {...}``. ``gather_partitioned``: the model is
+    outside DeepSpeed's engine (before training), so ZeRO-3 partitioned parameters are gathered for the evaluation
+    (on every rank, as the gathering is collective); inside the engine its hooks gather them layer by layer."""
+    partitioned = [param for param in model.parameters() if hasattr(param, "ds_id")] if gather_partitioned else []
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            metrics = answer_metrics(model, eval_set, collate(tokenizer))
+    else:
+        metrics = answer_metrics(model, eval_set, collate(tokenizer))
     print(f"{when}: {json.dumps(metrics)}")
     return metrics
 
@@ -663,7 +692,7 @@ def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
     trainer = make_trainer(recipe, model, tokenizer, args, train_set, eval_set)
     # Not trainer.evaluate() before trainer.train(): accelerate then marks the model as prepared for evaluation and a
     # distributed run trains without DDP's gradient all-reduce (transformers 5.x, measured).
-    before = evaluate(model, eval_set, tokenizer, "before")
+    before = evaluate(model, eval_set, tokenizer, "before", gather_partitioned=True)
     train(trainer, resume_from)
     after = evaluate(model, eval_set, tokenizer, "after")
     metrics = {

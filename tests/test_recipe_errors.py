@@ -501,3 +501,21 @@ def test_max_steps_minus_one_means_epochs_as_in_transformers(tmp_path):
     assert arguments.max_steps == -1 and arguments.num_train_epochs == 2
     with pytest.raises(RecipeError, match=r"training.max_steps must be an integer >= 1.*-1 trains for num_train"):
         finetune.training_arguments(finetune.FinetuneRecipe(output_dir=str(tmp_path / "o"), training={"max_steps": -2}))
+
+
+@pytest.mark.parametrize("trainer", ["transformers", "trl"])
+def test_deepspeed_launch_mixed_precision_reaches_the_training_arguments(tmp_path, monkeypatch, trainer):
+    # accelerate launch with deepspeed_zero3.yaml (mixed_precision: bf16) puts bf16 into DeepSpeed's config, and
+    # transformers refused TrainingArguments with bf16 false ("ds bf16.enabled=True vs hf bf16=False"; seen on a GPU).
+    # bf16 TrainingArguments cannot be built on this CPU-only machine, so the values the recipe adds are checked.
+    recipe = finetune.FinetuneRecipe(output_dir=str(tmp_path / "out"), trainer=trainer)
+    assert finetune._deepspeed_mixed_precision(recipe) == {}  # no launch: the recipe's own default (bf16 off)
+    assert finetune.training_arguments(recipe).bf16 is False
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert finetune._deepspeed_mixed_precision(recipe) == {"bf16": True}
+    refused = finetune.FinetuneRecipe(output_dir=str(tmp_path / "o"), trainer=trainer, training={"bf16": False})
+    with pytest.raises(RecipeError, match=r"training.bf16 is false.*mixed_precision: bf16.*fix: remove training.bf16"):
+        finetune.training_arguments(refused)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert finetune.training_arguments(refused).bf16 is False

@@ -127,13 +127,17 @@ def _computed(bases, outputs, compute, method: str, tag: str, whole_only=None, c
     layouts = {weight_layout(base.weight) for base in bases.values()}
     local = layouts.pop() if len(layouts) == 1 else "mixed"
     size = world_size()
-    if size == 1 or not collective or opted_out():
+    running = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # a one-process job (accelerate launch --num_processes 1 with ZeRO-3 or FSDP2) still has partitioned weights to
+    # gather: the split path does that, with this rank owning every layer
+    partitioned_alone = size == 1 and running and local in ("zero3", "dtensor")
+    if (size == 1 and not partitioned_alone) or not collective or opted_out():
         if local in ("zero3", "dtensor", "mixed"):
             why = (
                 f"{ENV_VAR}=0 turned the split init off"
-                if size > 1 and opted_out()
+                if running and opted_out()
                 else "no torch.distributed process group is running"
-                if size == 1
+                if not running
                 else "this init runs on one rank alone"
             )
             raise ValueError(
