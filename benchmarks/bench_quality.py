@@ -11,20 +11,24 @@ tokens (so a CPU run stays short), and the answer is one integer, so exact match
 
 Every run: SmolLM2-135M-Instruct in fp32, all linear layers adapted (r=16; SVFit its top 16 singular values, Effort
 16 minor components, so LoRA, PiSSA, FLoRA and Effort train about the same number of parameters), AdamW at a
-constant learning rate, batch 8, ``--steps`` steps, the same batches in the same order. The learning rate of each
-method is the one with the lowest validation loss among its grid (LRS); its adapter is then evaluated on the test
+constant learning rate, batch 8, ``--steps`` steps, the same batches in the same order. Each method (QLoRA and QPiSSA
+too) sweeps its grid (LRS, on the 1-3-10 ladder) and widens it one rate at a time, up to MAX_WIDENINGS times, while
+the lowest validation loss sits at an end, so a reported rate has a worse one on each side (the table says where
+the widening stopped first). The best rate's adapter is then evaluated on the test
 words (loss per answer token and exact match of the greedy answer) and on pretraining-like text (loss per token on
 128-token chunks of Python standard-library source, code and docstrings like the corpora SmolLM2 was trained on):
-the rise of that loss over the base model's is the forgetting. QLoRA (nf4 base) and QPiSSA (nf4 residual) train at
-the best learning rate of LoRA and PiSSA; their quantisation error (nuclear norm of W minus what the model computes
-with, summed over layers, at init) is measured on the same layers. Writes quality.md, quality.json and
-loss_curves.png to ``--out``.
+the rise of that loss over the base model's is the forgetting. QLoRA has an nf4 base, QPiSSA an nf4 residual with
+QPISSA_ITERS alternations of quantisation and SVD at init; their quantisation error (nuclear norm of W minus what
+the model computes with, summed over layers, at init; QPiSSA with 1 and with QPISSA_ITERS iterations) is measured on
+the same layers. Effort's weighted regulariser is reported as a share of the loss over training. Writes quality.md,
+quality.json and loss_curves.png to ``--out``; ``python benchmarks/claims.py`` reads quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -40,16 +44,20 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 RANK = 16
-# Every adapter method's best rate sat at the top of these grids; one step higher was then checked alone (validation
-# loss in benchmarks/README.md).
+# Each method's starting grid, on the 1-3-10 ladder; the sweep widens it (up to MAX_WIDENINGS steps) while the best
+# rate sits at an end, so every reported rate has a worse one on each side.
 LRS = {
     "full": [1e-5, 3e-5, 1e-4],
-    "lora": [1e-4, 3e-4, 1e-3],
-    "pissa": [3e-5, 1e-4, 3e-4],
-    "svfit": [1e-3, 3e-3, 1e-2],
-    "flora": [1e-4, 3e-4, 1e-3],
-    "effort": [1e-4, 3e-4, 1e-3],
+    "lora": [3e-4, 1e-3, 3e-3],
+    "pissa": [1e-4, 3e-4, 1e-3],
+    "svfit": [3e-4, 1e-3, 3e-3],
+    "flora": [3e-4, 1e-3, 3e-3],
+    "effort": [3e-4, 1e-3, 3e-3],
+    "qlora": [3e-4, 1e-3, 3e-3],
+    "qpissa": [1e-4, 3e-4, 1e-3],
 }
+MAX_WIDENINGS = 3
+QPISSA_ITERS = 5  # QPiSSA alternates quantisation and SVD 5 times at init (LoftQ's usual choice)
 LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (peft)",
@@ -58,7 +66,7 @@ LABELS = {
     "flora": "FLoRA",
     "effort": "Effort",
     "qlora": "QLoRA (peft, nf4 base)",
-    "qpissa": "QPiSSA (nf4 residual)",
+    "qpissa": f"QPiSSA (nf4 residual, {QPISSA_ITERS} iterations)",
 }
 BATCH = 8
 PRETRAIN_MODULES = ["json.decoder", "argparse", "textwrap", "functools", "pathlib", "csv", "statistics", "shutil"]
@@ -98,9 +106,10 @@ def method_recipe(method: str):
         "flora": {"r": RANK, "target_modules": "all-linear"},
         "effort": {"residual_rank": RANK, "target_modules": "all-linear"},
     }
-    return FinetuneRecipe(
-        method=base if base != "full" else "lora", method_config=configs.get(base, {}), quantization=quantization
-    )
+    config = dict(configs.get(base, {}))
+    if method == "qpissa":
+        config["residual_quant_iters"] = QPISSA_ITERS
+    return FinetuneRecipe(method=base if base != "full" else "lora", method_config=config, quantization=quantization)
 
 
 def build(method: str):
@@ -190,31 +199,102 @@ def evaluate(method: str, run_dir: str | None) -> dict:
 
 def quantisation_errors() -> dict:
     """Nuclear-norm error of QLoRA (W - deq(Q(W))) and QPiSSA (W - deq(Q(W - BA)) - BA) at init, summed over the
-    all-linear layers of SmolLM2 at r=16, nf4."""
+    all-linear layers of SmolLM2 at r=16, nf4: plain QPiSSA (1 iteration) and with QPISSA_ITERS alternations."""
     import torch
     from safetensors.torch import load_file
     from torch import nn
 
     from subspace_peft.linalg import truncated_svd
+    from subspace_peft.linalg.settings import SVDSettings
     from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
+    from subspace_peft.tuners.pissa.quant_iters import alternating_factors
 
     from models import smollm2_path
 
     weights = load_file(os.path.join(smollm2_path(), "model.safetensors"))
-    qlora = qpissa = 0.0
+    errors = {"qlora": 0.0, "qpissa": 0.0, "qpissa_iters": 0.0}
+
+    def nuclear_error(plain, weight, b, a) -> float:
+        principal = b @ a
+        residual = dequantized_weight(quantize_residual(plain, weight - principal, "nf4"))
+        return torch.linalg.matrix_norm(weight - residual - principal, ord="nuc").item()
+
     for key, weight in weights.items():
         if weight.ndim != 2 or "embed" in key:
             continue
         weight = weight.float()
         plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        qlora += torch.linalg.matrix_norm(
-            weight - dequantized_weight(quantize_residual(plain, weight, "nf4")), ord="nuc"
-        ).item()
+        plain.weight.data.copy_(weight)
+        errors["qlora"] += nuclear_error(
+            plain, weight, torch.zeros(weight.shape[0], 1), torch.zeros(1, weight.shape[1])
+        )
         u, s, vh = truncated_svd(weight, RANK)
-        principal = (u * s) @ vh
-        residual = dequantized_weight(quantize_residual(plain, weight - principal, "nf4"))
-        qpissa += torch.linalg.matrix_norm(weight - residual - principal, ord="nuc").item()
-    return {"qlora": qlora, "qpissa": qpissa, "ratio": qpissa / qlora}
+        a, b = s.sqrt()[:, None] * vh, u * s.sqrt()  # PiSSA's factors at scale 1: B A = U_r S_r V_r^T
+        errors["qpissa"] += nuclear_error(plain, weight, b, a)
+        a, b = alternating_factors(plain, (a, b), 1.0, "nf4", QPISSA_ITERS, SVDSettings(method="exact"))
+        errors["qpissa_iters"] += nuclear_error(plain, weight, b.float(), a.float())
+    return {
+        **errors,
+        "ratio": errors["qpissa"] / errors["qlora"],
+        "ratio_iters": errors["qpissa_iters"] / errors["qlora"],
+    }
+
+
+def ladder_neighbour(lr: float, up: bool) -> float:
+    """The next rate up or down the 1-3-10 ladder (1e-4, 3e-4, 1e-3, ...)."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    factor = (3 if mantissa < 2 else 10 / 3) if up else (3 if mantissa > 2 else 10 / 3)
+    return float(f"{lr * factor if up else lr / factor:.1g}")
+
+
+def validation_key(run: dict) -> float:
+    loss = run["validation_loss"]
+    return loss if math.isfinite(loss) else math.inf  # a diverged run is the worst
+
+
+def sweep_rates(method: str, steps: int, runs_root: str) -> list[dict]:
+    """Train ``method`` at each rate of its grid, widening the grid by one ladder step (at most MAX_WIDENINGS times)
+    while the best validation loss sits at an end; the runs sorted by rate, each marked ``interior`` or not."""
+    rates, runs = list(LRS[method]), {}
+    for _ in range(MAX_WIDENINGS + 1):
+        for lr in rates:
+            if lr not in runs:
+                run_dir = os.path.join(runs_root, f"{method}-{lr:g}")
+                runs[lr] = child_call(["--train", method, str(lr), "--steps", str(steps), "--run-dir", run_dir])
+                runs[lr]["run_dir"] = run_dir
+                print(
+                    f"{method} lr {lr:g}: validation loss {runs[lr]['validation_loss']:.4f} "
+                    f"({runs[lr]['train_seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        ordered = sorted(runs)
+        best_lr = min(ordered, key=lambda lr: validation_key(runs[lr]))
+        if best_lr == ordered[0]:
+            rates = [ladder_neighbour(best_lr, up=False), *ordered]
+        elif best_lr == ordered[-1]:
+            rates = [*ordered, ladder_neighbour(best_lr, up=True)]
+        else:
+            break
+    best_lr = min(runs, key=lambda lr: validation_key(runs[lr]))
+    for lr, run in runs.items():
+        run["interior"] = min(runs) < best_lr < max(runs) if lr == best_lr else None
+    return [runs[lr] for lr in sorted(runs)]
+
+
+def regulariser_share(run: dict) -> dict:
+    """Effort's weighted regulariser as a share of the loss (task + regulariser), over the first, middle and last
+    10 steps, and its largest single-step share."""
+    shares = [
+        reg / (task + reg) if task + reg > 0 else 0.0 for task, reg in zip(run["train_losses"], run["regulariser"])
+    ]
+    middle = len(shares) // 2
+    return {
+        "first": statistics.mean(shares[:10]),
+        "middle": statistics.mean(shares[max(0, middle - 5) : middle + 5]),
+        "last": statistics.mean(shares[-10:]),
+        "max": max(shares),
+    }
 
 
 def child_call(args: list[str]) -> dict:
@@ -276,30 +356,11 @@ def main() -> None:
     sweep: dict[str, list[dict]] = {}
     best: dict[str, dict] = {}
     for method in args.methods:
-        for lr in LRS[method]:
-            run_dir = os.path.join(runs_root, f"{method}-{lr:g}")
-            result = child_call(["--train", method, str(lr), "--steps", str(args.steps), "--run-dir", run_dir])
-            result["run_dir"] = run_dir
-            sweep.setdefault(method, []).append(result)
-            print(
-                f"{method} lr {lr:g}: validation loss {result['validation_loss']:.4f} "
-                f"({result['train_seconds']:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-        best[method] = min(sweep[method], key=lambda r: r["validation_loss"])
+        sweep[method] = sweep_rates(method, args.steps, runs_root)
+        best[method] = min(sweep[method], key=validation_key)
         for run in sweep[method]:
             if run is not best[method]:
                 shutil.rmtree(run["run_dir"], ignore_errors=True)
-    for quantised, full_precision in (("qlora", "lora"), ("qpissa", "pissa")):
-        if full_precision in best:
-            lr = best[full_precision]["lr"]
-            run_dir = os.path.join(runs_root, f"{quantised}-{lr:g}")
-            best[quantised] = child_call(
-                ["--train", quantised, str(lr), "--steps", str(args.steps), "--run-dir", run_dir]
-            )
-            best[quantised]["run_dir"] = run_dir
-            print(f"{quantised} lr {lr:g}: validation loss {best[quantised]['validation_loss']:.4f}", file=sys.stderr)
     base = child_call(["--evaluate", "lora"])
     for method, run in best.items():
         run.update(child_call(["--evaluate", method, run["run_dir"]]))
@@ -308,9 +369,19 @@ def main() -> None:
 
     plot_curves(best, os.path.join(args.out, "loss_curves.png"))
     sweep_table = markdown_table(
-        ["method", *[f"lr {i + 1}" for i in range(3)]],
+        ["method", "best lr", "worse rate on both sides", "validation loss / exact match per rate (best in bold)"],
         [
-            [LABELS[m], *[f"{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}" for r in runs]]
+            [
+                LABELS[m],
+                f"{best[m]['lr']:g}",
+                "yes" if best[m]["interior"] else "no (widening stopped)",
+                "; ".join(
+                    (f"**{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}**")
+                    if r is best[m]
+                    else f"{r['lr']:g}: {r['validation_loss']:.4f} / {r['validation_exact_match']:.2f}"
+                    for r in runs
+                ),
+            ]
             for m, runs in sweep.items()
         ],
     )
@@ -350,21 +421,28 @@ def main() -> None:
         result_rows,
     )
     quant_table = markdown_table(
-        ["", "QLoRA", "QPiSSA", "QPiSSA / QLoRA"],
+        ["", "QLoRA", "QPiSSA (1 iteration)", f"QPiSSA ({QPISSA_ITERS} iterations)"],
         [
             [
                 "nuclear-norm quantisation error at init (sum over layers)",
                 f"{errors['qlora']:.1f}",
-                f"{errors['qpissa']:.1f}",
-                f"{errors['ratio']:.3f}",
+                f"{errors['qpissa']:.1f} ({errors['ratio']:.3f}x)",
+                f"{errors['qpissa_iters']:.1f} ({errors['ratio_iters']:.3f}x)",
             ],
             [
-                "test loss after the same steps",
+                "test loss after the same steps, each at its best rate",
                 f"{best['qlora']['test_loss']:.4f}" if "qlora" in best else "-",
+                "-",
                 f"{best['qpissa']['test_loss']:.4f}" if "qpissa" in best else "-",
-                "",
             ],
         ],
+    )
+    shares = {m: regulariser_share(run) for m, run in best.items() if any(run["regulariser"])}
+    share_lines = "".join(
+        f"- {LABELS[m]}: the weighted regulariser was {share['first']:.1%} of the loss (task + regulariser) over the "
+        f"first 10 steps, {share['middle']:.1%} mid-run, {share['last']:.1%} over the last 10 (largest single "
+        f"step {share['max']:.1%}).\n"
+        for m, share in shares.items()
     )
     report = (
         f"SmolLM2-135M-Instruct, AFINN-165 word valence, {args.steps} steps of batch 8, all linear layers, "
@@ -374,11 +452,23 @@ def main() -> None:
         f"Each method at its best learning rate (400 test words; pretraining-like text: 32 chunks of 128 "
         f"tokens of Python standard-library source):\n\n{results_table}\n\n"
         f"QPiSSA against QLoRA (nf4, r={RANK}):\n\n{quant_table}\n"
+        + (f"\nRegulariser share at the best rate:\n\n{share_lines}" if share_lines else "")
     )
     with open(os.path.join(args.out, "quality.md"), "w") as handle:
         handle.write(report)
     with open(os.path.join(args.out, "quality.json"), "w") as handle:
-        json.dump({"sweep": sweep, "best": best, "base": base, "quantisation_errors": errors}, handle, indent=1)
+        json.dump(
+            {
+                "sweep": sweep,
+                "best": best,
+                "base": base,
+                "quantisation_errors": errors,
+                "regulariser_share": shares,
+                "steps": args.steps,
+            },
+            handle,
+            indent=1,
+        )
     print(report)
 
 

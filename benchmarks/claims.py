@@ -1,0 +1,137 @@
+"""The claims table: per method, what its paper claims, what the benchmarks here measured, and the command that
+measured it, read from the JSON files the benchmarks write into ``--results`` (run_all.py calls this at its end).
+
+    python benchmarks/claims.py [--results benchmarks/results]     # prints the table from the files already there
+
+A claim whose benchmark has not run yet (its JSON file is absent) gets "not measured" in its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+QUALITY = "python benchmarks/bench_quality.py"
+MERGE = "python benchmarks/bench_merge.py"
+QPISSA_ITERS = "python benchmarks/bench_qpissa_iters.py --model smollm2"
+
+
+def _load(results: str, name: str) -> Optional[dict]:
+    path = os.path.join(results, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _verdict(holds: bool) -> str:
+    return "holds" if holds else "does not hold"
+
+
+def _pissa(quality: dict) -> tuple[str, bool]:
+    lora, pissa = quality["best"]["lora"], quality["best"]["pissa"]
+    text = f"test loss {pissa['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} (same rank, each at its best rate)"
+    return text, pissa["test_loss"] < lora["test_loss"]
+
+
+def _svfit(quality: dict) -> tuple[str, bool]:
+    lora, svfit = quality["best"]["lora"], quality["best"]["svfit"]
+    ratio = svfit["test_loss"] / lora["test_loss"]
+    share = svfit["trainable"] / lora["trainable"]
+    text = (
+        f"test loss {svfit['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} ({ratio:.2f}x) with "
+        f"{svfit['trainable']:,} trained numbers (1/{1 / share:.0f} of LoRA's)"
+    )
+    return text, ratio <= 1.05 and share <= 1 / 16
+
+
+def _flora(quality: dict) -> tuple[str, bool]:
+    lora, flora = quality["best"]["lora"], quality["best"]["flora"]
+    text = f"Linear layers: test loss {flora['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} at matched parameters"
+    return text, flora["test_loss"] <= lora["test_loss"] * 1.05
+
+
+def _effort(quality: dict) -> tuple[str, bool]:
+    base = quality["base"]["pretrain_loss"]
+    rises = {m: run["pretrain_loss"] - base for m, run in quality["best"].items() if m not in ("full",)}
+    share = quality.get("regulariser_share", {}).get("effort")
+    least = min(rises, key=rises.get)
+    text = f"forgetting +{rises['effort']:.3f} (LoRA +{rises['lora']:.3f}; least among adapters: {least})"
+    if share:
+        text += f"; regulariser {share['first']:.0%} -> {share['last']:.0%} of the loss"
+    return text, least == "effort"
+
+
+def _qpissa(quality: dict) -> tuple[str, bool]:
+    errors, best = quality["quantisation_errors"], quality["best"]
+    text = (
+        f"quantisation error {errors['ratio']:.2f}x QLoRA's (1 iteration), {errors['ratio_iters']:.2f}x "
+        f"(5 iterations); test loss {best['qpissa']['test_loss']:.3f} vs QLoRA {best['qlora']['test_loss']:.3f}"
+    )
+    return text, errors["ratio_iters"] <= 0.85 and best["qpissa"]["test_loss"] <= best["qlora"]["test_loss"]
+
+
+def _merge_row(method: str, rivals: tuple[str, ...]) -> Callable[[dict], tuple[str, bool]]:
+    def measure(merge: dict) -> tuple[str, bool]:
+        averages = {name: row["average"] for name, row in merge["methods"].items()}
+        text = f"average accuracy {averages[method]:.3f}; " + ", ".join(f"{r} {averages[r]:.3f}" for r in rivals)
+        return text, all(averages[method] > averages[r] for r in rivals)
+
+    return measure
+
+
+# (method, paper's claim, results file, how to read it, command)
+CLAIMS = (
+    ("PiSSA", "lower loss than LoRA at the same rank and steps", "quality.json", _pissa, QUALITY),
+    (
+        "QPiSSA",
+        "lower quantisation error than QLoRA (target <= 0.85x) and lower loss after the same steps",
+        "quality.json",
+        _qpissa,
+        QUALITY,
+    ),
+    ("SVFit", "LoRA's quality (within 5%) with >= 16x fewer trained parameters", "quality.json", _svfit, QUALITY),
+    ("FLoRA", "LoRA's quality at matched parameters (its gains are on convolutions)", "quality.json", _flora, QUALITY),
+    ("Effort", "forgets least of the adapters while fitting the task", "quality.json", _effort, QUALITY),
+    (
+        "Concrete Task Arithmetic",
+        "above task arithmetic",
+        "merge.json",
+        _merge_row("concrete_task_arithmetic", ("task_arithmetic",)),
+        MERGE,
+    ),
+    (
+        "Concrete AdaMerging",
+        "above AdaMerging and TIES",
+        "merge.json",
+        _merge_row("concrete_adamerging", ("adamerging", "ties")),
+        MERGE,
+    ),
+)
+
+
+def claims_table(results: str) -> str:
+    rows = ["| method | paper's claim | measured here | verdict | command |", "|---|---|---|---|---|"]
+    for method, claim, file, measure, command in CLAIMS:
+        data = _load(results, file)
+        if data is None:
+            measured, verdict = f"not measured ({file} absent)", "-"
+        else:
+            measured, holds = measure(data)
+            verdict = _verdict(holds)
+        rows.append(f"| {method} | {claim} | {measured} | {verdict} | `{command}` |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    print(claims_table(parser.parse_args().results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The quality benchmark's learning-rate sweep widens its grid until the best rate is inside it, and the claims
+table reads the numbers the benchmarks wrote (no model is trained here: the training runs are stubbed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import bench_quality  # noqa: E402
+import claims  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "lr, up, expected",
+    [(1e-3, True, 3e-3), (3e-3, True, 1e-2), (1e-3, False, 3e-4), (3e-4, False, 1e-4), (1e-5, False, 3e-6)],
+)
+def test_the_ladder_steps_through_one_and_three(lr, up, expected):
+    assert bench_quality.ladder_neighbour(lr, up) == pytest.approx(expected, rel=1e-12)
+
+
+def _stub_training(monkeypatch, validation_loss):
+    """child_call returning ``validation_loss(lr)`` for every --train call; the rates asked for, in order."""
+    asked = []
+
+    def child_call(args):
+        lr = float(args[2])
+        asked.append(lr)
+        return {"lr": lr, "validation_loss": validation_loss(lr), "validation_exact_match": 0.0, "train_seconds": 0}
+
+    monkeypatch.setattr(bench_quality, "child_call", child_call)
+    monkeypatch.setitem(bench_quality.LRS, "lora", [3e-4, 1e-3, 3e-3])
+    return asked
+
+
+def test_the_sweep_widens_upwards_until_the_best_rate_is_inside(monkeypatch, tmp_path):
+    import math
+
+    asked = _stub_training(monkeypatch, lambda lr: (math.log10(lr) - math.log10(3e-2)) ** 2)  # best at 3e-2
+    runs = bench_quality.sweep_rates("lora", 80, str(tmp_path))
+    assert asked == pytest.approx([3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    best = min(runs, key=bench_quality.validation_key)
+    assert best["lr"] == pytest.approx(3e-2) and best["interior"] is True
+    assert [r["lr"] for r in runs] == sorted(r["lr"] for r in runs)
+
+
+def test_the_sweep_stops_widening_after_its_limit_and_says_so(monkeypatch, tmp_path):
+    asked = _stub_training(monkeypatch, lambda lr: lr)  # ever better at lower rates
+    runs = bench_quality.sweep_rates("lora", 80, str(tmp_path))
+    assert len(asked) == 3 + bench_quality.MAX_WIDENINGS
+    best = min(runs, key=bench_quality.validation_key)
+    assert best["lr"] == pytest.approx(min(asked)) and best["interior"] is False
+
+
+def test_a_diverged_run_counts_as_the_worst(monkeypatch, tmp_path):
+    _stub_training(monkeypatch, lambda lr: float("nan") if lr > 2e-3 else abs(lr - 1e-3))
+    runs = bench_quality.sweep_rates("lora", 80, str(tmp_path))
+    best = min(runs, key=bench_quality.validation_key)
+    assert best["lr"] == pytest.approx(1e-3) and best["interior"] is True
+
+
+def test_regulariser_share_over_training():
+    run = {"train_losses": [1.0] * 80, "regulariser": [0.0] * 40 + [1.0] * 40}
+    share = bench_quality.regulariser_share(run)
+    assert share["first"] == 0.0 and share["last"] == 0.5 and share["max"] == 0.5
+    assert share["middle"] == pytest.approx(0.25)  # steps 35-44: five of each
+
+
+def _quality(tmp_path, svfit_loss, effort_rise):
+    best = {
+        "lora": {"test_loss": 0.40, "trainable": 4_884_480, "pretrain_loss": 3.0},
+        "pissa": {"test_loss": 0.38, "trainable": 4_884_480, "pretrain_loss": 3.3},
+        "svfit": {"test_loss": svfit_loss, "trainable": 80_529, "pretrain_loss": 2.8},
+        "flora": {"test_loss": 0.48, "trainable": 4_938_240, "pretrain_loss": 3.0},
+        "effort": {"test_loss": 0.41, "trainable": 4_887_840, "pretrain_loss": 2.7 + effort_rise},
+        "qlora": {"test_loss": 0.41, "trainable": 4_884_480, "pretrain_loss": 3.1},
+        "qpissa": {"test_loss": 0.40, "trainable": 4_884_480, "pretrain_loss": 3.6},
+    }
+    data = {
+        "best": best,
+        "base": {"pretrain_loss": 2.7},
+        "quantisation_errors": {"ratio": 0.93, "ratio_iters": 0.84},
+        "regulariser_share": {"effort": {"first": 0.01, "middle": 0.05, "last": 0.07, "max": 0.1}},
+    }
+    (tmp_path / "quality.json").write_text(json.dumps(data))
+
+
+def test_the_claims_table_reads_the_verdicts_from_the_numbers(tmp_path):
+    _quality(tmp_path, svfit_loss=0.41, effort_rise=0.05)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
+    assert "| holds |" in rows["PiSSA"] and "| holds |" in rows["QPiSSA"]
+    assert "1/61 of LoRA's" in rows["SVFit"] and "| holds |" in rows["SVFit"]  # 0.41 / 0.40 = 1.025 <= 1.05
+    assert "| holds |" in rows["Effort"] and "+0.050" in rows["Effort"]
+    assert "not measured (merge.json absent)" in rows["Concrete Task Arithmetic"]
+    _quality(tmp_path, svfit_loss=0.55, effort_rise=2.0)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
+    assert "| does not hold |" in rows["SVFit"] and "| does not hold |" in rows["Effort"]
