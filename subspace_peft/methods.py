@@ -80,7 +80,7 @@ EFFORT = Method(
     recipe_defaults={
         "residual_rank": 1,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "orth_weight": 1.0,
+        "orth_weight": 1e4,
         "norm_weight": 1.0,
     },
 )

@@ -35,7 +35,8 @@ def effort_layers(model):
 
 
 def dense_losses(layer, adapter="default"):
-    """Both losses from their definitions, with the full SVD of the base weight and dense matrices."""
+    """Both of a layer's normalised losses from their definitions, with the full SVD of the base weight and dense
+    matrices: the orthogonality loss over 2 r (r trained directions on each side), the norm loss over ||W||_F^2."""
     weight = subspace_peft.tuners.targets.weight_matrix(layer.get_base_layer()).detach().double()
     u_full, s_full, vh_full = torch.linalg.svd(weight, full_matrices=False)
     r = layer.r[adapter]
@@ -47,7 +48,7 @@ def dense_losses(layer, adapter="default"):
     u0, s0, vh0 = (t.double() for t in layer._triplet(adapter, initial=True))
     adapted = weight + u @ torch.diag(s) @ vh - u0 @ torch.diag(s0) @ vh0
     norm = (adapted.pow(2).sum() - weight.pow(2).sum()).abs()
-    return orth, norm
+    return orth / (2 * r), norm / weight.pow(2).sum()
 
 
 def test_initial_factors_are_the_minor_triplets_and_the_principal_part_is_untouched():
@@ -82,8 +83,8 @@ def test_both_losses_are_zero_at_init(model_name, targets):
     model = get_peft_model(build(model_name), EffortConfig(target_modules=targets))
     losses = model.base_model.subspace_losses()
     assert losses["norm"].item() == 0.0  # exactly: each term is computed the same way for W and W_0
-    assert 0.0 <= losses["orth"].item() <= 1e-9 * len(effort_layers(model))  # fp32 round-off of orthonormal U, V
-    assert model.base_model.subspace_loss().item() <= 1e-9 * len(effort_layers(model))
+    assert 0.0 <= losses["orth"].item() <= 1e-9  # fp32 round-off of orthonormal U, V
+    assert model.base_model.subspace_loss().item() <= 1e-9 * EffortConfig().orth_weight  # the weighted round-off
 
 
 @pytest.mark.parametrize(
@@ -102,9 +103,10 @@ def test_losses_equal_their_dense_definitions_after_the_factors_move(model_name,
     )
     perturb_trainable(model)
     orth, norm = 0.0, 0.0
-    for layer in effort_layers(model).values():
+    layers = effort_layers(model)
+    for layer in layers.values():
         layer_orth, layer_norm = dense_losses(layer)
-        orth, norm = orth + layer_orth, norm + layer_norm
+        orth, norm = orth + layer_orth / len(layers), norm + layer_norm / len(layers)  # means over the layers
     losses = model.base_model.subspace_losses()
     assert losses["orth"].item() == pytest.approx(orth.item(), rel=1e-5)
     assert losses["norm"].item() == pytest.approx(norm.item(), rel=1e-4)
@@ -218,8 +220,9 @@ def test_no_frozen_tensor_of_the_weight_size_is_kept():
         initial = sum(b.numel() for n, b in layer.named_buffers() if not n.startswith("base_layer"))
         assert trained == initial == 2 * (d_out + d_in + 1), name  # trainable U, s, V; their initial values (buffers)
         n = min(d_out, d_in)
-        _stamp, principal, initial_thin = layer.effort_derived["default"]
+        _stamp, principal, initial_thin, square_norm = layer.effort_derived["default"]
         assert initial_thin.shape == (n, 2), name  # W V_0 or W^T U_0, on the shorter side
+        assert square_norm.shape == (), name  # ||W||_F^2, the norm loss's denominator
         if d_out == d_in:
             assert principal is None, "square weights need no principal basis"
         else:

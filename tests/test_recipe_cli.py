@@ -81,7 +81,7 @@ def test_a_flat_flag_changes_its_key_only():
     assert recipe.method_config == {
         "residual_rank": 2,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "orth_weight": 1.0,
+        "orth_weight": 1e4,
         "norm_weight": 1.0,
         "svd_cache": True,
     }

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..base import FactorLayer, LayerPlan, weight_matrix
-from .losses import LossInputs, group_losses, shorter_side_principal, thin_product
+from .losses import LossInputs, group_losses, shorter_side_principal, thin_product, weight_square_norm
 from .regulariser import RegulariserPass
 
 
@@ -31,8 +31,8 @@ class EffortLayer(FactorLayer):
         self.effort_S0 = nn.ModuleDict({})
         self.effort_Vh0 = nn.ModuleDict({})
         # Derived from W and the initial factors when the losses first need them, never saved (reload stays
-        # SVD-free; the loss is invariant to the principal vectors' sign/rotation): (stamp, principal, initial thin),
-        # the principal vectors of the shorter side for non-square W only.
+        # SVD-free; the loss is invariant to the principal vectors' sign/rotation): (stamp, principal, initial thin,
+        # ||W||_F^2), the principal vectors of the shorter side for non-square W only.
         self.effort_derived: dict[str, tuple] = {}
         # set by EffortModel for each training forward pass: this layer ties its regulariser terms to the gradient
         self.regulariser_pass: Optional[RegulariserPass] = None
@@ -96,7 +96,7 @@ class EffortLayer(FactorLayer):
             square = weight.shape[0] == weight.shape[1]
             principal = None if square else shorter_side_principal(weight, self.r[adapter])
             with torch.no_grad():
-                cached = (stamp, principal, thin_product(weight, initial[0], initial[2]))
+                cached = (stamp, principal, thin_product(weight, initial[0], initial[2]), weight_square_norm(weight))
             self.effort_derived[adapter] = cached
         return cached[1:]
 
@@ -106,8 +106,8 @@ class EffortLayer(FactorLayer):
             raise ValueError("Effort's losses are defined on the unmerged model: call unmerge_adapter() first")
         weight = weight_matrix(self.get_base_layer()).detach()
         initial = self._triplet(adapter, initial=True)
-        principal, initial_thin = self._derived(adapter, weight, initial)
-        return LossInputs(weight, self._triplet(adapter), initial, principal, initial_thin)
+        principal, initial_thin, square_norm = self._derived(adapter, weight, initial)
+        return LossInputs(weight, self._triplet(adapter), initial, principal, initial_thin, square_norm)
 
     def subspace_losses(self, adapter: str) -> dict[str, torch.Tensor]:
         """This layer's unweighted ``{"orth": ..., "norm": ...}`` for ``adapter`` (see EffortConfig)."""

@@ -37,6 +37,15 @@ class LossInputs:
     initial: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     principal: Optional[tuple[torch.Tensor, torch.Tensor]]  # (Q_k, S_k) of the shorter side; None for square W
     initial_thin: torch.Tensor  # thin_product(W, U_0, Vh_0), a constant the layer keeps (see thin_product)
+    square_norm: torch.Tensor  # ||W||_F^2 in fp32 (1 for an all-zero W), a constant the layer keeps
+
+
+@torch.no_grad()
+def weight_square_norm(weight: torch.Tensor) -> torch.Tensor:
+    """``||W||_F^2`` accumulated in fp32 without an fp32 copy of W; 1 for an all-zero W, so that dividing by it
+    leaves the norm loss absolute there instead of infinite."""
+    square = torch.linalg.vector_norm(weight, dtype=torch.float32).square()
+    return torch.where(square > 0, square, torch.ones_like(square))
 
 
 @torch.no_grad()
@@ -90,11 +99,13 @@ def _weight_inners(layers: list[LossInputs], which: str, tall: bool):
 
 
 def group_losses(layers: list[LossInputs]) -> dict[str, torch.Tensor]:
-    """``{"orth": sum of ||[U_k U]^T[U_k U] - I||^2 + ||[V_k V]^T[V_k V] - I||^2, "norm": sum of
-    | ||W + D||^2 - ||W||^2 |}`` over ``layers``, which share one weight shape and rank.
+    """``{"orth": sum of (||[U_k U]^T[U_k U] - I||^2 + ||[V_k V]^T[V_k V] - I||^2) / (2 r), "norm": sum of
+    | ||W + D||^2 - ||W||^2 | / ||W||^2}`` over ``layers``, which share one weight shape and rank.
 
-    The norm loss is exactly zero while the factors equal their initial values: the initial terms are computed by
-    the same operations as the current ones.
+    Each layer's terms are normalised so that layers of any size and rank weigh alike: the orthogonality loss per
+    trained direction and side (a direction turned by a small angle t into the principal subspace adds about
+    ``t^2``), the norm loss as the relative change of the weight's energy. The norm loss is exactly zero while the
+    factors equal their initial values: the initial terms are computed by the same operations as the current ones.
     """
     d_out, d_in = layers[0].weight.shape
     tall = d_out > d_in
@@ -122,4 +133,5 @@ def group_losses(layers: list[LossInputs]) -> dict[str, torch.Tensor]:
     )
     change = _pair_inner(s, s, gram_u, gram_v) - 2 * _pair_inner(s, s0, cross_u, cross_v) + initial_square_norm
     norm = (2 * (inner - initial_inner) + change).abs()
-    return {"orth": orth.sum(), "norm": norm.sum()}
+    square_norm = torch.stack([layer.square_norm for layer in layers])
+    return {"orth": (orth / (2 * u.shape[-1])).sum(), "norm": (norm / square_norm).sum()}

@@ -52,34 +52,33 @@ class EffortModel(SVDTuner):
 
     # -- Effort's regularisers --------------------------------------------------------------------------------------
     def _adapter_losses(self, layers: Optional[list[EffortLayer]] = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Unweighted losses per active adapter; layers of one weight shape and rank are computed in one batch."""
+        """Unweighted losses per active adapter, each the mean of its layers' normalised terms; layers of one weight
+        shape and rank are computed in one batch."""
         groups: dict[tuple, list] = {}
         for module in layers if layers is not None else self._effort_layers():
-            if not module.disable_adapters:
-                for name in module.active_adapters:
-                    if name in module.r:
-                        inputs = module.loss_inputs(name)
-                        key = (
-                            name,
-                            tuple(inputs.weight.shape),
-                            module.r[name],
-                            inputs.weight.dtype,
-                            inputs.weight.device,
-                        )
-                        groups.setdefault(key, []).append(inputs)
+            for name in _adapters_of(module):
+                inputs = module.loss_inputs(name)
+                key = (name, tuple(inputs.weight.shape), module.r[name], inputs.weight.dtype, inputs.weight.device)
+                groups.setdefault(key, []).append(inputs)
         per_adapter: dict[str, dict[str, torch.Tensor]] = {}
+        counts: dict[str, int] = {}
         for (name, *_), layers in groups.items():
             totals = per_adapter.setdefault(name, {})
+            counts[name] = counts.get(name, 0) + len(layers)
             for key, value in group_losses(layers).items():
                 totals[key] = totals[key] + value if key in totals else value
-        return per_adapter
+        return {
+            name: {key: value / counts[name] for key, value in totals.items()} for name, totals in per_adapter.items()
+        }
 
     def subspace_losses(self) -> dict[str, torch.Tensor]:
-        """Unweighted ``{"orth": ..., "norm": ...}`` summed over every adapted layer and active adapter."""
+        """Unweighted ``{"orth": ..., "norm": ...}``: each the mean over an adapter's layers (see EffortConfig),
+        summed over the active adapters."""
         return _summed(self._adapter_losses())
 
     def subspace_loss(self, per_adapter: Optional[dict] = None) -> torch.Tensor:
-        """``orth_weight * L_orth + norm_weight * L_norm`` summed over all adapted layers (zero at init)."""
+        """``orth_weight * L_orth + norm_weight * L_norm``, each loss the mean over the adapted layers (zero at
+        init)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
         for name, losses in (per_adapter if per_adapter is not None else self._adapter_losses()).items():
             total = total + self._weighted(name, losses)
@@ -133,7 +132,7 @@ class EffortModel(SVDTuner):
         if due:
             weights = {name: (config.orth_weight, config.norm_weight) for name, config in self.peft_config.items()}
             scale = 1.0 if self._regulariser_every_pass else self._regulariser_step
-            handed = RegulariserPass(weights, scale, self._regulariser_log)
+            handed = RegulariserPass(weights, scale, self._regulariser_log, _layer_counts(layers))
             if not any(_whole_only_in_forward(layer) for layer in layers):
                 per_adapter = self._adapter_losses(layers)
                 if per_adapter:
@@ -158,6 +157,20 @@ def _summed(per_adapter: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.
         for key, value in losses.items():
             totals[key] = totals[key] + value if key in totals else value
     return totals
+
+
+def _adapters_of(layer: EffortLayer) -> list[str]:
+    """The active adapters that have this layer (none while adapters are disabled)."""
+    return [] if layer.disable_adapters else [name for name in layer.active_adapters if name in layer.r]
+
+
+def _layer_counts(layers: list[EffortLayer]) -> dict[str, int]:
+    """Per active adapter, how many of ``layers`` it adapts: the losses are means over them."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        for name in _adapters_of(layer):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _whole_only_in_forward(layer: EffortLayer) -> bool:

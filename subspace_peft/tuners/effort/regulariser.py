@@ -72,6 +72,7 @@ class RegulariserPass:
     weights: dict[str, tuple[float, float]]  # adapter -> (orth_weight, norm_weight)
     grad_scale: float
     log: RegulariserLog
+    layer_counts: dict[str, int]  # adapter -> its adapted layers: a layer's own terms count 1 / that in the mean
     total: Optional[torch.Tensor] = None
     tied: set = field(default_factory=set)  # (id(layer), adapter) that tied in this pass
 
@@ -88,7 +89,7 @@ class RegulariserPass:
             return AddGradientOf.apply(carrier, self.total.to(carrier.dtype), self.grad_scale)
         if key in self.tied and not recomputing:
             return carrier  # a layer called twice in one pass: its term counts once
-        losses = layer.subspace_losses(adapter)
+        losses = {key: value / self.layer_counts[adapter] for key, value in layer.subspace_losses(adapter).items()}
         orth_weight, norm_weight = self.weights[adapter]
         term = orth_weight * losses["orth"] + norm_weight * losses["norm"]
         if key not in self.tied:
