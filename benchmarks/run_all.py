@@ -10,7 +10,8 @@ Parts, in order, each a script of this folder run as its own process (so its tim
 4. quality: every method fine-tuned at its best learning rate, QPiSSA against QLoRA, forgetting (bench_quality.py;
    loss-curve PNG);
 5. reload time of a saved adapter against LoRA's (bench_reload.py).
-Writes REPORT.md (every table under the command that reproduces it) into ``--out``. ``--quick`` shrinks every part
+Writes REPORT.md (every table under the command that reproduces it, then the claims table of claims.py: per method,
+the paper's claim, what was measured and the command) into ``--out``. ``--quick`` shrinks every part
 (one process per method, 20 training steps) to check the pipeline in a few minutes; its numbers mean nothing.
 Run it on a quiet machine: other work on the cores changes the timings.
 """
@@ -63,6 +64,9 @@ def main() -> None:
             f"## {title}\n\n`python benchmarks/{shown}` ({seconds / 60:.1f} min)\n\n{proc.stdout.strip()}\n"
         )
         print(proc.stdout, flush=True)
+    from claims import claims_table
+
+    sections.append(f"## Claims\n\n`python benchmarks/claims.py`\n\n{claims_table(args.out)}\n")
     report = (
         f"# Benchmark report\n\nWritten by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` in "
         f"{(time.perf_counter() - started) / 60:.1f} min.\n\n" + "\n".join(sections)

@@ -100,3 +100,13 @@ def test_the_claims_table_reads_the_verdicts_from_the_numbers(tmp_path):
     _quality(tmp_path, svfit_loss=0.55, effort_rise=2.0)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
     assert "| does not hold |" in rows["SVFit"] and "| does not hold |" in rows["Effort"]
+
+
+def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
+    _quality(tmp_path, svfit_loss=0.41, effort_rise=0.05)
+    data = json.loads((tmp_path / "quality.json").read_text())
+    del data["quantisation_errors"]["ratio_iters"]  # written before QPiSSA's iterations were measured
+    (tmp_path / "quality.json").write_text(json.dumps(data))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
+    assert "not measured (quality.json lacks 'ratio_iters': rerun the command)" in rows["QPiSSA"]
+    assert "| holds |" in rows["PiSSA"]
