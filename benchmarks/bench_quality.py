@@ -9,7 +9,8 @@ tokens (so a CPU run stays short), and the answer is one integer, so exact match
 ``Sentiment of "abandon" from -5 to 5:``, answer `` -2``; shuffled once (seed 0) into 400 test, 200 validation and
 2,782 training words. Loss on the answer tokens only.
 
-Every run: SmolLM2-135M-Instruct in fp32, all linear layers adapted (r=16; SVFit its top 16 singular values, Effort
+Every run: SmolLM2-135M-Instruct in fp32, all linear layers adapted (r=16; SVFit at its default, the singular values
+holding 99% of each layer's energy, and with its top 16 (svfit_r16), Effort
 16 minor components, so LoRA, PiSSA, FLoRA and Effort train about the same number of parameters), AdamW at a
 constant learning rate, batch 8, ``--steps`` steps, the same batches in the same order. Each method (QLoRA and QPiSSA
 too) sweeps its grid (LRS, on the 1-3-10 ladder) and widens it one rate at a time, up to MAX_WIDENINGS times, while
@@ -50,7 +51,8 @@ LRS = {
     "full": [1e-5, 3e-5, 1e-4],
     "lora": [3e-4, 1e-3, 3e-3],
     "pissa": [1e-4, 3e-4, 1e-3],
-    "svfit": [3e-4, 1e-3, 3e-3],
+    "svfit": [1e-3, 3e-3, 1e-2],
+    "svfit_r16": [1e-3, 3e-3, 1e-2],
     "flora": [3e-4, 1e-3, 3e-3],
     "effort": [3e-4, 1e-3, 3e-3],
     "qlora": [3e-4, 1e-3, 3e-3],
@@ -62,7 +64,8 @@ LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (peft)",
     "pissa": "PiSSA",
-    "svfit": "SVFit",
+    "svfit": "SVFit (energy 0.99, the default)",
+    "svfit_r16": "SVFit (top 16)",
     "flora": "FLoRA",
     "effort": "Effort",
     "qlora": "QLoRA (peft, nf4 base)",
@@ -98,15 +101,16 @@ def method_recipe(method: str):
     from finetune import FinetuneRecipe
 
     quantization = "4bit" if method in ("qlora", "qpissa") else "none"
-    base = {"qlora": "lora", "qpissa": "pissa"}.get(method, method)
+    base = {"qlora": "lora", "qpissa": "pissa", "svfit_r16": "svfit"}.get(method, method)
     configs = {
         "lora": {"r": RANK, "lora_alpha": RANK, "target_modules": "all-linear"},
         "pissa": {"r": RANK, "lora_alpha": RANK, "target_modules": "all-linear", "init": "randomized", "niter": 4},
-        "svfit": {"r": RANK, "target_modules": "all-linear", "init": "randomized", "niter": 4},
+        "svfit": {"target_modules": "all-linear"},  # the default: each layer's singular values holding 99% energy
+        "svfit_r16": {"r": RANK, "target_modules": "all-linear", "init": "randomized", "niter": 4},
         "flora": {"r": RANK, "target_modules": "all-linear"},
         "effort": {"residual_rank": RANK, "target_modules": "all-linear"},
     }
-    config = dict(configs.get(base, {}))
+    config = dict(configs.get(method, configs.get(base, {})))
     if method == "qpissa":
         config["residual_quant_iters"] = QPISSA_ITERS
     return FinetuneRecipe(method=base if base != "full" else "lora", method_config=config, quantization=quantization)

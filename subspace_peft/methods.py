@@ -54,7 +54,7 @@ SVFIT = Method(
         2024,
         "https://arxiv.org/abs/2409.05926",
     ),
-    recipe_defaults={"r": 32, "target_modules": "all-linear", "init": "randomized", "niter": 4},
+    recipe_defaults={"target_modules": "all-linear"},
 )
 FLORA = Method(
     "flora",

@@ -45,7 +45,7 @@ from subspace_peft.tuners.base import distributed  # noqa: E402
 
 rank = dist.get_rank()
 # the adapter containers of every method tested here (a tensor's name: ....<container>.<adapter>.weight)
-ADAPTER = {"pissa_A", "pissa_B", "pissa_A0", "pissa_B0", "svfit_sigma", "svfit_sigma0", "svfit_U", "svfit_Vh"}
+ADAPTER = {"pissa_A", "pissa_B", "pissa_A0", "pissa_B0", "svfit_delta", "svfit_sigma0", "svfit_U", "svfit_Vh"}
 ADAPTER |= {"effort_U", "effort_S", "effort_Vh", "effort_U0", "effort_S0", "effort_Vh0"}
 decomposed = []
 prepared = {}  # how build_model left the base weights

@@ -58,7 +58,7 @@ def _effort(**kwargs):
     return _config("EffortConfig", **kwargs)
 
 
-SVFIT = dict(peft_type="SVFIT", trainable_attrs=("svfit_sigma",))
+SVFIT = dict(peft_type="SVFIT", trainable_attrs=("svfit_delta",))
 FLORA = dict(
     peft_type="FLORA",
     trainable_attrs=("flora_core",) + tuple(f"flora_A{m}" for m in range(5)),

@@ -27,14 +27,36 @@ def test_sigma_starts_at_the_top_singular_values_and_the_update_is_u_dsigma_vt()
     model = get_peft_model(base, SVFitConfig(r=6, target_modules=["lin1"]))
     layer = svfit_layers(model)["lin1"]
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    assert rel_err(layer.svfit_sigma["default"].weight, s[:6]) <= 1e-6
+    assert rel_err(layer.svfit_sigma0["default"].weight, s[:6]) <= 1e-6
+    assert torch.equal(layer.svfit_delta["default"].weight, torch.zeros(6))  # sigma = sigma_0 (1 + delta)
+    delta = torch.linspace(0.1, 2.0, 6)  # grown: the trained values stay above the frozen remainder's
     with torch.no_grad():
-        layer.svfit_sigma["default"].weight += torch.arange(6.0)
-    expected = u[:, :6] @ torch.diag(torch.arange(6.0)) @ vh[:6]
+        layer.svfit_delta["default"].weight.copy_(delta)
+    expected = u[:, :6] @ torch.diag(s[:6] * delta) @ vh[:6]
     assert rel_err(layer.get_delta_weight("default"), expected) <= 1e-5
-    # W = U_r diag(sigma) V_r^T + W_e: the adapted weight's top-r part carries the trained sigma
+    # W = U_r diag(sigma) V_r^T + W_e: the adapted weight's top-r part carries sigma_0 (1 + delta)
     adapted = weight + layer.get_delta_weight("default")
-    assert rel_err(torch.linalg.svdvals(adapted)[:6].sort().values, (s[:6] + torch.arange(6.0)).sort().values) <= 1e-5
+    trained = (s[:6] * (1 + delta)).sort().values
+    assert rel_err(torch.linalg.svdvals(adapted)[:6].sort().values, trained) <= 1e-5
+
+
+def test_by_default_energy_chooses_the_ranks_and_r_or_energy_overrides_it():
+    assert SVFitConfig().energy == 0.99 and SVFitConfig().r is None
+    assert SVFitConfig(r=16).energy is None  # an explicit r keeps its meaning
+    assert SVFitConfig(energy=0.9).energy == 0.9
+
+
+def test_one_adam_step_moves_each_singular_value_in_proportion_to_it():
+    # the trained parameter is the relative change: Adam's first step (|update| = lr per entry) moves sigma_i by
+    # lr * sigma_i, as a weight-scale-aware update should (LoRA's rates then suit SVFit)
+    model = get_peft_model(build("mlp"), SVFitConfig(r=6, target_modules=["lin1"]))
+    layer = svfit_layers(model)["lin1"]
+    sigma0 = layer.svfit_sigma0["default"].weight.detach().clone()
+    optimizer = torch.optim.Adam([layer.svfit_delta["default"].weight], lr=1e-2)
+    model(torch.randn(4, 10)).pow(2).sum().backward()
+    optimizer.step()
+    moved = (layer._sigma_change("default").detach().abs() / sigma0).clone()
+    assert rel_err(moved, torch.full((6,), 1e-2)) <= 1e-4
 
 
 def test_energy_picks_the_smallest_rank_holding_that_share_of_sigma_squared():
@@ -48,14 +70,14 @@ def test_energy_picks_the_smallest_rank_holding_that_share_of_sigma_squared():
         share = power.cumsum(0) / power.sum()
         r = layer.r["default"]
         assert share[r - 1] >= 0.9 > share[r - 2], name
-        assert layer.svfit_sigma["default"].weight.numel() == r
+        assert layer.svfit_delta["default"].weight.numel() == r
 
 
 def test_export_is_exactly_rank_r(tmp_path):
     model = get_peft_model(build("mlp"), SVFitConfig(r=4, target_modules=["lin0", "lin1"]))
     with torch.no_grad():
         for layer in svfit_layers(model).values():
-            layer.svfit_sigma["default"].weight.mul_(1.5)
+            layer.svfit_delta["default"].weight.fill_(0.5)
     config = subspace_peft.export_lora(model, tmp_path)
     assert set(config.rank_pattern.values()) == {4}
     state = load_file(tmp_path / "adapter_model.safetensors")
@@ -124,4 +146,4 @@ def test_trainer_trains_only_sigma(tmp_path):
     )
     Trainer(model=model, args=args, train_dataset=rows).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(".svfit_sigma." in n for n in changed)
+    assert changed and all(".svfit_delta." in n for n in changed)
