@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -125,3 +129,106 @@ def test_reload_quantises_the_saved_factors_without_iterating(tmp_path, monkeypa
 def test_bad_iteration_counts_name_the_fix(values, message):
     with pytest.raises(ValueError, match=message):
         PiSSAConfig(r=4, **values)
+
+
+# benchmarks/bench_qpissa_iters.py (the error table against QLoRA and LoftQ), on a tiny stand-in of SmolLM2's files
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_qpissa_iters as bench  # noqa: E402
+
+_SHAPES = {  # SmolLM2's projections (hidden 576, 3 KV heads of 64, intermediate 1536) scaled down by 9
+    "self_attn.q_proj": (64, 64),
+    "self_attn.k_proj": (64, 64),
+    "self_attn.v_proj": (64, 64),
+    "self_attn.o_proj": (64, 64),
+    "mlp.gate_proj": (128, 64),
+    "mlp.up_proj": (128, 64),
+    "mlp.down_proj": (64, 128),
+}
+
+
+def _stand_in(folder, layers: int = 4) -> str:
+    """A Llama-named model.safetensors: the 7 projections of ``layers`` decoder layers, their norms, the embedding."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(32, 64, generator=generator),
+        "model.norm.weight": torch.ones(64),
+    }
+    for i in range(layers):
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(64)
+        for name, shape in _SHAPES.items():
+            tensors[f"model.layers.{i}.{name}.weight"] = torch.randn(*shape, generator=generator) / 8
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def test_bench_smollm2_takes_the_decoder_projections_of_every_nth_layer(tmp_path):
+    folder = _stand_in(tmp_path)
+    every = bench.smollm2_weights(folder)
+    assert list(every) == [f"model.layers.{i}.{name}.weight" for i in range(4) for name in _SHAPES]
+    assert bench.smollm2_weights(folder, 3).keys() == {
+        f"model.layers.{i}.{name}.weight" for i in (0, 3) for name in _SHAPES
+    }
+    assert all(weight.dtype == torch.float32 for weight in every.values())
+
+
+def _peft_loftq_loop(weight, num_bits, rank, num_iter):
+    """peft 0.21's loftq_init loop as written there (one call per rank and T), on the CPU."""
+    res = weight.clone()
+    for i in range(num_iter):
+        dequantized = bench._peft_quant_dequant(res, num_bits)
+        res = weight - dequantized
+        u, s, vh = torch.linalg.svd(res, full_matrices=False)
+        low_rank = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        if i + 1 == num_iter:
+            break
+        res = weight - low_rank
+    return dequantized + low_rank
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bench_loftq_shares_the_first_iteration_without_changing_a_number(bits):
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    shared = bench.loftq_cpu(weight, bits, [4, 16], (1, 3))
+    assert shared.keys() == {(4, 1), (4, 3), (16, 1), (16, 3)}
+    for (rank, iters), approx in shared.items():
+        assert torch.allclose(approx, _peft_loftq_loop(weight, bits, rank, iters), rtol=0, atol=1e-6), (rank, iters)
+    # more iterations fit better here (LoftQ's claim), and T=1 is Q(W) plus the best rank-r fit of what Q lost
+    assert torch.linalg.matrix_norm(weight - shared[16, 3]) < torch.linalg.matrix_norm(weight - shared[16, 1])
+
+
+def test_bench_table_and_json_on_the_stand_in(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "smollm2_folder", lambda: _stand_in(tmp_path, layers=2))
+    out = tmp_path / "result.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--model", "smollm2", "--ranks", "4", "--kinds", "nf4", "int8", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main sets 1 (its --threads default)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["weights"] == "SmolLM2-135M q/k/v/o/gate/up/down of every 3rd layer (0) (7 weights)"
+    assert result["threads"] == 1 and result["loftq"].startswith("peft loftq_init")
+    methods = ["QLoRA", "QPiSSA k=1", "QPiSSA k=5", "LoftQ T=1", "LoftQ T=5"]
+    assert [(r["kind"], r["rank"], r["method"]) for r in result["rows"]] == [
+        (kind, 4, method) for kind in ("nf4", "int8") for method in methods
+    ]
+    rows = {(r["kind"], r["method"]): r for r in result["rows"]}
+    for kind in ("nf4", "int8"):
+        assert rows[kind, "QLoRA"]["nuclear_vs_qlora"] == rows[kind, "QLoRA"]["frobenius_vs_qlora"] == 1.0
+        # the best iterate is kept per weight: k=5 is never worse than k=1 in Frobenius error
+        assert rows[kind, "QPiSSA k=5"]["frobenius"] <= rows[kind, "QPiSSA k=1"]["frobenius"]
+    checks = {(c["kind"], c["iters"]): c for c in result["targets"]}
+    assert checks.keys() == {(kind, k) for kind in ("nf4", "int8") for k in (1, 5)}
+    k5 = checks["nf4", 5]
+    assert k5["nuclear_vs_loftq"] == rows["nf4", "QPiSSA k=5"]["nuclear"] / rows["nf4", "LoftQ T=5"]["nuclear"]
+    assert k5["le_085_qlora"] == (rows["nf4", "QPiSSA k=5"]["nuclear_vs_qlora"] <= 0.85)
+    printed = capsys.readouterr().out
+    assert "| nf4 | 4 | LoftQ T=1 |" in printed and "int8 r=4 QPiSSA k=5: <= LoftQ T=5" in printed
+
+
+def test_bench_layer_step_is_for_smollm2_only():
+    with pytest.raises(SystemExit):
+        bench.main(["--layer-step", "2"])
