@@ -2,9 +2,9 @@
 
     python recipes/merge.py --config recipes/configs/merge.yaml [--method ties --scaling 0.5 ...]
 
-Methods: task_arithmetic, ties, dare, concrete_task_arithmetic, concrete_adamerging (the Concrete ones need each
-task's unlabeled texts, a JSON-lines file with a ``text`` field). The merged model is written with
-``save_pretrained`` (safetensors) to ``output_dir``, with the base's tokenizer, and, for Concrete methods with
+Methods: task_arithmetic, ties, dare, adamerging, concrete_task_arithmetic, concrete_adamerging (adamerging and the
+Concrete ones need each task's unlabeled texts, a JSON-lines file with a ``text`` field). The merged model is written
+with ``save_pretrained`` (safetensors) to ``output_dir``, with the base's tokenizer, and, for Concrete methods with
 ``save_masks: true``, the final masks as ``masks.safetensors``. Command-line flags override the YAML.
 
 Bad input (the YAML, a flag, a model or adapter folder, an unlabeled file) stops the recipe before any model is

@@ -10,19 +10,25 @@ on unlabeled batches of every task (test-time adaptation: no labels are used).
 from __future__ import annotations
 
 import copy
-import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..checks import SEED_MAX, all_finite, choice, integer, number
+from .adaptation import (
+    LambdaMerge,
+    LogitsFn,
+    Plateau,
+    check_loss,
+    check_stop,
+    checked_logits_fns,
+    entropy_objective,
+    learn_lambdas,
+)
 from .task_vectors import TaskVector, check_vectors_fit
-
-LogitsFn = Callable[[Callable[..., Any], Any], torch.Tensor]
 
 
 @dataclass
@@ -31,18 +37,8 @@ class ConcreteMergeResult:
     lambdas: torch.Tensor  # (tasks,) task-wise or (tasks, merged tensors) layer-wise scaling factors
     entropy: list[float] = field(default_factory=list)  # the training loss per mask step
     masks: Optional[dict[str, torch.Tensor]] = None  # the final masks (mean 1 per tensor), if asked for
-
-
-def default_logits(model: Callable[..., Any], batch: Any) -> torch.Tensor:
-    """``model(**batch).logits`` (or the output itself if it is a tensor)."""
-    output = model(**batch) if isinstance(batch, dict) else model(batch)
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over predictions of ``-sum_c p_c log p_c``, with ``p = softmax(logits)`` over the last dimension."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_p.exp() * log_p).sum(-1).mean()
+    adamerging_entropy: list[float] = field(default_factory=list)  # Concrete AdaMerging: per lambda step after the mask
+    mask_logits: Optional[dict[str, torch.Tensor]] = None  # the trained mask logits, with the masks if asked for
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -74,17 +70,6 @@ def _selected(names: Iterable[str], modules: Optional[Sequence[str]]) -> list[st
     return chosen
 
 
-class _MergedForward:
-    """Calls the base model's forward with merged parameters (``torch.func.functional_call``): the base is never
-    modified, gradients reach the mask logits and the lambdas."""
-
-    def __init__(self, base: nn.Module, params: dict[str, torch.Tensor]):
-        self.base, self.params = base, params
-
-    def __call__(self, *args, **kwargs):
-        return functional_call(self.base, self.params, args, kwargs)
-
-
 def concrete_merge(
     base: nn.Module,
     task_vectors: list[TaskVector],
@@ -104,6 +89,9 @@ def concrete_merge(
     final_mask: Literal["expectation", "sample", "hard"] = "expectation",
     return_masks: bool = False,
     progress: bool = True,
+    stop: Optional[Plateau] = None,
+    adamerging_stop: Optional[Plateau] = None,
+    inner_lambda_lr: Optional[float] = None,
 ) -> ConcreteMergeResult:
     """Merge ``task_vectors`` into ``base`` through a learned Concrete mask; returns a new model.
 
@@ -114,11 +102,11 @@ def concrete_merge(
         logits_fns: per task, ``fn(model, batch) -> logits`` (e.g. applying that task's own head to the merged
             encoder's output); default ``model(**batch).logits``.
         method: ``"task_arithmetic"`` (Concrete TA: lambda fixed at ``scaling``) or ``"adamerging"`` (Concrete
-            AdaMerging: each mask step first takes an inner Adam step on lambda (``lambda_lr``) with the mask
+            AdaMerging: each mask step first takes an inner Adam step on lambda (``inner_lambda_lr``) with the mask
             detached, lambda restarting from ``scaling``; after the ``steps`` mask steps lambda is learned for
             ``adamerging_steps`` (default ``steps``) with the final mask fixed).
         lambda_granularity: AdaMerging's lambda per task (``"task"``) or per task and parameter tensor (``"layer"``).
-        steps, lr: mask steps and the Adam learning rate of the mask logits.
+        steps, lr: mask steps (at most, with ``stop``) and the Adam learning rate of the mask logits.
         temperature: of the Concrete distribution. initial_logits: the logits' start (0: keep probability 1/2).
         seed: seeds the Concrete noise (and a ``"sample"`` final mask): the same seed gives the same merge.
         modules: mask only the parameters of these modules (module names, dotted suffixes or regexes); the other
@@ -127,14 +115,20 @@ def concrete_merge(
             deterministic and the mean of the masks the training sampled, so the merge does not hinge on one
             noise draw. ``"sample"`` draws one seeded Concrete mask as FusionBench does; ``"hard"`` keeps entries
             with positive logits. Every mask is rescaled to mean 1 per tensor.
-        return_masks: also return the final masks.
+        return_masks: also return the final masks and the trained mask logits (``mask_logits``).
+        stop, adamerging_stop: a :class:`Plateau` that ends the mask training (``stop``), or Concrete AdaMerging's
+            lambda training after it (``adamerging_stop``), once its entropy stops falling (None: every step runs).
+            FusionBench runs 2,000 mask steps (Concrete AdaMerging: 1,000, then 1,000 lambda steps).
+        inner_lambda_lr: Concrete AdaMerging's learning rate of the inner lambda step (None: ``lambda_lr``);
+            FusionBench's ``base_lr`` is 1: at 1e-3 lambda barely leaves ``scaling`` within the inner step.
 
     Checked before anything is copied or computed, each failure a ValueError naming the argument and the fix:
-    ``scaling`` and ``initial_logits`` finite (within float32's range), ``lr``, ``lambda_lr`` and ``temperature``
-    finite and > 0, ``steps`` an integer >= 1, ``adamerging_steps`` None or an integer >= 0, ``seed`` an integer >= 0,
-    the task vectors and the base parameters they change finite (naming the task vector and the tensor). A
-    non-finite prediction entropy stops the merge at that step, and a merged value that overflows the parameter's
-    dtype is refused; the base model is never modified.
+    ``scaling`` and ``initial_logits`` finite (within float32's range), ``lr``, ``lambda_lr``, ``inner_lambda_lr`` (or
+    None) and ``temperature`` finite and > 0, ``steps`` an integer >= 1, ``adamerging_steps`` None or an integer >= 0,
+    ``seed`` an integer >= 0, ``stop`` and ``adamerging_stop`` None or a :class:`Plateau`, the task vectors and the
+    base parameters they change finite (naming the task vector and the tensor). A non-finite prediction entropy stops
+    the merge at that step, and a merged value that overflows the parameter's dtype is refused; the base model is
+    never modified.
 
     Memory: the masked parameters (N of them) cost 16 bytes each for the duration of the merge (fp32 logits, their
     gradient and Adam's two moments) plus about 12 bytes each per step for the sampled mask, the merged weights and
@@ -156,6 +150,16 @@ def concrete_merge(
         low=0.0,
         low_open=True,
     )
+    if inner_lambda_lr is not None:
+        inner_lambda_lr = number(
+            where,
+            "inner_lambda_lr",
+            inner_lambda_lr,
+            "pass e.g. inner_lambda_lr=1.0 (FusionBench's base_lr), or None for lambda_lr",
+            low=0.0,
+            low_open=True,
+        )
+    inner_lambda_lr = lambda_lr if inner_lambda_lr is None else inner_lambda_lr
     if adamerging_steps is not None:
         adamerging_steps = integer(
             where,
@@ -180,15 +184,10 @@ def concrete_merge(
         fp32=True,
     )
     seed = integer(where, "seed", seed, "pass e.g. seed=0", low=0, high=SEED_MAX)
+    check_stop(where, "stop", stop)
+    check_stop(where, "adamerging_stop", adamerging_stop)
     params = check_vectors_fit(base, task_vectors)
-    if len(unlabeled) != len(task_vectors) or any(len(batches) == 0 for batches in unlabeled):
-        raise ValueError(
-            f"concrete_merge needs unlabeled batches for every task: got {len(unlabeled)} lists (empty ones: "
-            f"{[i for i, b in enumerate(unlabeled) if len(b) == 0]}) for {len(task_vectors)} task vectors"
-        )
-    logits_fns = list(logits_fns) if logits_fns is not None else [default_logits] * len(task_vectors)
-    if len(logits_fns) != len(task_vectors):
-        raise ValueError(f"got {len(logits_fns)} logits_fns for {len(task_vectors)} task vectors")
+    logits_fns = checked_logits_fns(where, unlabeled, logits_fns, len(task_vectors))
 
     merger = _Merger(
         params,
@@ -199,15 +198,10 @@ def concrete_merge(
         method,
         lambda_granularity,
     )
-    batches = [itertools.cycle(list(b)) for b in unlabeled]
-
-    def loss_of(merged_params):
-        forward = _MergedForward(base, merged_params)
-        return sum(prediction_entropy(fn(forward, next(it))) for fn, it in zip(logits_fns, batches))
-
+    loss_of = entropy_objective(base, unlabeled, logits_fns)
     generator = torch.Generator().manual_seed(seed)
     mask_optimizer = torch.optim.Adam(list(merger.logits.values()), lr=lr)
-    lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=lambda_lr) if method == "adamerging" else None
+    lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=inner_lambda_lr) if method == "adamerging" else None
     history = []
     from tqdm.auto import tqdm
 
@@ -218,30 +212,35 @@ def concrete_merge(
                 merger.lambdas.copy_(merger.initial_lambdas)
             lambda_optimizer.zero_grad()
             inner = loss_of(merger.merged({n: m.detach() for n, m in masks.items()}))
-            _check_loss(inner, len(history) + 1, "mask step (inner lambda step)", f"lambda_lr={lambda_lr}")
+            check_loss(
+                where, inner, len(history) + 1, "mask step (inner lambda step)", f"inner_lambda_lr={inner_lambda_lr}"
+            )
             inner.backward()
             lambda_optimizer.step()
         mask_optimizer.zero_grad()
         loss = loss_of(merger.merged(masks, lambdas=merger.lambdas.detach()))
-        _check_loss(loss, len(history) + 1, "mask step", f"lr={lr}, temperature={temperature}, scaling={scaling}")
+        check_loss(where, loss, len(history) + 1, "mask step", f"lr={lr}, temperature={temperature}, scaling={scaling}")
         loss.backward()
         mask_optimizer.step()
         history.append(float(loss.detach()))
+        if stop is not None and stop.reached(history):
+            break
 
     with torch.no_grad():
         final = merger.final_masks(final_mask, temperature, torch.Generator().manual_seed(seed + 1))
+    lambda_history = []
     if lambda_optimizer is not None:
         with torch.no_grad():
             merger.lambdas.copy_(merger.initial_lambdas)
-        lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=lambda_lr)
-        for step in tqdm(
-            range(steps if adamerging_steps is None else adamerging_steps), desc="AdaMerging", disable=not progress
-        ):
-            lambda_optimizer.zero_grad()
-            loss = loss_of(merger.merged(final))
-            _check_loss(loss, step + 1, "AdaMerging step", f"lambda_lr={lambda_lr}")
-            loss.backward()
-            lambda_optimizer.step()
+        lambda_history = learn_lambdas(
+            merger.lambdas,
+            lambda: loss_of(merger.merged(final)),
+            steps if adamerging_steps is None else adamerging_steps,
+            lambda_lr,
+            where,
+            adamerging_stop,
+            progress,
+        )
     with torch.no_grad():
         values = {
             name: value.to(params[name].dtype)
@@ -262,35 +261,22 @@ def concrete_merge(
         lambdas=merger.lambdas.detach().clone(),
         entropy=history,
         masks={n: m.clone() for n, m in final.items()} if return_masks else None,
+        adamerging_entropy=lambda_history,
+        mask_logits={n: logit.detach().clone() for n, logit in merger.logits.items()} if return_masks else None,
     )
 
 
-def _check_loss(loss: torch.Tensor, step: int, what: str, knobs: str) -> None:
-    """Stop at the first non-finite entropy: every later step would only spread NaN through the mask or lambdas."""
-    if not torch.isfinite(loss.detach()).all():
-        raise ValueError(
-            f"concrete_merge: the prediction entropy is {float(loss.detach())} at {what} {step} ({knobs}): lower the "
-            "learning rate or raise temperature, and check that logits_fns give finite logits on the unlabeled "
-            "batches. The base model is unchanged."
-        )
-
-
-class _Merger:
+class _Merger(LambdaMerge):
     """The trainable state of a Concrete merge: mask logits of the masked tensors and the lambdas."""
 
     def __init__(self, params, vectors, masked, initial_logits, scaling, method, granularity):
-        self.params = params
-        self.names = sorted(set().union(*vectors))
-        self.vectors = [{n: v[n].float() for n in v} for v in vectors]
+        super().__init__(
+            params, vectors, scaling, "task" if method == "task_arithmetic" else granularity, method == "adamerging"
+        )
         self.logits = {
             n: torch.full(params[n].shape, float(initial_logits), device=params[n].device, requires_grad=True)
             for n in masked
         }
-        shape = (
-            (len(vectors),) if method == "task_arithmetic" or granularity == "task" else (len(vectors), len(self.names))
-        )
-        self.initial_lambdas = torch.full(shape, float(scaling))
-        self.lambdas = self.initial_lambdas.clone().requires_grad_(method == "adamerging")
         # Concrete TA never changes lambda, so each tensor's sum_i lambda_i tau_i is formed once, not every step
         self.fixed_updates: Optional[dict[str, torch.Tensor]] = {} if method == "task_arithmetic" else None
 
@@ -306,28 +292,9 @@ class _Merger:
             masks = {n: (logit > 0).float() for n, logit in self.logits.items()}
         return {n: _normalised(m.detach()) for n, m in masks.items()}
 
-    def _weighted_sum(self, index: int, name: str, lambdas: torch.Tensor) -> torch.Tensor:
-        """``sum_i lambda_i tau_i`` of one tensor (tasks whose vector lacks it contribute nothing)."""
-        update = None
-        for task, vector in enumerate(self.vectors):
-            if name in vector:
-                weight = lambdas[task] if lambdas.ndim == 1 else lambdas[task, index]
-                term = weight * vector[name]
-                update = term if update is None else update + term
-        return update
-
-    def merged(self, masks: dict[str, torch.Tensor], lambdas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """``theta_0 + sum_i lambda_i (m * tau_i)`` for every changed tensor (unmasked ones: m = 1)."""
-        lambdas = self.lambdas if lambdas is None else lambdas
-        merged = {}
-        for index, name in enumerate(self.names):
-            if self.fixed_updates is None:
-                update = self._weighted_sum(index, name, lambdas)
-            else:
-                if name not in self.fixed_updates:
-                    self.fixed_updates[name] = self._weighted_sum(index, name, lambdas).detach()
-                update = self.fixed_updates[name]
-            if name in masks:
-                update = masks[name] * update
-            merged[name] = self.params[name].detach().float() + update
-        return merged
+    def update(self, index: int, name: str, lambdas: torch.Tensor) -> torch.Tensor:
+        if self.fixed_updates is None:
+            return self.weighted_sum(index, name, lambdas)
+        if name not in self.fixed_updates:
+            self.fixed_updates[name] = self.weighted_sum(index, name, lambdas).detach()
+        return self.fixed_updates[name]

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from torch import nn
 
 from ..registry import Paper
+from .adaptive_merging import adamerging
 from .baselines import dare_merging, task_arithmetic, ties_merging
 from .concrete import concrete_merge
 from .task_vectors import TaskVector
@@ -75,6 +76,7 @@ DENSITY = Parameter("density", float, 0.2, "the share of entries TIES keeps", lo
 DROP_RATE = Parameter("drop_rate", float, 0.9, "the share of entries DARE drops", low=0.0, high=1.0, high_open=True)
 SEED = Parameter("seed", int, 0, "the seed of the random drops or the Concrete noise (same seed, same merge)", low=0)
 STEPS = Parameter("steps", int, 200, "Concrete mask training steps", low=1)
+ADAMERGING_STEPS = Parameter("steps", int, 200, "AdaMerging's lambda training steps (the paper: 500)", low=1)
 LR = Parameter("lr", float, 1e-3, "the mask logits' Adam learning rate", low=0.0, low_open=True)
 LAMBDA_LR = Parameter("lambda_lr", float, 1e-3, "AdaMerging's Adam learning rate for lambda", low=0.0, low_open=True)
 LAMBDA_GRANULARITY = Parameter(
@@ -119,6 +121,10 @@ def _ties(base, vectors, unlabeled, return_masks, *, scaling, density) -> Merged
 
 def _dare(base, vectors, unlabeled, return_masks, *, scaling, drop_rate, seed) -> Merged:
     return Merged(dare_merging(base, vectors, scaling, drop_rate, seed))
+
+
+def _adamerging(base, vectors, unlabeled, return_masks, **parameters) -> Merged:
+    return Merged(adamerging(base, vectors, unlabeled, **parameters).model)
 
 
 def _concrete(method: str) -> Callable[..., Merged]:
@@ -170,6 +176,19 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                 2024,
                 "https://arxiv.org/abs/2311.03099",
             ),
+        ),
+        MergeMethod(
+            "adamerging",
+            "AdaMerging",
+            _adamerging,
+            (SCALING, ADAMERGING_STEPS, LAMBDA_LR, LAMBDA_GRANULARITY),
+            Paper(
+                "AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+                "Yang et al.",
+                2024,
+                "https://arxiv.org/abs/2310.02575",
+            ),
+            needs_unlabeled=True,
         ),
         MergeMethod(
             "concrete_task_arithmetic",
