@@ -81,7 +81,7 @@ def run_recipe(root, **values) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "method", ["task_arithmetic", "ties", "dare", "concrete_task_arithmetic", "concrete_adamerging"]
+    "method", ["task_arithmetic", "ties", "dare", "adamerging", "concrete_task_arithmetic", "concrete_adamerging"]
 )
 def test_every_method_writes_a_loadable_merged_model(models, method):
     proc = run_recipe(models, method=method, save_masks=method.startswith("concrete"))

@@ -206,6 +206,7 @@ def test_the_merge_recipe_has_a_field_per_parameter_with_the_schema_default():
         "task_arithmetic",
         "ties",
         "dare",
+        "adamerging",
         "concrete_task_arithmetic",
         "concrete_adamerging",
     }
