@@ -1,4 +1,4 @@
-"""Run every benchmark of the report in one go and write its tables and plots (CPU, about an hour).
+"""Run every benchmark of the report in one go and write its tables and plots (CPU, about three hours).
 
     pip install -e ".[bench]"; python benchmarks/run_all.py [--out benchmarks/results] [--quick]
 
@@ -9,7 +9,9 @@ Parts, in order, each a script of this folder run as its own process (so its tim
 3. singular-value spectra (bench_spectrum.py, subspace_peft.spectrum; PNGs);
 4. quality: every method fine-tuned at its best learning rate, QPiSSA against QLoRA, forgetting (bench_quality.py;
    loss-curve PNG);
-5. reload time of a saved adapter against LoRA's (bench_reload.py).
+5. reload time of a saved adapter against LoRA's (bench_reload.py);
+6. merging three MiniLM fine-tunes: task arithmetic, TIES, DARE, AdaMerging, Concrete TA and Concrete AdaMerging at
+   FusionBench's budget (bench_merge.py; entropy-curve PNG).
 Writes REPORT.md (every table under the command that reproduces it, then the claims table of claims.py: per method,
 the paper's claim, what was measured and the command) into ``--out``. ``--quick`` shrinks every part
 (one process per method, 20 training steps) to check the pipeline in a few minutes; its numbers mean nothing.
@@ -40,6 +42,7 @@ def parts(out: str, quick: bool) -> list[tuple[str, list[str]]]:
         ("Spectra", ["bench_spectrum.py", "--out", out]),
         ("Quality, QPiSSA against QLoRA, forgetting", ["bench_quality.py", "--out", out, *steps]),
         ("Reload time", ["bench_reload.py", "--reps", "1" if quick else "5"]),
+        ("Merging", ["bench_merge.py", "--out", out, *(["--quick"] if quick else [])]),
     ]
 
 
