@@ -71,6 +71,42 @@ def test_iterations_lower_the_quantisation_error_and_one_is_plain_qpissa(kind):
     assert torch.equal(layer.pissa_A["default"].weight, layer.pissa_A0["default"].weight)
 
 
+@pytest.mark.parametrize("storage", [None, "float32", "bfloat16"])
+def test_dequantised_weight_reads_4bit_data_stored_in_a_float_dtype(storage):
+    # the 4-bit recipe stores nf4 data in the model's dtype (residual_quant_storage=float32, for FSDP): packed
+    # float32 elements (here (576 * 576 / 8, 1)) once broke the iterations with a shape mismatch
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    residual = torch.randn(48, 64)
+    quantised = quant_dequant(linear, residual, "nf4", storage)
+    assert quantised.shape == residual.shape
+    assert rel_err(quantised, residual) <= 0.12  # nf4's error on a Gaussian matrix (measured 0.09)
+    reference = quant_dequant(linear, residual, "nf4", None)
+    assert torch.equal(quantised, reference)  # the storage dtype changes how the codes are kept, not their values
+
+
+@pytest.mark.parametrize("storage", ["float32"])
+def test_iterations_run_with_the_recipes_float_storage(storage):
+    full = minilm()
+    config = PiSSAConfig(
+        r=8,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        residual_quantization="nf4",
+        residual_quant_iters=3,
+        residual_quant_storage=storage,
+    )
+    model = get_peft_model(full, config)
+    reference = get_peft_model(
+        minilm(),
+        PiSSAConfig(r=8, lora_alpha=8, target_modules=TARGETS, residual_quantization="nf4", residual_quant_iters=3),
+    )
+    for name, layer in _layers(model).items():
+        other = _layers(reference)[name]
+        assert torch.equal(layer.pissa_A["default"].weight, other.pissa_A["default"].weight), name
+        assert torch.equal(dequantized_weight(layer.get_base_layer()), dequantized_weight(other.get_base_layer()))
+
+
 def test_alternation_follows_loftq_algorithm_1():
     """Two iterations by hand: A_2, B_2 are PiSSA's factors of SVD_r(W - Q_1), Q_1 = dequant(quant(W - s B_1 A_1))."""
     torch.manual_seed(0)

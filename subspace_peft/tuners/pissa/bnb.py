@@ -64,6 +64,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
 
     weight = module.weight
-    if weight.dtype.is_floating_point:
+    # 4-bit data stored in a float dtype (quant_storage=float32 under FSDP) is packed, not a weight: its quant_state
+    # says so
+    if weight.dtype.is_floating_point and getattr(weight, "quant_state", None) is None:
         return weight.detach().float()
     return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
