@@ -59,6 +59,7 @@ LRS = {
     "qpissa": [1e-4, 3e-4, 1e-3],
 }
 MAX_WIDENINGS = 3
+RESULT_FILE = "bench_result.json"
 QPISSA_ITERS = 5  # QPiSSA alternates quantisation and SVD 5 times at init (LoftQ's usual choice)
 LABELS = {
     "full": "full fine-tuning",
@@ -158,7 +159,7 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
     seconds = time.perf_counter() - start
     validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
     model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
-    return {
+    result = {
         "method": method,
         "lr": lr,
         "train_losses": losses,
@@ -167,7 +168,22 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
         "validation_exact_match": validation["exact_match"],
         "train_seconds": seconds,
         "trainable": sum(p.numel() for p in trainable),
+        "steps": steps,
     }
+    with open(os.path.join(out_dir, RESULT_FILE), "w") as handle:  # a resumed sweep (--runs-root) reads it back
+        json.dump(result, handle)
+    return result
+
+
+def finished_run(run_dir: str, method: str, lr: float, steps: int) -> dict | None:
+    """The result a finished run left in ``run_dir`` (None: not run, or run with other settings)."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        result = json.load(handle)
+    same = (result.get("method"), result.get("lr"), result.get("steps")) == (method, lr, steps)
+    return result if same else None
 
 
 def evaluate(method: str, run_dir: str | None) -> dict:
@@ -264,11 +280,14 @@ def sweep_rates(method: str, steps: int, runs_root: str) -> list[dict]:
         for lr in rates:
             if lr not in runs:
                 run_dir = os.path.join(runs_root, f"{method}-{lr:g}")
-                runs[lr] = child_call(["--train", method, str(lr), "--steps", str(steps), "--run-dir", run_dir])
+                reused = finished_run(run_dir, method, lr, steps)
+                runs[lr] = reused or child_call(
+                    ["--train", method, str(lr), "--steps", str(steps), "--run-dir", run_dir]
+                )
                 runs[lr]["run_dir"] = run_dir
                 print(
                     f"{method} lr {lr:g}: validation loss {runs[lr]['validation_loss']:.4f} "
-                    f"({runs[lr]['train_seconds']:.0f} s)",
+                    + ("(reused)" if reused else f"({runs[lr]['train_seconds']:.0f} s)"),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -341,6 +360,10 @@ def main() -> None:
     parser.add_argument("--evaluate", nargs="+", metavar=("METHOD", "RUN_DIR"))
     parser.add_argument("--run-dir")
     parser.add_argument("--quant-errors", action="store_true")
+    parser.add_argument(
+        "--runs-root",
+        help="keep every run here and reuse the finished ones (a killed sweep resumes); default: a temporary folder",
+    )
     args = parser.parse_args()
     if args.train:
         print("RESULT " + json.dumps(train(args.train[0], float(args.train[1]), args.steps, args.run_dir)))
@@ -356,14 +379,15 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    runs_root = tempfile.mkdtemp(prefix="bench_quality_")
+    runs_root = args.runs_root or tempfile.mkdtemp(prefix="bench_quality_")
+    os.makedirs(runs_root, exist_ok=True)
     sweep: dict[str, list[dict]] = {}
     best: dict[str, dict] = {}
     for method in args.methods:
         sweep[method] = sweep_rates(method, args.steps, runs_root)
         best[method] = min(sweep[method], key=validation_key)
         for run in sweep[method]:
-            if run is not best[method]:
+            if run is not best[method] and not args.runs_root:
                 shutil.rmtree(run["run_dir"], ignore_errors=True)
     base = child_call(["--evaluate", "lora"])
     for method, run in best.items():

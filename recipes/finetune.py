@@ -62,7 +62,6 @@ TRAINING_DEFAULTS = dict(
     max_steps=120,
     per_device_train_batch_size=8,
     per_device_eval_batch_size=16,
-    learning_rate=2e-4,
     logging_steps=10,
     save_steps=40,
     save_total_limit=2,
@@ -220,9 +219,22 @@ def command_line():
 
     from cli import RecipeArgumentParser
 
-    return RecipeArgumentParser(
-        FinetuneRecipe, TrainingArguments, description=__doc__, training_defaults=TRAINING_DEFAULTS
+    rates = ", ".join(
+        f"{m.name} {m.recipe_learning_rate:g}"
+        + (f" ({m.recipe_learning_rate_quantized:g} quantised)" if m.recipe_learning_rate_quantized else "")
+        for m in RECORDS.values()
     )
+    defaults = {**TRAINING_DEFAULTS, "learning_rate": f"the method's measured rate: {rates}"}
+    return RecipeArgumentParser(FinetuneRecipe, TrainingArguments, description=__doc__, training_defaults=defaults)
+
+
+def default_learning_rate(recipe: FinetuneRecipe) -> float:
+    """The method's rate (its ``recipes/configs`` file's, the best of ``benchmarks/bench_quality.py``'s sweep), with
+    a quantised base the quantised rate where one was measured."""
+    record = RECORDS[recipe.method]
+    if recipe.quantization != "none" and record.recipe_learning_rate_quantized is not None:
+        return record.recipe_learning_rate_quantized
+    return record.recipe_learning_rate
 
 
 def configure(argv: Optional[list[str]] = None) -> FinetuneRecipe:
@@ -326,6 +338,7 @@ def training_arguments(recipe: FinetuneRecipe):
     # in a CPU run under accelerate launch
     values = {
         **TRAINING_DEFAULTS,
+        "learning_rate": default_learning_rate(recipe),
         "seed": recipe.seed,
         "data_seed": recipe.seed,
         "output_dir": recipe.output_dir,

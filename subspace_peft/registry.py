@@ -35,7 +35,9 @@ class Method:
     ``name`` is lower case ("pissa"): the ``PeftType`` member is its upper-case form and the prefix of its adapter
     weights ``<name>_``. ``card_fields`` are the config fields a model card lists (what sets the adapter's size), in
     the order a reader wants them. ``recipe_defaults`` is the ``method_config`` of ``recipes/configs/<name>.yaml``
-    (less its SVD cache setting); the default method's is the recipe's default. ``peft_builtin`` marks one of peft's
+    (less its SVD cache setting); the default method's is the recipe's default. ``recipe_learning_rate`` is that file's
+    learning rate and the recipe's default for the method: the best rate of ``benchmarks/bench_quality.py``'s sweep
+    for that config (``recipe_learning_rate_quantized`` with a 4/8-bit base). ``peft_builtin`` marks one of peft's
     own methods (LoRA): it has a record for the recipe and the card, and :func:`register` leaves it to peft.
     """
 
@@ -46,6 +48,8 @@ class Method:
     card_fields: tuple[str, ...] = ("r",)
     paper: Optional[Paper] = None
     recipe_defaults: Mapping = field(default_factory=dict, hash=False)
+    recipe_learning_rate: float = 2e-4
+    recipe_learning_rate_quantized: Optional[float] = None
     peft_builtin: bool = False
 
     @property

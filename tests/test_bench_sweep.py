@@ -49,6 +49,19 @@ def test_the_sweep_widens_upwards_until_the_best_rate_is_inside(monkeypatch, tmp
     assert [r["lr"] for r in runs] == sorted(r["lr"] for r in runs)
 
 
+def test_a_resumed_sweep_reuses_the_finished_runs_with_the_same_settings(monkeypatch, tmp_path):
+    asked = _stub_training(monkeypatch, lambda lr: abs(lr - 1e-3))  # best at 1e-3: no widening
+    finished = {"method": "lora", "lr": 3e-4, "steps": 80, "validation_loss": 0.5, "validation_exact_match": 0.1}
+    os.makedirs(tmp_path / "lora-0.0003")
+    (tmp_path / "lora-0.0003" / bench_quality.RESULT_FILE).write_text(json.dumps(finished))
+    other_steps = {**finished, "lr": 3e-3, "steps": 20}  # run with other settings: trained again
+    os.makedirs(tmp_path / "lora-0.003")
+    (tmp_path / "lora-0.003" / bench_quality.RESULT_FILE).write_text(json.dumps(other_steps))
+    runs = bench_quality.sweep_rates("lora", 80, str(tmp_path))
+    assert asked == pytest.approx([1e-3, 3e-3])
+    assert runs[0]["validation_loss"] == 0.5 and runs[0]["run_dir"] == str(tmp_path / "lora-0.0003")
+
+
 def test_the_sweep_stops_widening_after_its_limit_and_says_so(monkeypatch, tmp_path):
     asked = _stub_training(monkeypatch, lambda lr: lr)  # ever better at lower rates
     runs = bench_quality.sweep_rates("lora", 80, str(tmp_path))

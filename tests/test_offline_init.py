@@ -341,7 +341,10 @@ def test_cli_with_a_recipe_config(checkpoints, tmp_path, monkeypatch, capsys):
     assert "wrote the initial PiSSA adapter" in capsys.readouterr().out
     assert os.listdir(tmp_path / "cache")  # the recipe's svd_cache was honoured
     config = load_method_config(recipe)
-    assert (config.r, config.init, config.niter) == (8, "randomized", 4)
+    from subspace_peft.methods import PISSA
+
+    wanted = PISSA.recipe_defaults
+    assert (config.r, config.init, config.niter) == (wanted["r"], wanted["init"], wanted["niter"])
     reference_adapter(checkpoints["llama"], config, str(tmp_path / "reference"))
     assert_same_adapter(str(out), str(tmp_path / "reference"))
     assert main(["init", "--model", checkpoints["llama"], "--config", recipe, "--out", str(out)]) == 1

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from test_recipe_errors import _rest, error_line, no_model_loading, write  # noqa: F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,10 @@ from common import RecipeError  # noqa: E402
 from quantization import Quantization  # noqa: E402
 
 EFFORT = os.path.join(ROOT, "recipes", "configs", "effort.yaml")
+with open(EFFORT, encoding="utf-8") as _handle:
+    EFFORT_YAML = yaml.safe_load(_handle)  # the shipped values (learning rate measured by benchmarks/bench_quality.py)
+EFFORT_LR = EFFORT_YAML["training"]["learning_rate"]
+EFFORT_RANK = EFFORT_YAML["method_config"]["residual_rank"]
 
 
 def readme_recipe_commands() -> list[list[str]]:
@@ -50,10 +55,10 @@ def test_the_readme_commands_parse_as_written_with_the_yaml_kept_under_the_flags
     )
     accelerate = finetune.configure(recipe_argv(commands[1]))
     assert accelerate.method == "effort" and accelerate.output_dir == "runs/effort"
-    assert accelerate.training == {"max_steps": 300, "learning_rate": 1e-3, "per_device_train_batch_size": 8}
-    assert accelerate.method_config["residual_rank"] == 1
+    assert accelerate.training == {"max_steps": 300, "learning_rate": EFFORT_LR, "per_device_train_batch_size": 8}
+    assert accelerate.method_config["residual_rank"] == EFFORT_RANK
     arguments = finetune.training_arguments(accelerate)
-    assert (arguments.max_steps, arguments.learning_rate, arguments.per_device_train_batch_size) == (300, 1e-3, 8)
+    assert (arguments.max_steps, arguments.learning_rate, arguments.per_device_train_batch_size) == (300, EFFORT_LR, 8)
     assert arguments.lr_scheduler_type == "constant"  # the recipe's defaults under the file's block
 
 
@@ -78,21 +83,29 @@ def test_a_flat_flag_changes_its_key_only():
         "per_device_train_batch_size": 8,
         "warmup_steps": 5,
     }
-    assert recipe.method_config == {
-        "residual_rank": 2,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "orth_weight": 1e4,
-        "norm_weight": 1.0,
-        "svd_cache": True,
-    }
+    assert recipe.method_config == {**EFFORT_YAML["method_config"], "residual_rank": 2}
     assert recipe.eval_size == 8 and recipe.method == "effort"
 
 
 def test_the_training_mapping_flag_merges_and_later_flags_win():
     recipe = finetune.configure(["--config", EFFORT, "--training", "{max_steps: 50, seed: 3}", "--max_steps", "7"])
-    assert recipe.training == {"max_steps": 7, "learning_rate": 1e-3, "per_device_train_batch_size": 8, "seed": 3}
+    assert recipe.training == {"max_steps": 7, "learning_rate": EFFORT_LR, "per_device_train_batch_size": 8, "seed": 3}
     assert finetune.configure(["--max_steps", "300", "--max_steps", "3"]).training == {"max_steps": 3}
     assert finetune.configure(["--max_steps=4", "--max-steps", "5"]).training == {"max_steps": 5}
+
+
+@pytest.mark.parametrize(
+    "method, quantization", [(m, "none") for m in finetune.METHODS] + [("lora", "4bit"), ("pissa", "4bit")]
+)
+def test_without_a_learning_rate_the_method_trains_at_its_measured_rate(method, quantization):
+    record = finetune.RECORDS[method]
+    recipe = finetune.configure(["--method", method, "--quantization", quantization])
+    want = record.recipe_learning_rate
+    if quantization != "none" and record.recipe_learning_rate_quantized is not None:
+        want = record.recipe_learning_rate_quantized
+    assert finetune.training_arguments(recipe).learning_rate == want
+    flagged = finetune.configure(["--method", method, "--quantization", quantization, "--learning_rate", "0.5"])
+    assert finetune.training_arguments(flagged).learning_rate == 0.5
 
 
 def test_values_are_yaml_and_text_stays_text():
@@ -191,7 +204,7 @@ def test_trl_gets_an_sft_config_with_the_recipe_defaults():
     )
     arguments = finetune.training_arguments(recipe)
     assert type(arguments) is SFTConfig
-    assert (arguments.max_length, arguments.learning_rate, arguments.max_steps) == (48, 1e-3, 120)
+    assert (arguments.max_length, arguments.learning_rate, arguments.max_steps) == (48, EFFORT_LR, 120)
     assert (arguments.bf16, arguments.gradient_checkpointing, arguments.packing) == (False, False, False)
 
 
@@ -295,8 +308,8 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
         "effort",
         "transformers",
         3,
-        1e-3,
+        EFFORT_LR,
     )
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "EFFORT" and adapter["residual_rank"] == 1
+    assert adapter["peft_type"] == "EFFORT" and adapter["residual_rank"] == EFFORT_RANK

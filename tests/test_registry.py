@@ -146,6 +146,7 @@ def test_recipe_defaults_are_the_recipe_configs(method):
         recipe = yaml.safe_load(handle)
     assert recipe["method"] == method.name
     assert {k: v for k, v in recipe["method_config"].items() if k != "svd_cache"} == method.recipe_defaults
+    assert recipe["training"]["learning_rate"] == method.recipe_learning_rate
     method.config_cls(**method.recipe_defaults)
 
 
