@@ -391,8 +391,8 @@ def plot_curves(curves: dict, path: str, smooth: int) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for axis, phase, title in (
-        (axes[0], "mask", "Concrete mask training (AdaMerging's: after each inner lambda step)"),
-        (axes[1], "lambda", "lambda training (AdaMerging; Concrete AdaMerging after its mask)"),
+        (axes[0], "mask", "Concrete masks (Concrete AdaMerging's:\nafter each inner lambda step)"),
+        (axes[1], "lambda", "lambdas (AdaMerging;\nConcrete AdaMerging after its mask)"),
     ):
         for label, curve in curves[phase].items():
             means = [statistics.mean(curve[max(0, i - smooth + 1) : i + 1]) for i in range(len(curve))]
