@@ -51,11 +51,16 @@ class Quantization(Enum):
         }
 
     def method_config_changes(self, method: str, dtype_name: str, method_config: dict) -> dict:
-        """What the method config gets on top of ``method_config``: QPiSSA's residual quantisation (and for 4 bits
-        its storage dtype, the one FSDP shards in, as for QLoRA above, unless the config sets one)."""
+        """What the method config gets on top of ``method_config``: QPiSSA's residual quantisation, its
+        quantisation/SVD iterations (``QPISSA_RECIPE_ITERS``, the measured setting) and for 4 bits its storage dtype,
+        the one FSDP shards in, as for QLoRA above; the last two unless the config sets them."""
+        from subspace_peft.methods import QPISSA_RECIPE_ITERS
+
         if self is Quantization.NONE or method != "pissa":
             return {}
         changes = {"residual_quantization": self.quant_type}
+        if "residual_quant_iters" not in method_config:
+            changes["residual_quant_iters"] = QPISSA_RECIPE_ITERS
         if self.bits == 4 and "residual_quant_storage" not in method_config:
             changes["residual_quant_storage"] = dtype_name
         return changes

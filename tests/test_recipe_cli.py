@@ -222,12 +222,20 @@ def test_quantization_spells_the_bitsandbytes_and_qpissa_settings_once():
     assert Quantization("4bit").model_kwargs("pissa", torch.float32) == {}  # QPiSSA quantises after the SVD
     assert Quantization("4bit").method_config_changes("pissa", "bfloat16", {}) == {
         "residual_quantization": "nf4",
+        "residual_quant_iters": 5,
         "residual_quant_storage": "bfloat16",
     }
-    assert Quantization("8bit").method_config_changes("pissa", "float32", {}) == {"residual_quantization": "int8"}
+    assert Quantization("8bit").method_config_changes("pissa", "float32", {}) == {
+        "residual_quantization": "int8",
+        "residual_quant_iters": 5,
+    }
+    assert Quantization("8bit").method_config_changes("pissa", "float32", {"residual_quant_iters": 1}) == {
+        "residual_quantization": "int8"
+    }
     assert Quantization("none").method_config_changes("pissa", "float32", {}) == {}
     config = finetune.peft_config(finetune.FinetuneRecipe(method="pissa", quantization="4bit", dtype="bfloat16"))
     assert (config.residual_quantization, config.residual_quant_storage) == ("nf4", "bfloat16")
+    assert config.residual_quant_iters == 5
 
 
 # -- the Hub fields -------------------------------------------------------------------------------------------------
