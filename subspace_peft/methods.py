@@ -91,7 +91,12 @@ EFFORT = Method(
         2025,
         "https://arxiv.org/abs/2411.15633",
     ),
-    recipe_defaults={"residual_rank": 16, "target_modules": "all-linear", "orth_weight": 1e4, "norm_weight": 1.0},
+    recipe_defaults={
+        "residual_rank": 1,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "orth_weight": 1e4,
+        "norm_weight": 1.0,
+    },
     recipe_learning_rate=1e-3,
 )
 
