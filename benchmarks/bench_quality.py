@@ -44,6 +44,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
+from subspace_peft.methods import QPISSA_RECIPE_ITERS  # noqa: E402
+
 RANK = 16
 # Each method's starting grid, on the 1-3-10 ladder; the sweep widens it (up to MAX_WIDENINGS steps) while the best
 # rate sits at an end, so every reported rate has a worse one on each side.
@@ -60,7 +62,7 @@ LRS = {
 }
 MAX_WIDENINGS = 3
 RESULT_FILE = "bench_result.json"
-QPISSA_ITERS = 5  # QPiSSA alternates quantisation and SVD 5 times at init (LoftQ's usual choice)
+QPISSA_ITERS = QPISSA_RECIPE_ITERS  # the recipe's QPiSSA alternates quantisation and SVD this many times at init
 LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (peft)",
@@ -111,9 +113,7 @@ def method_recipe(method: str):
         "flora": {"r": RANK, "target_modules": "all-linear"},
         "effort": {"residual_rank": RANK, "target_modules": "all-linear"},
     }
-    config = dict(configs.get(method, configs.get(base, {})))
-    if method == "qpissa":
-        config["residual_quant_iters"] = QPISSA_ITERS
+    config = dict(configs.get(method, configs.get(base, {})))  # qpissa: the recipe adds QPISSA_ITERS iterations
     return FinetuneRecipe(method=base if base != "full" else "lora", method_config=config, quantization=quantization)
 
 
