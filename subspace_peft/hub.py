@@ -396,6 +396,16 @@ def _check_timeouts(timeout, max_retries) -> None:
     )
 
 
+def _check_online(repo_id: str) -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"push_adapter: the Hub is turned off in this process (HF_HUB_OFFLINE=1), so {repo_id!r} cannot be "
+            "pushed; fix: unset HF_HUB_OFFLINE (or set it to 0) before starting Python"
+        )
+
+
 def push_adapter(
     peft_model,
     repo_id: str,
@@ -432,12 +442,14 @@ def push_adapter(
     load. ``license`` (e.g. ``"apache-2.0"``) and ``datasets`` (Hub dataset ids) go into the card's metadata.
 
     Raises a ValueError before anything is written or sent if ``timeout`` is not a finite number > 0, ``max_retries``
-    not an integer >= 0, ``repo_id`` not a valid repo id, or the base model a local path with no ``base_model``.
+    not an integer >= 0, ``repo_id`` not a valid repo id, the base model a local path with no ``base_model``, or the
+    Hub turned off (``HF_HUB_OFFLINE=1``).
     """
     _check_timeouts(timeout, max_retries)
     choice("push_adapter", "export", export, ("lora", None))
     validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming the rule
     _check_card_fields(peft_model.peft_config[adapter_name], base_model, license, datasets)
+    _check_online(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, selected_adapters=[adapter_name])

@@ -13,8 +13,10 @@ those whose path matches ``regex``, which it holds the same way. ``hub.connectio
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +36,25 @@ class _Repos:
             ).hexdigest()
             self.commits[repo] = digest
             return digest
+
+
+@contextlib.contextmanager
+def hub_online():
+    """Tests run with the Hub off (conftest.py); one that talks to a loopback Hub turns huggingface_hub's offline flag
+    (read by every request it makes) and the variable (read by peft) off for its duration."""
+    import huggingface_hub.constants as hub_constants
+
+    flag, variable = hub_constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    hub_constants.HF_HUB_OFFLINE = False
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = flag
+        if variable is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = variable
 
 
 def _silent_handler(hub: "FakeHub"):
@@ -180,6 +201,8 @@ class FakeHub:
         }
 
     def __enter__(self):
+        self._online = hub_online()
+        self._online.__enter__()
         self.thread.start()
         return self
 
@@ -187,3 +210,4 @@ class FakeHub:
         self.stopped.set()
         self.server.shutdown()
         self.server.server_close()
+        self._online.__exit__(*exc)

@@ -555,3 +555,62 @@ def test_a_cached_init_checks_for_nan_only_the_weights_it_computes(tmp_path, mon
     with torch.no_grad():
         poisoned.lin1.weight[0, 0] = math.nan  # another fingerprint: a miss, checked before any SVD
     assert_refused_unchanged(poisoned, config, "'lin1' has NaN or Inf")
+
+
+# -- every method with the cache on: a miss writes, a hit reads, for factors with a strided size-1 dimension ----------
+def _rank_one_configs():
+    """Rank 1 on a tall (20x10) and a wide (3x20) layer: the rank-1 factors are columns/rows of a transposed SVD,
+    whose size-1 dimension keeps a stride (the crash of effort.yaml's `svd_cache: true` on SmolLM2)."""
+    from subspace_peft import EffortConfig, PiSSAConfig, SVFitConfig
+
+    targets = ["lin0", "lin1", "lin2"]
+    return {
+        "pissa": lambda cache: PiSSAConfig(r=1, target_modules=targets, svd_cache=cache),
+        "pissa-randomized": lambda cache: PiSSAConfig(r=1, target_modules=targets, init="randomized", svd_cache=cache),
+        "svfit": lambda cache: SVFitConfig(r=1, target_modules=targets, svd_cache=cache),
+        "effort": lambda cache: EffortConfig(residual_rank=1, target_modules=targets, svd_cache=cache),
+    }
+
+
+def test_every_method_with_a_cache_setting_is_covered():
+    import subspace_peft
+
+    with_cache = {m.name for m in subspace_peft.METHODS if "svd_cache" in m.config_cls.__dataclass_fields__}
+    assert with_cache == {name.split("-")[0] for name in _rank_one_configs()}
+
+
+@pytest.mark.parametrize("method", sorted(_rank_one_configs()))
+def test_every_method_misses_then_hits_the_cache_with_rank_one_factors(tmp_path, monkeypatch, method):
+    from peft import get_peft_model
+
+    import subspace_peft.linalg.svd as svd_module
+
+    from tiny_models import MLP
+
+    make = _rank_one_configs()[method]
+    torch.manual_seed(0)
+    base = MLP()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    x = torch.randn(5, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVDCacheWarning)
+        miss = get_peft_model(base, make(str(tmp_path)))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written and all(name.endswith(".safetensors") for name in written), written
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("a cache hit runs no SVD")
+
+    monkeypatch.setattr(svd_module, "truncated_svd_batched", no_svd)
+    again = MLP()
+    again.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVDCacheWarning)
+        hit = get_peft_model(again, make(str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == written, "a hit writes nothing"
+    miss_state, hit_state = miss.state_dict(), hit.state_dict()
+    assert miss_state.keys() == hit_state.keys()
+    for key in miss_state:
+        assert torch.equal(miss_state[key], hit_state[key]), key
+    with torch.no_grad():
+        assert torch.equal(miss(x), hit(x))

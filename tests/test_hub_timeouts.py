@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 
 from subspace_peft.hub import HubUnreachableError, push_adapter
 
-from fake_hub import FakeHub
+from cpu_features import pretend_avx512_bf16
+from fake_hub import FakeHub, hub_online
 from tiny_models import build
 
 TOKEN = "hf_fake_token_for_tests"
@@ -31,7 +32,7 @@ def model():
 def refused(hub_or_endpoint, model, **kwargs) -> tuple[str, float]:
     endpoint = getattr(hub_or_endpoint, "endpoint", hub_or_endpoint)
     start = time.monotonic()
-    with pytest.raises(HubUnreachableError) as error:
+    with hub_online(), pytest.raises(HubUnreachableError) as error:
         push_adapter(model, "user/tiny", token=TOKEN, endpoint=endpoint, **kwargs)
     elapsed = time.monotonic() - start
     message = str(error.value)
@@ -124,7 +125,11 @@ def test_a_bad_repo_id_is_refused_before_any_request(model):
         assert hub.connections == 0
 
 
-CHILD = """
+# a plain CPU for bitsandbytes (tests/cpu_features.py): on an AVX512-BF16 CPU its import-time kernel request would go
+# to this never-answering Hub too, and hang before the push this test is about
+CHILD = (
+    pretend_avx512_bf16(False)
+    + """
 import torch
 from peft import LoraConfig, get_peft_model
 from subspace_peft import push_adapter
@@ -135,6 +140,7 @@ try:
 except ValueError as error:
     print("REFUSED", error)
 """
+)
 
 
 @pytest.mark.timeout(240)
@@ -149,3 +155,13 @@ def test_the_message_names_hf_endpoint_of_the_environment():
     assert line is not None, proc.stderr[-3000:]
     assert f"the Hub at {hub.endpoint} did not answer create_repo('user/tiny') within timeout=0.5s" in line
     assert f"HF_ENDPOINT (now {hub.endpoint})" in line
+
+
+def test_with_the_hub_turned_off_the_push_is_refused_before_anything_is_sent(model):
+    with FakeHub(answer=False) as hub:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True  # as HF_HUB_OFFLINE=1 at start-up (the FakeHub restores it on exit)
+        with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE=1.*fix: unset HF_HUB_OFFLINE"):
+            push_adapter(model, "user/tiny", token=TOKEN, endpoint=hub.endpoint)
+        assert hub.connections == 0

@@ -1,15 +1,38 @@
-"""The documents' references are real: every test, test file and script README.md and CONTRIBUTING.md cite exists,
-and every check of tests/PARITY.md names a test of tests/test_parity.py."""
+"""The documents' references are real: every test, test file, script and config README.md, CONTRIBUTING.md and the
+pages under docs/ cite exists, their relative links lead to files (and, from docs/, to headings) that exist, and
+every check of tests/PARITY.md names a test of tests/test_parity.py."""
 
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import re
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one page per method and per topic, which README.md's method table links to
+PAGES = (
+    "pissa.md",
+    "svfit.md",
+    "flora.md",
+    "effort.md",
+    "merging.md",
+    "recipes.md",
+    "loading-and-sharing.md",
+    "big-models.md",
+)
+DOCS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCUMENTS = ["README.md", "CONTRIBUTING.md", *DOCS]
+
+# a path under one of these folders, anywhere in the text (prose, `code`, a command such as
+# `python benchmarks/bench_quality.py --quant-errors`), optionally with ::test_name
+CITED = re.compile(
+    r"(?<![\w./-])((?:tests|benchmarks|recipes|subspace_peft)/[\w/.-]*\w\.(?:py|yaml|md|json|png))(?:::(\w+))?"
+)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def read(path: str) -> str:
@@ -21,14 +44,36 @@ def functions_in(path: str) -> set[str]:
     return {node.name for node in ast.walk(ast.parse(read(path))) if isinstance(node, ast.FunctionDef)}
 
 
-@pytest.mark.parametrize("document", ["README.md", "CONTRIBUTING.md"])
+def heading_anchors(path: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation but '-' and '_' dropped, spaces '-'."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", read(path), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_the_docs_folder_has_every_page():
+    assert set(PAGES) <= {os.path.basename(path) for path in DOCS}, DOCS
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_cited_test_file_script_and_test_function_exists(document):
-    cited = set(re.findall(r"`((?:tests|benchmarks|recipes|subspace_peft)/[\w/]+\.py)(?:::(\w+))?", read(document)))
-    assert len(cited) >= 5, cited
+    cited = set(CITED.findall(read(document)))
+    assert len(cited) >= (5 if document in ("README.md", "CONTRIBUTING.md") else 1), cited
     for path, function in cited:
-        assert os.path.isfile(os.path.join(ROOT, path)), path
+        assert os.path.isfile(os.path.join(ROOT, path)), f"{document} cites {path}"
         if function:
-            assert function in functions_in(path), f"{path}::{function}"
+            assert function in functions_in(path), f"{document} cites {path}::{function}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_relative_link_leads_to_a_file(document):
+    for target in LINK.findall(read(document)):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a web address, or a heading of the document itself
+        path, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(document), path))
+        assert os.path.exists(os.path.join(ROOT, linked)), f"{document} links to {target}"
+        if anchor and document.startswith("docs") and linked.endswith(".md"):
+            assert anchor in heading_anchors(linked), f"{document} links to {target}: no such heading"
 
 
 def test_the_parity_checklist_names_real_parity_tests():

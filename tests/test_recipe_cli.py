@@ -291,7 +291,7 @@ def test_the_hub_fields_go_to_push_adapter(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # SmolLM2 through accelerate launch (about a minute on CPU)
 def test_the_readme_accelerate_command_runs_as_written(tmp_path):
-    from packaged_models import smollm2_missing
+    from subspace_peft.packaged_models import smollm2_missing
 
     if smollm2_missing():
         pytest.skip(f"the packaged SmolLM2 is not installed: {smollm2_missing()}")

@@ -15,10 +15,11 @@ from test_finetune_recipe import tiny_model  # noqa: F401  (fixture)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
+from subspace_peft.packaged_models import smollm2_missing  # noqa: E402
+
 import finetune  # noqa: E402
 from common import RecipeError  # noqa: E402
 from data import arithmetic_chat_rows, chat_segments, collate, tokenize  # noqa: E402
-from packaged_models import smollm2_missing  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "You add numbers."},
@@ -35,7 +36,7 @@ def smollm2_tokenizer():
         pytest.skip(f"the packaged SmolLM2 is not installed: {smollm2_missing()}")
     from transformers import AutoTokenizer
 
-    from packaged_models import smollm2_path
+    from subspace_peft.packaged_models import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path())
 

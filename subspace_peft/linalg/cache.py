@@ -61,16 +61,23 @@ def default_cache_dir() -> Path:
     return cache_root() / "svd"
 
 
+def _raw_bytes(tensor: torch.Tensor):
+    """The tensor's bytes in row-major order, as a flat numpy uint8 array (bf16/fp8 included).
+
+    Flattened before the byte view: ``contiguous()`` keeps any stride on a size-1 dimension (a (m, 1) column of a
+    transposed matrix stays strided), which ``view(torch.uint8)`` refuses; a flat tensor has stride 1.
+    """
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def weight_fingerprint(weight: torch.Tensor) -> str:
     """xxh3-128 of the weight's bytes, shape and dtype (runs at memory bandwidth, ~10 GB/s)."""
     data = weight.detach()
     if data.device.type != "cpu":
         data = data.cpu()
-    data = data.contiguous()
     digest = xxhash.xxh3_128()
     digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
-    # viewing as uint8 keeps bf16/fp8 hashable through numpy
-    digest.update(data.view(torch.uint8).reshape(-1).numpy())
+    digest.update(_raw_bytes(data))
     return digest.hexdigest()
 
 
@@ -92,9 +99,9 @@ def entry_checksum(tensors: dict[str, torch.Tensor], record: dict[str, str]) -> 
     for key in _RECORD_KEYS:
         digest.update(f"{key}={record[key]}\n".encode())
     for name in _NAMES:
-        tensor = tensors[name].detach().contiguous()
+        tensor = tensors[name]
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        digest.update(tensor.view(torch.uint8).reshape(-1).numpy())
+        digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -118,9 +125,9 @@ def bundle_checksum(tensors: dict[str, torch.Tensor], manifest: str) -> str:
     digest = xxhash.xxh3_128()
     digest.update(manifest.encode())
     for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous()
+        tensor = tensors[name]
         digest.update(f"\n{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        digest.update(tensor.view(torch.uint8).reshape(-1).numpy())
+        digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
 
 

