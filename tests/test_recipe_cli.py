@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 import finetune  # noqa: E402
 from common import RecipeError  # noqa: E402
 from quantization import Quantization  # noqa: E402
+from readme_commands import makefile_recipe, readme_shell_commands  # noqa: E402
 
 EFFORT = os.path.join(ROOT, "recipes", "configs", "effort.yaml")
 with open(EFFORT, encoding="utf-8") as _handle:
@@ -29,13 +29,13 @@ EFFORT_RANK = EFFORT_YAML["method_config"]["residual_rank"]
 
 
 def readme_recipe_commands() -> list[list[str]]:
-    """The recipe command lines of README.md's Recipes section, split as a shell splits them."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text[text.index("\n## Recipes") :]
-    section = section[: section.index("\n## ", 1)]
-    block = section[section.index("```bash") :]
-    block = block[: block.index("```", 3)]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if "recipes/finetune.py" in line]
+    """The recipe command lines README.md shows: `make demo` as the Makefile runs it, then each line that runs
+    recipes/finetune.py, split as a shell splits them."""
+    commands = readme_shell_commands()
+    assert ["make", "demo"] in commands
+    (demo,) = makefile_recipe("demo")
+    assert demo == "$(PY) recipes/finetune.py $(ARGS)"
+    return [["python", "recipes/finetune.py"]] + [c for c in commands if "recipes/finetune.py" in c]
 
 
 def recipe_argv(command: list[str]) -> list[str]:
@@ -295,7 +295,7 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
 
     if smollm2_missing():
         pytest.skip(f"the packaged SmolLM2 is not installed: {smollm2_missing()}")
-    command = readme_recipe_commands()[1]
+    command = next(c for c in readme_recipe_commands() if c[0] == "accelerate")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     argv = [
         accelerate if command[0] == "accelerate" else command[0],

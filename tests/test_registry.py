@@ -162,8 +162,8 @@ def test_the_recipes_read_the_records():
 # -- the README's tables are the records' --------------------------------------------------------------------------
 
 
-def readme_table(header: str) -> list[list[str]]:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+def readme_table(header: str, document: str = "README.md") -> list[list[str]]:
+    with open(os.path.join(ROOT, document), encoding="utf-8") as handle:
         text = handle.read()
     rows = text[text.index(header) :].split("\n\n")[0].splitlines()[2:]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
@@ -176,17 +176,20 @@ def paper_link(paper: Paper) -> str:
 def test_readme_method_table_rows_are_the_records():
     rows = [
         row
-        for row in readme_table("| method | config | paper | status | what trains |")
+        for row in readme_table("| method | config | paper | status | what trains | guide |")
         if row[1] != "`subspace_peft.merging`"
     ]
     ours = [method for method in METHODS if not method.peft_builtin]
     assert [(row[0].split(" / ")[0], row[1], row[2]) for row in rows] == [
         (m.title, f"`{m.config_cls.__name__}`", paper_link(m.paper)) for m in ours
     ]
+    for row, method in zip(rows, ours):  # each method's guide is its page under docs/
+        page = f"docs/{method.name}.md"
+        assert row[5] == f"[{page}]({page})" and os.path.isfile(os.path.join(ROOT, page)), row[5]
 
 
-def test_readme_merging_table_rows_are_the_merge_registry():
-    rows = readme_table("| method | name | parameters | paper |")
+def test_the_merging_guide_table_rows_are_the_merge_registry():
+    rows = readme_table("| method | name | parameters | paper |", "docs/merging.md")
     assert rows == [
         [m.title, f"`{m.name}`", ", ".join(f"`{p.name}`" for p in m.parameters), paper_link(m.paper)]
         for m in merging.MERGE_METHODS.values()
