@@ -6,17 +6,42 @@
   switches huggingface_hub's offline flag off and back on, and ``hub.env`` gives child processes ``HF_HUB_OFFLINE=0``.
 - Connections and name lookups to anything but loopback raise at once (:func:`refuse_the_network`), so a test that
   would wait on the network fails in milliseconds with a message naming the host.
-- ``SUBSPACE_PEFT_CACHE`` is left as it is: the converted packaged SmolLM2 lives there (converted once from the
-  installed package, identical on every machine); tests that use the SVD cache give it their own folder.
+- Nothing a developer machine has cached is read: the Hub cache (``HF_HOME``: models, and the CPU kernels that
+  bitsandbytes would take from it) and our SVD cache (``SUBSPACE_PEFT_CACHE``) are empty folders of this run. The one
+  thing shared across runs is the packaged SmolLM2 converted to safetensors (``models/`` of the user's cache, linked
+  in): it is derived from the installed package alone, the same on every machine, and a fresh one converts it once.
 """
 
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def isolate_caches() -> None:
+    # subspace_peft.linalg.cache.cache_root(), read before anything imports huggingface_hub (which reads HF_HOME once)
+    user_cache = os.environ.get("SUBSPACE_PEFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "subspace_peft"
+    )
+    models = os.path.join(user_cache, "models")
+    os.makedirs(models, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="subspace-peft-tests-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    os.makedirs(os.path.join(scratch, "cache"))
+    os.symlink(models, os.path.join(scratch, "cache", "models"))
+    os.environ["SUBSPACE_PEFT_CACHE"] = os.path.join(scratch, "cache")
+    os.environ["HF_HOME"] = os.path.join(scratch, "hf")
+    os.environ["SUBSPACE_PEFT_TEST_SCRATCH"] = scratch
+
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("SUBSPACE_PEFT_TEST_SCRATCH") is None:  # once per run (pytest-xdist workers inherit it)
+    isolate_caches()
 
 _LOCAL_NAMES = {"localhost", "::1", "0.0.0.0", ""}
 

@@ -75,7 +75,11 @@ METHOD_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+# one method in the default run; each other method's end-to-end run (a process, ~13 s) is in the slow suite
+END_TO_END = [m if m == "pissa" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHOD_CONFIGS)]
+
+
+@pytest.mark.parametrize("method", END_TO_END)
 def test_every_method_trains_and_writes_adapter_curve_and_metrics(tiny_model, tmp_path, method):
     proc = run_recipe(recipe_args(tiny_model, tmp_path, method=method, method_config=METHOD_CONFIGS[method]))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,11 +96,21 @@ def test_every_method_trains_and_writes_adapter_curve_and_metrics(tiny_model, tm
     "values, message",
     [
         (dict(method="dora"), r"method must be one of"),
-        (dict(method="svfit", method_config={"r": 2, "alpha": 4}), r"SVFitConfig has no field\(s\) \['alpha'\]"),
-        (dict(method="svfit", quantization="4bit"), r"quantization='4bit' needs a method .* 'lora' .* 'pissa'"),
-        (dict(training={"max_stepz": 3}), r"training: .*max_stepz"),
-        (dict(dataset="DATA", prompt_field="question"), r"has no column\(s\) \['question'\]"),
-        (dict(epochs=3), r"unknown recipe keys \['epochs'\]"),
+        # through the command line, each a process of its own: the default run has one, the slow suite the rest
+        # (tests/test_recipe_errors.py checks every message in-process)
+        *(
+            pytest.param(values, message, marks=pytest.mark.slow)
+            for values, message in [
+                (
+                    dict(method="svfit", method_config={"r": 2, "alpha": 4}),
+                    r"SVFitConfig has no field\(s\) \['alpha'\]",
+                ),
+                (dict(method="svfit", quantization="4bit"), r"quantization='4bit' needs a method .* 'lora' .* 'pissa'"),
+                (dict(training={"max_stepz": 3}), r"training: .*max_stepz"),
+                (dict(dataset="DATA", prompt_field="question"), r"has no column\(s\) \['question'\]"),
+                (dict(epochs=3), r"unknown recipe keys \['epochs'\]"),
+            ]
+        ),
     ],
 )
 def test_bad_input_stops_before_training(tiny_model, tmp_path, values, message):

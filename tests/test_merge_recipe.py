@@ -80,8 +80,15 @@ def run_recipe(root, **values) -> subprocess.CompletedProcess:
     )
 
 
+# each method a process of its own (~10 s): the default run has task arithmetic (checked against the library) and
+# Concrete AdaMerging (the learned mask and lambdas), the slow suite the rest
 @pytest.mark.parametrize(
-    "method", ["task_arithmetic", "ties", "dare", "adamerging", "concrete_task_arithmetic", "concrete_adamerging"]
+    "method",
+    [
+        "task_arithmetic",
+        "concrete_adamerging",
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("ties", "dare", "adamerging", "concrete_task_arithmetic")),
+    ],
 )
 def test_every_method_writes_a_loadable_merged_model(models, method):
     proc = run_recipe(models, method=method, save_masks=method.startswith("concrete"))
@@ -113,8 +120,13 @@ def test_every_method_writes_a_loadable_merged_model(models, method):
     "values, message",
     [
         (dict(method="nope"), "method must be one of"),
-        (dict(method="ties", lamda=0.3), "unknown recipe keys \\['lamda'\\]"),
-        (dict(method="concrete_task_arithmetic", tasks=[{"name": "a", "model": "x"}]), "no 'unlabeled' file"),
+        # the command line's exit and message, a process each (tests/test_recipe_errors.py checks them in-process)
+        pytest.param(dict(method="ties", lamda=0.3), "unknown recipe keys \\['lamda'\\]", marks=pytest.mark.slow),
+        pytest.param(
+            dict(method="concrete_task_arithmetic", tasks=[{"name": "a", "model": "x"}]),
+            "no 'unlabeled' file",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_recipes_fail_before_loading_anything(models, values, message):

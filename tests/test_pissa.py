@@ -51,7 +51,9 @@ def test_matches_peft_builtin_pissa_on_minilm():
         signs = torch.sign((b * peft_b).sum(0))
         assert rel_err(b * signs, peft_b) <= 1e-4, name
         assert rel_err(a * signs[:, None], peft_a) <= 1e-4, name
-        assert rel_err(layer.residual_weight("default"), peft_layer.get_base_layer().weight) <= 1e-5, name
+        # peft's residual is W minus its fp32 LAPACK factors, whose rounding depends on BLAS's thread count (3.7e-5
+        # relative with one thread, below 1e-5 with two): the factors' own 1e-4 bounds it
+        assert rel_err(layer.residual_weight("default"), peft_layer.get_base_layer().weight) <= 1e-4, name
         compared += 1
     assert compared == 12
 

@@ -31,7 +31,10 @@ def import_in_child(hub: FakeHub, avx512_bf16: bool, offline: bool, tmp_path) ->
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("avx512_bf16", [False, True], ids=["plain CPU", "AVX512-BF16 CPU"])
+# a process each (~9 s): the AVX512-BF16 case in the default run, the others in the slow suite
+@pytest.mark.parametrize(
+    "avx512_bf16", [pytest.param(False, marks=pytest.mark.slow), True], ids=["plain CPU", "AVX512-BF16 CPU"]
+)
 def test_the_import_is_silent_and_makes_no_request_with_the_hub_off(tmp_path, avx512_bf16):
     with FakeHub(answer=False) as hub:  # a request would hang: the timeout fails the test
         proc = import_in_child(hub, avx512_bf16, offline=True, tmp_path=tmp_path)
@@ -43,6 +46,7 @@ def test_the_import_is_silent_and_makes_no_request_with_the_hub_off(tmp_path, av
     assert f"KERNELS {[KERNEL_REPO] if avx512_bf16 else []}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_our_import_makes_no_request_with_the_hub_on_a_plain_cpu(tmp_path):
     with FakeHub(answer=False) as hub:
         proc = import_in_child(hub, avx512_bf16=False, offline=False, tmp_path=tmp_path)
@@ -52,6 +56,7 @@ def test_our_import_makes_no_request_with_the_hub_on_a_plain_cpu(tmp_path):
     assert proc.stderr == "", proc.stderr
 
 
+@pytest.mark.slow
 def test_online_on_an_avx512_bf16_cpu_the_kernel_request_and_its_warning_are_bitsandbytes_own(tmp_path):
     """What the README tells a CPU user they will see without HF_HUB_OFFLINE=1: one request to the Hub at import
     (here answered 404) and bitsandbytes' one warning line; the filter hides nothing when the Hub is on."""
@@ -65,3 +70,18 @@ def test_online_on_an_avx512_bf16_cpu_the_kernel_request_and_its_warning_are_bit
         line for line in proc.stderr.splitlines() if FAILED_LINE in line
     ]
     assert FAILED_LINE in proc.stderr
+
+
+def test_tests_run_with_the_hub_off_and_cannot_reach_the_network():
+    import socket
+
+    import huggingface_hub.constants
+
+    from conftest import NetworkRefused
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    with pytest.raises(NetworkRefused, match="tests may not reach the network"):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
+    with pytest.raises(NetworkRefused):
+        socket.socket().connect(("192.0.2.1", 80))
+    assert os.environ["HF_HOME"].startswith(os.environ["SUBSPACE_PEFT_TEST_SCRATCH"])
