@@ -90,6 +90,9 @@ def test_every_method_trains_and_writes_adapter_curve_and_metrics(tiny_model, tm
     assert (tmp_path / "loss.png").stat().st_size > 1000
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == method.upper()
+    card = (tmp_path / "adapter" / "README.md").read_text()  # our card, not peft's template
+    assert "More Information Needed" not in card and "eval loss before / after" in card
+    assert f"adapter:       {tmp_path / 'adapter'}" in proc.stdout and "holds the last step's (step 4;" in proc.stdout
 
 
 @pytest.mark.parametrize(

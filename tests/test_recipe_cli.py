@@ -321,3 +321,23 @@ def test_the_readme_accelerate_command_runs_as_written(tmp_path):
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "EFFORT" and adapter["residual_rank"] == EFFORT_RANK
+
+
+def test_the_report_says_which_weights_the_adapter_holds_and_how_to_load_it(tmp_path):
+    from types import SimpleNamespace
+
+    def trainer(best: bool, checkpoint=None):
+        args = SimpleNamespace(load_best_model_at_end=best, metric_for_best_model=None)
+        return SimpleNamespace(args=args, state=SimpleNamespace(global_step=120, best_model_checkpoint=checkpoint))
+
+    assert finetune.saved_weights(trainer(False)).startswith("the last step's (step 120;")
+    best = finetune.saved_weights(trainer(True, str(tmp_path / "checkpoint-80")))
+    assert best == "the best checkpoint by eval loss (checkpoint-80, load_best_model_at_end)"
+    metrics = {"before": {"eval_loss": 1.8, "exact_match": 0.0}, "after": {"eval_loss": 0.36, "exact_match": 0.55}}
+    for method, first_load_line in (("pissa", "import subspace_peft"), ("lora", "from peft import")):
+        recipe = finetune.FinetuneRecipe(method=method, method_config={}, output_dir=str(tmp_path / "run"))
+        lines = finetune.report(recipe, trainer(False), metrics).splitlines()
+        assert "eval loss:     1.8000 -> 0.3600 (held-out answers)" in lines
+        load = lines[lines.index("load it:") + 1 :]
+        assert load[0].strip().startswith(first_load_line) and len(load) == (3 if method == "pissa" else 2)
+        assert load[-1].strip() == f'model = AutoPeftModelForCausalLM.from_pretrained("{tmp_path / "run" / "adapter"}")'
