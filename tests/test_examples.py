@@ -64,8 +64,9 @@ def test_every_example_has_a_test_that_runs_it_and_stays_short():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_pissa_sft_chat():
-    result = run_example("pissa_sft_chat.py", "--steps", "4", "--rank", "4")
+def test_pissa_sft_chat(tmp_path):
+    result = run_example("pissa_sft_chat.py", "--steps", "4", "--rank", "4", "--output-dir", str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").is_file()
     assert result["eval_loss_after"] < result["eval_loss_before"]
     assert result["reload_max_abs_diff"] <= 1e-4  # PeftModel.from_pretrained on a fresh base: the same logits
     assert isinstance(result["answer"], str) and result["answer"]
