@@ -30,6 +30,7 @@ def trained_pissa():
     return model.eval()
 
 
+@pytest.mark.slow  # a second process (tests/test_parity.py loads every export without this package by default)
 @pytest.mark.timeout(300)
 def test_the_lora_export_is_pushed_and_loads_in_plain_peft_without_this_package(tmp_path):
     model = trained_pissa()

@@ -60,6 +60,7 @@ def test_a_hub_that_accepts_and_never_answers_fails_within_the_budget(model, max
     assert client_has_no_push_timeout()
 
 
+@pytest.mark.slow  # each waits out huggingface_hub's own retries (~5 s)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("stalled", ["/preupload/", "/commit/"])
 def test_huggingface_hubs_own_retries_count_against_the_budget(model, stalled):
@@ -143,6 +144,7 @@ except ValueError as error:
 )
 
 
+@pytest.mark.slow  # a second process
 @pytest.mark.timeout(240)
 def test_the_message_names_hf_endpoint_of_the_environment():
     # the endpoint comes from HF_ENDPOINT, which huggingface_hub reads at import: a fresh process

@@ -80,14 +80,16 @@ def run_recipe(root, **values) -> subprocess.CompletedProcess:
     )
 
 
-# each method a process of its own (~10 s): the default run has task arithmetic (checked against the library) and
-# Concrete AdaMerging (the learned mask and lambdas), the slow suite the rest
+# each method a process of its own (~10 s): the default run has task arithmetic (checked against the library), the
+# slow suite the rest
 @pytest.mark.parametrize(
     "method",
     [
         "task_arithmetic",
-        "concrete_adamerging",
-        *(pytest.param(m, marks=pytest.mark.slow) for m in ("ties", "dare", "adamerging", "concrete_task_arithmetic")),
+        *(
+            pytest.param(m, marks=pytest.mark.slow)
+            for m in ("ties", "dare", "adamerging", "concrete_task_arithmetic", "concrete_adamerging")
+        ),
     ],
 )
 def test_every_method_writes_a_loadable_merged_model(models, method):

@@ -372,6 +372,7 @@ def test_cli_flat_config_and_errors(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # the installed command, a second process
 def test_console_script(checkpoints, tmp_path):
     """`subspace-peft init` in a fresh process (the installed console script, else python -m subspace_peft.cli)."""
     config = tmp_path / "effort.yaml"
