@@ -36,9 +36,11 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q)
 
 # torch before anything that depends on it: a bare `torch` requirement resolved from PyPI takes a multi-GB CUDA build.
+# A wheel of it in pip's local find-links (a wheelhouse) is taken first, its dependencies then from the index.
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-  if "${PIP[@]}" --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+  if "${PIP[@]}" --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
     say "torch $TORCH_VERSION from a local wheel (pip's find-links)"
+    "${PIP[@]}" "torch==$TORCH_VERSION"
   else
     say "torch $TORCH_VERSION from $TORCH_INDEX_URL"
     "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
