@@ -80,3 +80,25 @@ def test_the_parity_checklist_names_real_parity_tests():
     named = set(re.findall(r"`(test_\w+)`", read("tests/PARITY.md")))
     defined = {name for name in functions_in("tests/test_parity.py") if name.startswith("test_")}
     assert named == defined, (named - defined, defined - named)
+
+
+@pytest.mark.parametrize("document", [*DOCUMENTS, "examples/README.md"])
+def test_every_python_block_is_python_and_names_only_what_the_package_exports(document):
+    """Each ```python block parses, and every ``subspace_peft.X`` / ``from subspace_peft import X`` it uses exists."""
+    import importlib
+
+    for block in re.findall(r"```python\n(.*?)```", read(document), flags=re.S):
+        tree = ast.parse(block)  # a SyntaxError names the document's block
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("subspace_peft"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{document}: from {node.module} import {alias.name}"
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "subspace_peft"
+            ):
+                assert hasattr(importlib.import_module("subspace_peft"), node.attr), (
+                    f"{document}: subspace_peft.{node.attr}"
+                )
