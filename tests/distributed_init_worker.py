@@ -71,7 +71,11 @@ def build_model():
     if layout == "zero3":
         import deepspeed
 
-        with deepspeed.zero.Init(dtype=torch.float32):
+        # fp32 through a config, as accelerate passes it: deepspeed 0.19.8 ignores zero.Init(dtype=torch.float32) on
+        # a CPU that supports bf16 (an operator-precedence slip in Init._set_dtype) and partitions in bf16
+        with deepspeed.zero.Init(
+            config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        ):
             model = type(reference)(reference.config)
         for name, param in model.named_parameters():
             assert param.shape == (0,) and tuple(param.ds_shape) == tuple(reference.get_parameter(name).shape)
@@ -98,9 +102,9 @@ def build_model():
 
 def accelerate_fsdp2_loading(model):
     """What accelerate's fsdp2_prepare_model does with fsdp_cpu_ram_efficient_loading: take rank 0's state dict, move
-    the model to meta, shard it, then broadcast and shard rank 0's tensors (fsdp2_load_full_state_dict). Raises
-    AttributeError ('Tensor' object has no attribute 'device_mesh') on a persistent buffer, which FSDP2 leaves
-    unsharded: accelerate 1.15 expects parameters only."""
+    the model to meta, shard it, then broadcast and shard rank 0's tensors (fsdp2_load_full_state_dict); returns the
+    loaded model. accelerate 1.15 raises AttributeError ('Tensor' object has no attribute 'device_mesh') on a
+    persistent buffer, which FSDP2 leaves unsharded: it expects parameters only; 1.16 broadcasts buffers too."""
     from types import SimpleNamespace
 
     from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
@@ -111,7 +115,7 @@ def accelerate_fsdp2_loading(model):
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=rank == 0), model, original)
+    fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu")), model, original)
     return model
 
 
@@ -192,8 +196,9 @@ for method in methods:
         prepared.update(train_under_zero3(model))
     if layout == "rank0":
         try:
-            accelerate_fsdp2_loading(model)
+            loaded = accelerate_fsdp2_loading(model)
             prepared["accelerate_loading"] = "ok"
+            save_file(whole_tensors(loaded), os.path.join(out, f"{method}_rank{rank}_loaded.safetensors"))
         except AttributeError as error:  # accelerate 1.15 broadcasts parameters only, see the test
             prepared["accelerate_loading"] = str(error)
     result = {
