@@ -12,6 +12,7 @@ base loaded from a local folder (for a real model: the id it was downloaded from
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,9 @@ def main(work: str) -> int:
     pushed = push(args)
     print("files on the Hub:", ", ".join(pushed["files"]))
     child = ["--load", "--repo-id", args.repo_id, "--base", args.base, "--expected", args.expected]
-    run = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True)
+    # as on a machine without subspace-peft: installed, it registers itself whenever a process imports peft
+    plain = {**os.environ, "SUBSPACE_PEFT_AUTOREGISTER": "0"}
+    run = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True, env=plain)
     if run.returncode != 0:
         print(run.stdout, run.stderr, file=sys.stderr)
         return 1

@@ -95,6 +95,11 @@ class TargetConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        # a saved adapter_config.json passes peft_type as a plain string (a config built in code, or copied from one,
+        # has none or the PeftType member): its adapter is built empty for that checkpoint's weights, whichever code
+        # read the file (PeftModel.from_pretrained, PeftConfig.from_pretrained in transformers' load_adapter, ...)
+        if type(self.peft_type) is str:
+            expect_checkpoint(self)
         super().__post_init__()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -107,16 +112,6 @@ class TargetConfig(PeftConfig):
         layers = self.layers_to_transform
         for index in [layers] if isinstance(layers, int) else layers or []:
             integer(type(self).__name__, "layers_to_transform", index, "list layer indices from 0", low=0)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Read a saved adapter's config. The returned config builds its adapter with empty weights for the
-        checkpoint to fill in (what ``PeftModel.from_pretrained`` / ``load_adapter`` do next): no SVD runs. Once that
-        checkpoint is loaded, the config initialises like a new one again."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if isinstance(config, TargetConfig):
-            expect_checkpoint(config)
-        return config
 
 
 @dataclass

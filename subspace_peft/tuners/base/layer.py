@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .geometry import geometry_for
-from .leaf import SingularValues, TensorLeaf
+from .leaf import SingularValues, TensorLeaf, unfilled
 from .plan import LayerPlan
 
 
@@ -35,6 +35,9 @@ class FactorLayer(nn.Module, BaseTunerLayer):
         self.geometry = geometry_for(self.get_base_layer())
         self.r: dict[str, Any] = {}
         self.awaiting_checkpoint: set[str] = set()  # adapters built empty, whose checkpoint has not been loaded yet
+        # adapters built empty by peft.inject_adapter_in_model (transformers' load_adapter, adapter folders, pipelines):
+        # their loader fills the tensors with no hook of ours after it, so the layer finishes itself on first use
+        self.finish_after_outside_load: dict[str, Any] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._init_adapter_containers()
@@ -84,12 +87,11 @@ class FactorLayer(nn.Module, BaseTunerLayer):
         the meta device under ``low_cpu_mem_usage``)."""
         device = self.get_base_layer().weight.device
         if factors is None:
-            weights = [torch.empty(shape, device=device) for shape in self.geometry.factor_shapes(r)]
-        else:
-            weights = [
-                value.to(device).clone(memory_format=torch.contiguous_format)
-                for value in self.geometry.factor_weights(*factors)
-            ]
+            return tuple(TensorLeaf(shape, device, trainable) for shape in self.geometry.factor_shapes(r))
+        weights = [
+            value.to(device).clone(memory_format=torch.contiguous_format)
+            for value in self.geometry.factor_weights(*factors)
+        ]
         return tuple(TensorLeaf(weight, trainable=trainable) for weight in weights)
 
     def _new_singular_values(self, r: int, values: Optional[torch.Tensor]) -> tuple[nn.Module, nn.Module]:
@@ -116,6 +118,14 @@ class FactorLayer(nn.Module, BaseTunerLayer):
                         yield f"{attr}.{name}.{key}", name, tensor
 
     def _check_loaded(self, adapter: str) -> None:
+        if adapter not in self.awaiting_checkpoint:
+            return
+        finish = self.finish_after_outside_load.get(adapter)
+        if finish is not None and not any(unfilled(tensor) for _, _, tensor in self.adapter_tensors(adapter)):
+            finish()  # transformers' loader filled every tensor: complete the layer as a peft load would
+            self.awaiting_checkpoint.discard(adapter)
+            del self.finish_after_outside_load[adapter]
+            return
         if adapter in self.awaiting_checkpoint:
             raise ValueError(
                 f"adapter '{adapter}' was built from a saved adapter's config and its weights have not been loaded: "

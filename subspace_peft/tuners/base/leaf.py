@@ -7,10 +7,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+UNFILLED = float("nan")  # what a tensor built for a checkpoint holds until the checkpoint fills it in
+
+
+def unfilled(tensor: torch.Tensor) -> bool:
+    """Whether a tensor built for a checkpoint still waits for it (any NaN left, or still on the meta device)."""
+    return tensor.device.type == "meta" or bool(torch.isnan(tensor).any())
+
 
 class TensorLeaf(nn.Module):
-    """One tensor as ``self.weight``: the given one, or an uninitialised one of the given shape (the owner fills it
-    in); a parameter if ``trainable``, else a (saved) buffer."""
+    """One tensor as ``self.weight``: the given one, or one of the given shape for a checkpoint to fill in (NaN until
+    then, so that a tensor nobody filled is seen, never used); a parameter if ``trainable``, else a (saved) buffer."""
 
     def __init__(
         self, shape_or_weight: tuple[int, ...] | int | torch.Tensor, device=None, trainable: bool = True
@@ -18,7 +25,9 @@ class TensorLeaf(nn.Module):
         super().__init__()
         weight = shape_or_weight
         if not isinstance(weight, torch.Tensor):
-            weight = torch.empty(shape_or_weight, device=device)
+            weight = torch.full(
+                (shape_or_weight,) if isinstance(shape_or_weight, int) else shape_or_weight, UNFILLED, device=device
+            )
         if trainable:
             self.weight = nn.Parameter(weight)
         else:

@@ -166,6 +166,8 @@ class PlannedTuner(BaseTuner):
             layer = self.tuner_layer_cls(target, adapter_name, plan)
         if plan.factors is None:
             layer.awaiting_checkpoint.add(adapter_name)
+            if self.injected_without_peft_model:
+                layer.finish_after_outside_load[adapter_name] = partial(self._finish_layer, layer, adapter_name, config)
         else:
             self._finish_layer(layer, adapter_name, config)
         if layer is not target:
