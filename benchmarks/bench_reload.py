@@ -1,6 +1,7 @@
-"""Reload time of a saved adapter, ours against peft's LoRA, on SmolLM2-135M (all-linear, r=16).
+"""Reload time of a saved adapter, ours against peft's LoRA, on SmolLM2-135M (all-linear, r=16), through peft and
+through transformers.
 
-    python benchmarks/bench_reload.py [--reps 3] [--rank 16]
+    python benchmarks/bench_reload.py [--reps 3] [--rank 16] [--paths peft transformers]
 
 The adapters are made once (randomized init where a method has it) and saved. Each reload then runs in a fresh
 process, as a user's first load does: load the fp32 base model, read every weight once (so its pages are resident),
@@ -10,6 +11,12 @@ objects, falls on whichever call crosses the threshold), time one ``PeftModel.fr
 count the calls of torch's
 SVD / eigen / QR routines while it runs (0 for every method: a reload fills empty layers from the file). Methods are
 interleaved over repetitions; the table gives medians and the ratio to LoRA's reload.
+
+transformers' paths (``--paths transformers``), each in a fresh process that imports peft (so the start-up hook
+registers our methods, as in any process that never runs ``import subspace_peft``) but not subspace_peft itself, and
+times the call and the first forward pass (4 tokens), since our layers loaded by transformers finish themselves on
+first use: ``base.load_adapter(folder)``, ``AutoModelForCausalLM.from_pretrained(folder)`` (base included) and
+``pipeline("text-generation", model=folder)`` (base and tokenizer included).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from harness import markdown_table, run_interleaved  # noqa: E402
 
 METHODS = ("lora", "pissa", "svfit", "effort", "flora")
 DECOMPOSITIONS = {"linalg": ("svd", "svdvals", "eig", "eigh", "qr"), "torch": ("svd", "svd_lowrank")}
+PEFT_PATHS = ("0", "1")  # PeftModel.from_pretrained without and with low_cpu_mem_usage
+TRANSFORMERS_PATHS = ("load_adapter", "auto", "pipeline")
 
 
 def make_config(method: str, rank: int):
@@ -61,24 +70,28 @@ def load_base():
 
 def save_adapters(root: str, rank: int) -> None:
     from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from models import smollm2_path
 
     for method in METHODS:
         folder = os.path.join(root, method)
         if not os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
-            get_peft_model(load_base(), make_config(method, rank)).save_pretrained(folder)
+            config = make_config(method, rank)
+            config.task_type = "CAUSAL_LM"  # AutoModelForCausalLM / pipeline read it
+            get_peft_model(load_base(), config).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(folder)  # what a pipeline reads there
             print(f"saved {method}", file=sys.stderr, flush=True)
 
 
-def child(variant: str, root: str) -> dict:
-    """One reload (``METHOD:LCMU``) in this fresh process: what a user's first ``from_pretrained`` costs."""
+def count_decompositions() -> dict:
+    """Wraps torch's (and scipy's) SVD / eigen / QR routines to count their calls."""
+    import scipy.linalg
     import torch
-    from peft import PeftModel
 
-    import subspace_peft  # noqa: F401
-
-    method, low_cpu_mem_usage = variant.split(":")
     calls = {"n": 0}
-    for owner, names in ((torch.linalg, DECOMPOSITIONS["linalg"]), (torch, DECOMPOSITIONS["torch"])):
+    owners = ((torch.linalg, DECOMPOSITIONS["linalg"]), (torch, DECOMPOSITIONS["torch"]), (scipy.linalg, ("eigh",)))
+    for owner, names in owners:
         for name in names:
             original = getattr(owner, name)
 
@@ -87,6 +100,46 @@ def child(variant: str, root: str) -> dict:
                 return _original(*args, **kwargs)
 
             setattr(owner, name, counted)
+    return calls
+
+
+def transformers_child(method: str, path: str, root: str) -> dict:
+    """One load through transformers, and the first forward pass, in this process (subspace_peft never imported
+    here: peft's import runs the start-up hook, before the clock starts)."""
+    import peft  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM, pipeline
+
+    calls = count_decompositions()
+    folder = os.path.join(root, method)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base = load_base() if path == "load_adapter" else None
+    gc.collect()
+    start = time.perf_counter()
+    if path == "load_adapter":
+        base.load_adapter(folder)
+        model = base
+    elif path == "auto":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        model = pipeline("text-generation", model=folder, dtype=torch.float32).model
+    with torch.no_grad():
+        model(input_ids=ids)
+    seconds = time.perf_counter() - start
+    return {"reload_s": seconds, "decompositions": calls["n"], "adapter_mib": 0.0}
+
+
+def child(variant: str, root: str) -> dict:
+    """One reload (``METHOD:PATH``) in this fresh process: what a user's first load costs."""
+    method, path = variant.split(":")
+    if path in TRANSFORMERS_PATHS:
+        return transformers_child(method, path, root)
+    from peft import PeftModel
+
+    import subspace_peft  # noqa: F401
+
+    low_cpu_mem_usage = path
+    calls = count_decompositions()
     base = load_base()
     gc.collect()  # a collection owed by loading the base model is not charged to the reload
     start = time.perf_counter()
@@ -101,6 +154,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--root", default=None, help="folder for the saved adapters (default: a temporary one)")
+    parser.add_argument("--paths", nargs="+", choices=("peft", "transformers"), default=["peft", "transformers"])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -108,8 +162,17 @@ def main() -> None:
         return
     root = args.root or tempfile.mkdtemp(prefix="bench_reload_")
     save_adapters(root, args.rank)
-    variants = [f"{method}:{lcmu}" for method in METHODS for lcmu in (0, 1)]
+    paths = (PEFT_PATHS if "peft" in args.paths else ()) + (TRANSFORMERS_PATHS if "transformers" in args.paths else ())
+    variants = [f"{method}:{path}" for method in METHODS for path in paths]
     rows = run_interleaved(os.path.abspath(__file__), variants, args.reps, ["--root", root])
+    results = {"rank": args.rank, "reps": args.reps, "medians": rows}
+    out = os.path.join(HERE, "results", "reload.json")
+    with open(out, "w") as handle:
+        json.dump(results, handle, indent=2)
+    if "transformers" in args.paths:
+        print_transformers_table(rows, args.rank, args.reps)
+    if "peft" not in args.paths:
+        return
     table = []
     for method in METHODS:
         plain, lcmu = rows[f"{method}:0"], rows[f"{method}:1"]
@@ -139,6 +202,23 @@ def main() -> None:
             table,
         )
     )
+
+
+def print_transformers_table(rows: dict, rank: int, reps: int) -> None:
+    table = []
+    for method in METHODS:
+        cells = [method]
+        for path in TRANSFORMERS_PATHS:
+            seconds = rows[f"{method}:{path}"]["reload_s"]
+            cells += [f"{seconds:.2f}", f"{seconds / rows[f'lora:{path}']['reload_s']:.2f}x"]
+        cells.append(f"{sum(rows[f'{method}:{path}']['decompositions'] for path in TRANSFORMERS_PATHS):.0f}")
+        table.append(cells)
+    print(
+        f"transformers' paths, SmolLM2-135M, all-linear, r={rank}: load + first forward (4 tokens), medians of {reps} "
+        "fresh processes that never import subspace_peft"
+    )
+    headers = ["method", "load_adapter s", "/ LoRA", "AutoModelForCausalLM(folder) s", "/ LoRA", "pipeline s", "/ LoRA"]
+    print(markdown_table([*headers, "SVD/eigen/QR calls"], table))
 
 
 if __name__ == "__main__":
