@@ -145,7 +145,7 @@ def model_card(
         if str(getattr(config, "task_type", "")) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
         else "AutoModel"
     )
-    register = f"import subspace_peft  # registers {method} with peft; without it peft fails with KeyError: '{method}'"
+    register = f"import subspace_peft  # registers {method} with peft (an installed subspace-peft also does it by itself)"
     load = [register] if ours else []
     load += [
         "from peft import PeftModel",
@@ -186,9 +186,11 @@ def model_card(
     ]
     if ours:
         body += [
-            "`import subspace_peft` must run before loading: peft has no plugin discovery, and the adapter's "
-            f"`adapter_config.json` names the `{method}` type that the package registers. To use the adapter "
-            "without this package, export it as plain LoRA first with `subspace_peft.export_lora(model, dir)`.",
+            f"The adapter's `adapter_config.json` names the `{method}` type, which subspace-peft registers with peft: "
+            "once it is installed, every Python process that imports peft knows it (transformers' adapter loading, "
+            "pipelines and lm-eval included), with no code change; `SUBSPACE_PEFT_AUTOREGISTER=0` turns that off, "
+            "and then `import subspace_peft` must run before loading. To use the adapter without this package, "
+            "export it as plain LoRA: `subspace-peft export ADAPTER_DIR OUT_DIR`.",
             "",
         ]
     if exported_lora_rank is not None:
