@@ -38,20 +38,32 @@ def register() -> None:
 
 
 class RegisterAfterPeft:
-    """A meta-path finder that hands back peft's own spec, with its module's execution followed by :func:`register`."""
+    """A meta-path finder that hands back peft's own spec, with its module's execution followed by :func:`register`.
+
+    It stays on ``sys.meta_path`` until peft's module runs: a bare look-up (``importlib.util.find_spec("peft")``, as
+    transformers' ``is_peft_available()`` does before any ``AutoModel*.from_pretrained``) asks it too and throws the
+    spec away, so the import that follows must find it again."""
+
+    def __init__(self):
+        self.looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "peft":
+        if name != "peft" or self.looking:
             return None
-        sys.meta_path.remove(self)  # once: the spec below comes from the finders that follow
         from importlib.util import find_spec
 
-        spec = find_spec(name)
+        self.looking = True  # the look-up below reaches this finder again: it answers None, the finders after it peft
+        try:
+            spec = find_spec(name)
+        finally:
+            self.looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run_peft = spec.loader.exec_module
 
         def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             run_peft(module)
             register()
 

@@ -145,7 +145,7 @@ def model_card(
         if str(getattr(config, "task_type", "")) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
         else "AutoModel"
     )
-    register = f"import subspace_peft  # registers {method} with peft (an installed subspace-peft also does it by itself)"
+    register = f"import subspace_peft  # registers {method} with peft (installed, subspace-peft also does it itself)"
     load = [register] if ours else []
     load += [
         "from peft import PeftModel",

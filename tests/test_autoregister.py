@@ -135,6 +135,17 @@ def test_every_method_loads_through_peft_and_transformers_without_the_import_or_
     assert "IMPORTED_BY_HOOK True" in proc.stdout
 
 
+def test_a_look_up_of_peft_before_its_import_does_not_use_the_hook_up(adapters):
+    """transformers' is_peft_available() (every AutoModel*.from_pretrained) looks peft up before anything imports it."""
+    code = (
+        "import sys, importlib.util\nfrom transformers.utils import is_peft_available\n"
+        "assert importlib.util.find_spec('peft') and is_peft_available()\nfrom peft import PeftConfig\n"
+        "print(PeftConfig.from_pretrained(sys.argv[1]).peft_type.value)"
+    )
+    proc = child(code, str(adapters / "pissa"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "PISSA", proc.stderr[-2000:]
+
+
 @pytest.mark.slow  # a second process
 def test_the_opt_out_leaves_peft_as_it_is(adapters):
     code = "from peft import PeftConfig\nPeftConfig.from_pretrained(__import__('sys').argv[1])"
