@@ -24,6 +24,7 @@ from peft import PeftModel, get_peft_model
 from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
 from subspace_peft.packaged_models import smollm2_missing, smollm2_path
 
+from readme_commands import readme_shell_commands
 from tiny_models import perturb_trainable
 
 pytestmark = pytest.mark.slow  # lm_eval processes on a 135M model
@@ -102,11 +103,12 @@ def test_lm_eval_evaluates_every_method_as_its_merged_model_without_the_import(m
     base, root = models
     env = child_env()
 
-    # the command line, exactly as a user runs it (the console script next to this interpreter)
-    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    # the README's command line, with its BASE and ADAPTER filled in (the console script next to this interpreter)
     out = root / "cli"
-    command = [lm_eval, "--model", "hf", "--model_args", f"pretrained={base},peft={root / CLI_METHOD},dtype=float32"]
-    command += ["--tasks", TASK, "--include_path", INCLUDE, "--device", "cpu", "--batch_size", "8"]
+    (readme,) = [words for words in readme_shell_commands() if words[0] == "lm_eval"]
+    command = [os.path.join(os.path.dirname(sys.executable), "lm_eval")]
+    command += [w.replace("BASE", str(base)).replace("ADAPTER", str(root / CLI_METHOD)) for w in readme[1:]]
+    assert f"--tasks {TASK} --include_path {INCLUDE}" in " ".join(command)
     command += ["--output_path", str(out), "--log_samples"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]

@@ -23,6 +23,10 @@ RUN_BY = {
     "accelerate launch recipes/finetune.py --config recipes/configs/effort.yaml --max_steps 300": (
         "tests/test_recipe_cli.py::test_the_readme_accelerate_command_runs_as_written"
     ),
+    (
+        "lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER,dtype=float32 --tasks subspace_peft_arithmetic "
+        "--include_path tests/lm_eval_task --device cpu --batch_size 8"
+    ): "tests/test_lm_eval.py::test_lm_eval_evaluates_every_method_as_its_merged_model_without_the_import",
 }
 PYTHON_BLOCKS = 1  # the quickstart: tests/test_readme_commands.py::test_the_python_quickstart_runs_as_written
 
