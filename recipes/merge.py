@@ -60,7 +60,7 @@ class MergeRecipe:
     lambda_granularity: str = "task"
     temperature: float = 0.5
     initial_logits: float = 0.0
-    final_mask: str = "expectation"
+    final_mask: str = "sample"
     modules: Optional[list] = None
     seed: int = 0
     batch_size: int = 16

@@ -96,7 +96,7 @@ def test_ties_and_dare(setup):
 def test_concrete_masks_have_the_parameter_shapes_and_mean_one(setup):
     base, tuned, _, unlabeled, fns = setup
     vectors = [merging.task_vector(base, t) for t in tuned]
-    for final in ("expectation", "sample", "hard"):
+    for final in ("sample", "mean", "hard"):
         result = merging.concrete_merge(
             base,
             vectors,
@@ -223,3 +223,81 @@ def test_bad_input_raises_and_changes_nothing(setup, case):
         "missing_task_data": "empty ones: [1]",
     }[case] in message
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_the_default_final_mask_is_a_concrete_sample_drawn_with_the_next_seed(setup):
+    """FusionBench's returned model uses a Concrete sample of the trained logits (eval_mask_type: continuous)."""
+    base, tuned, _, unlabeled, fns = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+    result = merging.concrete_merge(base, vectors, unlabeled, fns, steps=3, lr=0.1, seed=4, return_masks=True)
+    generator = torch.Generator().manual_seed(5)  # one draw per tensor, in the masks' order
+    for name, logits in result.mask_logits.items():
+        sample = merging.concrete.concrete_sample(logits, 0.5, generator)
+        assert rel_err(result.masks[name], sample / sample.mean()) <= 1e-6
+    with pytest.raises(ValueError, match="final_mask='expectation' is now called 'mean'"):
+        merging.concrete_merge(base, vectors, unlabeled, fns, steps=1, final_mask="expectation", progress=False)
+
+
+def test_a_shuffling_data_loader_is_reshuffled_every_pass(setup):
+    """unlabeled may be DataLoaders: each pass iterates the loader anew, so shuffle=True reshuffles (a list would
+    repeat its batches in order)."""
+    from torch.utils.data import DataLoader
+
+    base, tuned, _, _, fns = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+    examples = [{"x": x} for x in torch.randn(12, 6, generator=torch.Generator().manual_seed(0))]
+    seen = []
+
+    def recording(fn):
+        def logits(model, batch):
+            seen.append(batch["x"].clone())
+            return fn(model, batch)
+
+        return logits
+
+    loaders = [
+        DataLoader(examples, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    merging.concrete_merge(base, vectors, loaders, [recording(fns[0]), fns[1], fns[2]], steps=6, progress=False)
+    first, second = torch.cat(seen[:3]), torch.cat(seen[3:6])  # task 0's two passes over its 12 examples
+    assert sorted(first.sum(1).tolist()) == pytest.approx(sorted(second.sum(1).tolist()))  # the same examples
+    assert not torch.equal(first, second)  # in another order
+
+
+def test_validation_keeps_the_best_mask_and_patience_stops_early(setup):
+    base, tuned, _, unlabeled, fns = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+    calls = []
+
+    def validate(model):  # best at the 2nd validation (step 4), worse after
+        calls.append({k: v.clone() for k, v in model.state_dict().items()})
+        return [1.0, 1.0, 1.0] if len(calls) == 2 else [0.5, 0.5, 0.5]
+
+    kwargs = dict(steps=20, lr=0.2, seed=3, return_masks=True, progress=False)
+    result = merging.concrete_merge(
+        base, vectors, unlabeled, fns, validate=validate, validate_every=2, patience=3, **kwargs
+    )
+    assert [step for step, _ in result.validation] == [2, 4, 6, 8, 10]  # stopped after 3 validations without gain
+    assert result.best_step == 4 and len(result.entropy) == 10
+    for name, value in result.model.state_dict().items():  # the returned model is the one validated at step 4
+        assert torch.equal(value, calls[1][name]), name
+    run_four = merging.concrete_merge(base, vectors, unlabeled, fns, **{**kwargs, "steps": 4})
+    for name, logits in run_four.mask_logits.items():
+        assert torch.equal(result.mask_logits[name], logits), name
+    with pytest.raises(ValueError, match="validate returned 2 accuracies for 3 tasks"):
+        merging.concrete_merge(base, vectors, unlabeled, fns, validate=lambda m: [1, 1], **kwargs)
+
+
+def test_choose_scaling_takes_the_best_mean_on_the_validation_split(setup):
+    base, tuned, _, _, _ = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+
+    def validate(model):  # peaks at lambda 0.4 (read back from the merged weight)
+        lam = float(((model.lin0.weight.detach() - base.lin0.weight) / sum(v["lin0.weight"] for v in vectors)).mean())
+        return [1 - abs(lam - 0.4), 1.0, 0.0]
+
+    best, scores = merging.choose_scaling(base, vectors, validate)
+    assert best == 0.4 and sorted(scores) == pytest.approx([0.1 * i for i in range(1, 11)])
+    assert merging.choose_scaling(base, vectors, lambda m: [0.5], grid=[0.7, 0.2])[0] == 0.2  # ties: the smaller
+    with pytest.raises(ValueError, match="grid is empty"):
+        merging.choose_scaling(base, vectors, validate, grid=[])

@@ -236,12 +236,13 @@ def test_concrete_returns_its_mask_logits_and_the_entropy_of_its_lambda_phase(se
         steps=3,
         lr=0.1,
         adamerging_steps=5,
+        final_mask="mean",
         return_masks=True,
         progress=False,
     )
     assert len(result.entropy) == 3 and len(result.adamerging_entropy) == 5
     for name, logits in result.mask_logits.items():
-        expected = torch.sigmoid(logits) / torch.sigmoid(logits).mean()  # the expectation mask, mean 1
+        expected = torch.sigmoid(logits) / torch.sigmoid(logits).mean()  # the mean mask, rescaled to mean 1
         assert rel_err(result.masks[name], expected) <= 1e-6
         assert (logits != 0).any()  # moved from initial_logits=0
     assert merging.concrete_merge(base, vectors, unlabeled, fns, steps=2, progress=False).mask_logits is None

@@ -4,7 +4,7 @@ parameter schema; ``merge`` runs one by name."""
 
 from .adaptation import Plateau, prediction_entropy
 from .adaptive_merging import AdaMergingResult, adamerging
-from .baselines import dare_merging, merge_task_vectors, task_arithmetic, ties_merging
+from .baselines import choose_scaling, dare_merging, merge_task_vectors, task_arithmetic, ties_merging
 from .concrete import ConcreteMergeResult, concrete_merge
 from .registry import MERGE_METHODS, Merged, MergeMethod, Parameter, merge, merge_method
 from .task_vectors import TaskVector, adapter_task_vector, task_vector
@@ -20,6 +20,7 @@ __all__ = [
     "TaskVector",
     "adamerging",
     "adapter_task_vector",
+    "choose_scaling",
     "concrete_merge",
     "dare_merging",
     "merge",

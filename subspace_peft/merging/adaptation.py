@@ -7,9 +7,8 @@ falling.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -97,10 +96,17 @@ def checked_logits_fns(
     return logits_fns
 
 
-def entropy_objective(base: nn.Module, unlabeled: Sequence[Sequence[Any]], logits_fns: Sequence[LogitsFn]) -> Objective:
+def passes(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` again and again, iterated anew on every pass: a list repeats in order, a ``DataLoader(...,
+    shuffle=True)`` reshuffles and re-batches its examples each pass (as the references' loaders do)."""
+    while True:
+        yield from batches
+
+
+def entropy_objective(base: nn.Module, unlabeled: Sequence[Iterable[Any]], logits_fns: Sequence[LogitsFn]) -> Objective:
     """``loss(merged params)``: the sum over tasks of the prediction entropy on that task's next unlabeled batch
-    (each task's batches are cycled through in order)."""
-    batches = [itertools.cycle(list(b)) for b in unlabeled]
+    (each task's batches pass after pass, see :func:`passes`)."""
+    batches = [passes(b) for b in unlabeled]
 
     def loss(merged_params: dict[str, torch.Tensor]) -> torch.Tensor:
         forward = MergedForward(base, merged_params)

@@ -10,7 +10,7 @@ Each refusal is a ValueError naming the parameter (and the task vector, by index
 from __future__ import annotations
 
 import copy
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from peft.utils import merge_utils
@@ -56,6 +56,28 @@ def task_arithmetic(base: nn.Module, vectors: list[TaskVector], scaling: float =
     return merge_task_vectors(
         base, vectors, lambda deltas: merge_utils.task_arithmetic(deltas, _weights(len(deltas), scaling))
     )
+
+
+SCALING_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # Ilharco et al.'s grid, without 0.05's
+
+
+def choose_scaling(
+    base: nn.Module,
+    vectors: list[TaskVector],
+    validate: Callable[[nn.Module], Sequence[float]],
+    grid: Sequence[float] = SCALING_GRID,
+) -> tuple[float, dict[float, list[float]]]:
+    """The task-arithmetic ``scaling`` (lambda) with the best mean of ``validate(model)`` (per-task accuracies on a
+    small labelled validation split) over ``grid``, as task arithmetic's and Concrete TA's papers choose it; returns
+    it and every value's accuracies. Ties go to the smaller value."""
+    if not callable(validate):
+        raise ValueError("choose_scaling: validate must be a function model -> per-task accuracies")
+    if len(grid) == 0:
+        raise ValueError("choose_scaling: grid is empty; pass e.g. grid=(0.1, 0.2, ..., 1.0)")
+    grid = [number("choose_scaling", "grid", value, _SCALING_FIX, fp32=True) for value in grid]
+    scores = {value: [float(s) for s in validate(task_arithmetic(base, vectors, value))] for value in grid}
+    best = max(grid, key=lambda value: (sum(scores[value]) / len(scores[value]), -value))
+    return best, scores
 
 
 def ties_merging(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class ConcreteMergeResult:
     masks: Optional[dict[str, torch.Tensor]] = None  # the final masks (mean 1 per tensor), if asked for
     adamerging_entropy: list[float] = field(default_factory=list)  # Concrete AdaMerging: per lambda step after the mask
     mask_logits: Optional[dict[str, torch.Tensor]] = None  # the trained mask logits, with the masks if asked for
+    validation: list[tuple[int, list[float]]] = field(default_factory=list)  # (mask step, per-task accuracy)
+    best_step: Optional[int] = None  # with validate: the mask step whose logits the merge kept
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -73,7 +75,7 @@ def _selected(names: Iterable[str], modules: Optional[Sequence[str]]) -> list[st
 def concrete_merge(
     base: nn.Module,
     task_vectors: list[TaskVector],
-    unlabeled: Sequence[Sequence[Any]],
+    unlabeled: Sequence[Iterable[Any]],
     logits_fns: Optional[Sequence[LogitsFn]] = None,
     method: Literal["task_arithmetic", "adamerging"] = "task_arithmetic",
     scaling: float = 0.3,
@@ -86,19 +88,24 @@ def concrete_merge(
     initial_logits: float = 0.0,
     seed: int = 0,
     modules: Optional[Sequence[str]] = None,
-    final_mask: Literal["expectation", "sample", "hard"] = "expectation",
+    final_mask: Literal["sample", "mean", "hard"] = "sample",
     return_masks: bool = False,
     progress: bool = True,
     stop: Optional[Plateau] = None,
     adamerging_stop: Optional[Plateau] = None,
     inner_lambda_lr: Optional[float] = None,
+    validate: Optional[Callable[[nn.Module], Sequence[float]]] = None,
+    validate_every: int = 200,
+    patience: Optional[int] = None,
 ) -> ConcreteMergeResult:
     """Merge ``task_vectors`` into ``base`` through a learned Concrete mask; returns a new model.
 
     Args:
         base: the pretrained model the task vectors were taken from (not modified).
         task_vectors: one per task (:func:`task_vector` or :func:`adapter_task_vector`).
-        unlabeled: per task, a list of unlabeled batches (dicts for ``model(**batch)``), cycled through.
+        unlabeled: per task, the unlabeled batches (dicts for ``model(**batch)``), pass after pass: a list repeats
+            in order, a ``torch.utils.data.DataLoader(..., shuffle=True)`` reshuffles every pass as FusionBench's
+            loaders do (batches of 16 in its text runs).
         logits_fns: per task, ``fn(model, batch) -> logits`` (e.g. applying that task's own head to the merged
             encoder's output); default ``model(**batch).logits``.
         method: ``"task_arithmetic"`` (Concrete TA: lambda fixed at ``scaling``) or ``"adamerging"`` (Concrete
@@ -111,16 +118,23 @@ def concrete_merge(
         seed: seeds the Concrete noise (and a ``"sample"`` final mask): the same seed gives the same merge.
         modules: mask only the parameters of these modules (module names, dotted suffixes or regexes); the other
             changed parameters are merged with plain (AdaMerging: learned-lambda) task arithmetic.
-        final_mask: the mask of the returned model. ``"expectation"`` (default) uses ``sigmoid(logits)``: it is
-            deterministic and the mean of the masks the training sampled, so the merge does not hinge on one
-            noise draw. ``"sample"`` draws one seeded Concrete mask as FusionBench does; ``"hard"`` keeps entries
-            with positive logits. Every mask is rescaled to mean 1 per tensor.
+        final_mask: the mask of the returned model. ``"sample"`` (default, FusionBench's ``eval_mask_type:
+            continuous``) draws one seeded Concrete mask at ``temperature``, a mask of the kind the training
+            optimised; ``"mean"`` uses ``sigmoid(logits)``, deterministic, but a mask the training never sampled
+            (at learned logits it is far smoother than any sample); ``"hard"`` keeps entries with positive logits.
+            Every mask is rescaled to mean 1 per tensor.
         return_masks: also return the final masks and the trained mask logits (``mask_logits``).
         stop, adamerging_stop: a :class:`Plateau` that ends the mask training (``stop``), or Concrete AdaMerging's
             lambda training after it (``adamerging_stop``), once its entropy stops falling (None: every step runs).
             FusionBench runs 2,000 mask steps (Concrete AdaMerging: 1,000, then 1,000 lambda steps).
         inner_lambda_lr: Concrete AdaMerging's learning rate of the inner lambda step (None: ``lambda_lr``);
             FusionBench's ``base_lr`` is 1: at 1e-3 lambda barely leaves ``scaling`` within the inner step.
+        validate: ``fn(model) -> per-task accuracies`` on a small labelled validation split (None: no labels are
+            used). Called every ``validate_every`` mask steps and after the last, on the model the merge would
+            return then (the final mask drawn with the same seed each time); the merge keeps the mask logits of the
+            best mean accuracy (early stopping), and with ``patience`` the training ends after that many
+            validations without a better mean. ``result.validation`` holds (step, accuracies) per call.
+            :func:`choose_scaling` picks ``scaling`` on the same split.
 
     Checked before anything is copied or computed, each failure a ValueError naming the argument and the fix:
     ``scaling`` and ``initial_logits`` finite (within float32's range), ``lr``, ``lambda_lr``, ``inner_lambda_lr`` (or
@@ -138,7 +152,14 @@ def concrete_merge(
     where = "concrete_merge"
     choice(where, "method", method, ("task_arithmetic", "adamerging"))
     choice(where, "lambda_granularity", lambda_granularity, ("task", "layer"))
-    choice(where, "final_mask", final_mask, ("expectation", "sample", "hard"))
+    if final_mask == "expectation":
+        raise ValueError(f"{where}: final_mask='expectation' is now called 'mean' (sigmoid of the logits)")
+    choice(where, "final_mask", final_mask, ("sample", "mean", "hard"))
+    if validate is not None and not callable(validate):
+        raise ValueError(f"{where}: validate must be None or a function model -> per-task accuracies")
+    validate_every = integer(where, "validate_every", validate_every, "pass e.g. validate_every=200", low=1)
+    if patience is not None:
+        patience = integer(where, "patience", patience, "pass e.g. patience=3 validations, or None", low=1)
     scaling = number(where, "scaling", scaling, "pass e.g. scaling=0.3 (the task vectors' weight lambda)", fp32=True)
     steps = integer(where, "steps", steps, "pass e.g. steps=200 (for no mask at all, use task_arithmetic)", low=1)
     lr = number(where, "lr", lr, "pass e.g. lr=1e-3 (the mask logits' Adam learning rate)", low=0.0, low_open=True)
@@ -203,6 +224,7 @@ def concrete_merge(
     mask_optimizer = torch.optim.Adam(list(merger.logits.values()), lr=lr)
     lambda_optimizer = torch.optim.Adam([merger.lambdas], lr=inner_lambda_lr) if method == "adamerging" else None
     history = []
+    checkpoint = _BestMask(base, merger, validate, final_mask, temperature, seed + 1, len(task_vectors))
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(steps), desc=f"Concrete {method}", disable=not progress):
@@ -225,7 +247,12 @@ def concrete_merge(
         history.append(float(loss.detach()))
         if stop is not None and stop.reached(history):
             break
+        if validate is not None and len(history) % validate_every == 0:
+            if checkpoint.validate(len(history)) and patience is not None and checkpoint.stale >= patience:
+                break
 
+    if validate is not None:
+        checkpoint.finish(len(history))
     with torch.no_grad():
         final = merger.final_masks(final_mask, temperature, torch.Generator().manual_seed(seed + 1))
     lambda_history = []
@@ -263,7 +290,51 @@ def concrete_merge(
         masks={n: m.clone() for n, m in final.items()} if return_masks else None,
         adamerging_entropy=lambda_history,
         mask_logits={n: logit.detach().clone() for n, logit in merger.logits.items()} if return_masks else None,
+        validation=checkpoint.history,
+        best_step=checkpoint.best_step,
     )
+
+
+class _BestMask:
+    """Early stopping on a labelled validation split: validates the model the merge would return at a step and keeps
+    a copy of the mask logits of the best mean accuracy."""
+
+    def __init__(self, base, merger, validate, final_mask, temperature, final_seed, tasks):
+        self.base, self.merger, self.fn, self.tasks = base, merger, validate, tasks
+        self.final_mask, self.temperature, self.final_seed = final_mask, temperature, final_seed
+        self.history: list[tuple[int, list[float]]] = []
+        self.best_mean, self.best_step, self.best_logits, self.stale = float("-inf"), None, None, 0
+        self.scratch: Optional[nn.Module] = None
+
+    @torch.no_grad()
+    def validate(self, step: int) -> bool:
+        """Validates at ``step``; True when that was no better than the best so far."""
+        generator = torch.Generator().manual_seed(self.final_seed)
+        masks = self.merger.final_masks(self.final_mask, self.temperature, generator)
+        if self.scratch is None:
+            self.scratch = copy.deepcopy(self.base)
+        params = dict(self.scratch.named_parameters())
+        for name, value in self.merger.merged(masks, lambdas=self.merger.lambdas.detach()).items():
+            params[name].copy_(value.to(params[name].dtype))
+        scores = [float(score) for score in self.fn(self.scratch)]
+        if len(scores) != self.tasks:
+            raise ValueError(f"concrete_merge: validate returned {len(scores)} accuracies for {self.tasks} tasks")
+        self.history.append((step, scores))
+        mean = sum(scores) / len(scores)
+        if mean > self.best_mean:
+            self.best_mean, self.best_step, self.stale = mean, step, 0
+            self.best_logits = {name: logit.detach().clone() for name, logit in self.merger.logits.items()}
+            return False
+        self.stale += 1
+        return True
+
+    @torch.no_grad()
+    def finish(self, step: int) -> None:
+        """Validates the last step (unless just done) and puts the best mask logits back."""
+        if not self.history or self.history[-1][0] != step:
+            self.validate(step)
+        for name, logit in self.merger.logits.items():
+            logit.copy_(self.best_logits[name])
 
 
 class _Merger(LambdaMerge):
@@ -284,7 +355,7 @@ class _Merger(LambdaMerge):
         return {n: _normalised(concrete_sample(logit, temperature, generator)) for n, logit in self.logits.items()}
 
     def final_masks(self, how: str, temperature: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if how == "expectation":
+        if how == "mean":
             masks = {n: torch.sigmoid(logit) for n, logit in self.logits.items()}
         elif how == "sample":
             masks = {n: concrete_sample(logit, temperature, generator) for n, logit in self.logits.items()}

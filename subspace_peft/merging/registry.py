@@ -98,9 +98,9 @@ INITIAL_LOGITS = Parameter("initial_logits", float, 0.0, "the mask logits' start
 FINAL_MASK = Parameter(
     "final_mask",
     str,
-    "expectation",
-    "the returned model's mask: sigmoid(logits), a sample, or thresholded",
-    choices=("expectation", "sample", "hard"),
+    "sample",
+    "the returned model's mask: a Concrete sample (FusionBench's), sigmoid(logits), or thresholded",
+    choices=("sample", "mean", "hard"),
 )
 MODULES = Parameter(
     "modules",
