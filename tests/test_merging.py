@@ -284,6 +284,11 @@ def test_validation_keeps_the_best_mask_and_patience_stops_early(setup):
     run_four = merging.concrete_merge(base, vectors, unlabeled, fns, **{**kwargs, "steps": 4})
     for name, logits in run_four.mask_logits.items():
         assert torch.equal(result.mask_logits[name], logits), name
+    monitored = merging.concrete_merge(base, vectors, unlabeled, fns, validate=validate, validate_every=3, **kwargs)
+    assert [step for step, _ in monitored.validation] == [3, 6, 9, 12, 15, 18, 20]  # without patience: watched only
+    assert monitored.best_step == 20 and len(monitored.entropy) == 20
+    with pytest.raises(ValueError, match="patience needs validate"):
+        merging.concrete_merge(base, vectors, unlabeled, fns, patience=2, **kwargs)
     with pytest.raises(ValueError, match="validate returned 2 accuracies for 3 tasks"):
         merging.concrete_merge(base, vectors, unlabeled, fns, validate=lambda m: [1, 1], **kwargs)
 

@@ -40,7 +40,7 @@ class ConcreteMergeResult:
     adamerging_entropy: list[float] = field(default_factory=list)  # Concrete AdaMerging: per lambda step after the mask
     mask_logits: Optional[dict[str, torch.Tensor]] = None  # the trained mask logits, with the masks if asked for
     validation: list[tuple[int, list[float]]] = field(default_factory=list)  # (mask step, per-task accuracy)
-    best_step: Optional[int] = None  # with validate: the mask step whose logits the merge kept
+    best_step: Optional[int] = None  # with validate: the mask step whose logits the merge kept (patience: the best)
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -131,9 +131,10 @@ def concrete_merge(
             FusionBench's ``base_lr`` is 1: at 1e-3 lambda barely leaves ``scaling`` within the inner step.
         validate: ``fn(model) -> per-task accuracies`` on a small labelled validation split (None: no labels are
             used). Called every ``validate_every`` mask steps and after the last, on the model the merge would
-            return then (the final mask drawn with the same seed each time); the merge keeps the mask logits of the
-            best mean accuracy (early stopping), and with ``patience`` the training ends after that many
-            validations without a better mean. ``result.validation`` holds (step, accuracies) per call.
+            return then (the final mask drawn with the same seed each time); ``result.validation`` holds (step,
+            accuracies) per call. patience: early stopping on those accuracies (needs ``validate``): the training
+            ends after ``patience`` validations without a better mean, and the merge keeps the mask logits of the
+            best one (``result.best_step``); None: every step runs and the last logits are kept.
             :func:`choose_scaling` picks ``scaling`` on the same split.
 
     Checked before anything is copied or computed, each failure a ValueError naming the argument and the fix:
@@ -160,6 +161,8 @@ def concrete_merge(
     validate_every = integer(where, "validate_every", validate_every, "pass e.g. validate_every=200", low=1)
     if patience is not None:
         patience = integer(where, "patience", patience, "pass e.g. patience=3 validations, or None", low=1)
+        if validate is None:
+            raise ValueError(f"{where}: patience needs validate (a function model -> per-task accuracies)")
     scaling = number(where, "scaling", scaling, "pass e.g. scaling=0.3 (the task vectors' weight lambda)", fp32=True)
     steps = integer(where, "steps", steps, "pass e.g. steps=200 (for no mask at all, use task_arithmetic)", low=1)
     lr = number(where, "lr", lr, "pass e.g. lr=1e-3 (the mask logits' Adam learning rate)", low=0.0, low_open=True)
@@ -252,7 +255,7 @@ def concrete_merge(
                 break
 
     if validate is not None:
-        checkpoint.finish(len(history))
+        checkpoint.finish(len(history), keep_best=patience is not None)
     with torch.no_grad():
         final = merger.final_masks(final_mask, temperature, torch.Generator().manual_seed(seed + 1))
     lambda_history = []
@@ -329,10 +332,13 @@ class _BestMask:
         return True
 
     @torch.no_grad()
-    def finish(self, step: int) -> None:
-        """Validates the last step (unless just done) and puts the best mask logits back."""
+    def finish(self, step: int, keep_best: bool) -> None:
+        """Validates the last step (unless just done); with ``keep_best``, puts the best mask logits back."""
         if not self.history or self.history[-1][0] != step:
             self.validate(step)
+        if not keep_best:
+            self.best_step = step
+            return
         for name, logit in self.merger.logits.items():
             logit.copy_(self.best_logits[name])
 
