@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
 from fusionbench_concrete import NoiseTape, fusionbench_run, max_diff, ours_run, tiny_tasks  # noqa: E402
-
 from harness import markdown_table, run_interleaved  # noqa: E402
 
 METHODS = ("fusionbench", "subspace_peft")
