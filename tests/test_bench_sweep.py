@@ -106,13 +106,15 @@ def _quality(tmp_path, svfit_loss, effort_rise):
 def test_the_claims_table_reads_the_verdicts_from_the_numbers(tmp_path):
     _quality(tmp_path, svfit_loss=0.41, effort_rise=0.05)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
-    assert "| holds |" in rows["PiSSA"] and "| holds |" in rows["QPiSSA"]
-    assert "1/61 of LoRA's" in rows["SVFit"] and "| holds |" in rows["SVFit"]  # 0.41 / 0.40 = 1.025 <= 1.05
-    assert "| holds |" in rows["Effort"] and "+0.050" in rows["Effort"]
-    assert "not measured (merge.json absent)" in rows["Concrete Task Arithmetic"]
+    one_run = "| holds (1 run, no interval) |"
+    assert one_run in rows["PiSSA"] and one_run in rows["QPiSSA"]
+    assert "1/61 of LoRA's" in rows["SVFit"] and one_run in rows["SVFit"]  # 0.41 / 0.40 = 1.025 <= 1.05
+    assert one_run in rows["Effort"] and "+0.050" in rows["Effort"]
+    assert "not measured (concrete_ta.json absent)" in rows["Concrete Task Arithmetic"]
     _quality(tmp_path, svfit_loss=0.55, effort_rise=2.0)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
-    assert "| does not hold |" in rows["SVFit"] and "| does not hold |" in rows["Effort"]
+    assert "| does not hold (1 run, no interval) |" in rows["SVFit"]
+    assert "| does not hold (1 run, no interval) |" in rows["Effort"]
 
 
 def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
@@ -122,4 +124,36 @@ def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps(data))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
     assert "not measured (quality.json lacks 'ratio_iters': rerun the command)" in rows["QPiSSA"]
-    assert "| holds |" in rows["PiSSA"]
+    assert "| holds (1 run, no interval) |" in rows["PiSSA"]
+
+
+def _concrete_ta_report(tmp_path, right_per_seed: list[int]) -> dict:
+    """Two tasks of 100 test examples; task arithmetic right on the first 60 of each, seed i's merge on the first
+    right_per_seed[i]."""
+
+    def correct(right):
+        return {"a": [1] * right + [0] * (100 - right), "b": [1] * right + [0] * (100 - right)}
+
+    report = {
+        "baselines": {"task arithmetic (lambda 0.6, chosen)": {"average": 0.6, "correct": correct(60)}},
+        "runs": [
+            {
+                "setting": "reference",
+                "seed": seed,
+                "scaling": 0.6,
+                "returned_final_mask": "sample",
+                "final": {"sample": {"correct": correct(right)}},
+            }
+            for seed, right in enumerate(right_per_seed)
+        ],
+    }
+    (tmp_path / "concrete_ta.json").write_text(json.dumps(report))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
+    return rows["Concrete Task Arithmetic"]
+
+
+def test_the_concrete_ta_claim_has_seeds_an_interval_and_a_verdict(tmp_path):
+    assert "| holds |" in _concrete_ta_report(tmp_path, [70, 72, 71])
+    row = _concrete_ta_report(tmp_path, [50, 52, 49])
+    assert "| does not hold |" in row and "3 seeds" in row and "difference -0.097" in row
+    assert "| cannot tell |" in _concrete_ta_report(tmp_path, [80])  # one seed: no verdict
