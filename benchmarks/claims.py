@@ -118,6 +118,24 @@ def _concrete_ta(report: dict) -> tuple[str, str]:
     return text, stats.verdict(difference)
 
 
+def _flora_conv(report: dict) -> tuple[str, str]:
+    """FLoRA against LoRA on the conv layers of a pretrained CNN, per matched budget (10 seeds each): "holds" when
+    every budget holds, "does not hold" when one does not, else "cannot tell" (bench_flora_conv.py's rule)."""
+    primary = {name: c for name, c in report["comparisons"].items() if c.get("primary")}
+    parts = [
+        f"{report['methods'][name]['budget']}: {100 * c['difference']:+.2f} points [{100 * c['interval_95'][0]:+.2f}, "
+        f"{100 * c['interval_95'][1]:+.2f}] ({c['verdict']})"
+        for name, c in primary.items()
+    ]
+    verdicts = {c["verdict"] for c in primary.values()}
+    overall = "holds" if verdicts == {"holds"} else "does not hold" if "does not hold" in verdicts else "cannot tell"
+    text = (
+        f"convolutions (digits 5-9 rotated, CNN pretrained on 0-4, {report['settings']['seeds']} seeds): FLoRA - LoRA "
+        "test accuracy at matched parameters, " + "; ".join(parts)
+    )
+    return text, overall
+
+
 # (method, paper's claim, results file, how to read it, command)
 CLAIMS = (
     ("PiSSA", "lower loss than LoRA at the same rank and steps", "quality.json", _pissa, QUALITY),
@@ -130,6 +148,13 @@ CLAIMS = (
     ),
     ("SVFit", "LoRA's quality (within 5%) with >= 16x fewer trained parameters", "quality.json", _svfit, QUALITY),
     ("FLoRA", "LoRA's quality at matched parameters (its gains are on convolutions)", "quality.json", _flora, QUALITY),
+    (
+        "FLoRA, convolutions",
+        "LoRA's quality at matched parameters on convolutions (within 1 point)",
+        "flora_conv.json",
+        _flora_conv,
+        "python benchmarks/bench_flora_conv.py",
+    ),
     ("Effort", "forgets least of the LoRA-sized adapters while fitting the task", "quality.json", _effort, QUALITY),
     ("Concrete Task Arithmetic", "above task arithmetic", "concrete_ta.json", _concrete_ta, CONCRETE_TA),
     (

@@ -157,3 +157,22 @@ def test_the_concrete_ta_claim_has_seeds_an_interval_and_a_verdict(tmp_path):
     row = _concrete_ta_report(tmp_path, [50, 52, 49])
     assert "| does not hold |" in row and "3 seeds" in row and "difference -0.097" in row
     assert "| cannot tell |" in _concrete_ta_report(tmp_path, [80])  # one seed: no verdict
+
+
+def test_the_flora_convolution_claim_combines_the_budgets(tmp_path):
+    def row(verdicts):
+        report = {
+            "settings": {"seeds": 10},
+            "methods": {f"flora-{b}": {"budget": b} for b in ("small", "large")},
+            "comparisons": {
+                f"flora-{b}": {"difference": 0.001, "interval_95": [-0.02, 0.02], "verdict": v, "primary": True}
+                for b, v in zip(("small", "large"), verdicts)
+            },
+        }
+        (tmp_path / "flora_conv.json").write_text(json.dumps(report))
+        table = claims.claims_table(str(tmp_path)).splitlines()[2:]
+        return next(line for line in table if line.startswith("| FLoRA, convolutions"))
+
+    assert "| holds |" in row(["holds", "holds"]) and "small: +0.10 points [-2.00, +2.00] (holds)" in row(["holds"] * 2)
+    assert "| cannot tell |" in row(["holds", "cannot tell"])
+    assert "| does not hold |" in row(["does not hold", "cannot tell"])
