@@ -118,6 +118,23 @@ def _concrete_ta(report: dict) -> tuple[str, str]:
     return text, stats.verdict(difference)
 
 
+def _svfit_classification(report: dict) -> tuple[str, str]:
+    """SVFit's default (energy 0.99) and top-16 against LoRA r=8 on sentence classification (3 seeds each): the
+    accuracy ratio's interval against 0.95, at >= 16x fewer trained parameters (heads excluded)."""
+    verdicts, summary = report["verdicts"], report["summary"]
+    parts = [
+        f"{label} {summary[key]['mean']:.3f}, ratio to LoRA {v['ratio']:.3f} [{v['ratio_interval_95'][0]:.3f}, "
+        f"{v['ratio_interval_95'][1]:.3f}] at 1/{v['factor_without_head']:.0f} of its parameters ({v['without_head']})"
+        for key, label in (("svfit_energy", "energy 0.99"), ("svfit_r16", "top 16"))
+        for v in [verdicts[key]]
+    ]
+    text = (
+        f"MiniLM sentence classification (Rotten Tomatoes snippets, {report['settings']['seeds']} seeds): LoRA "
+        f"{summary['lora']['mean']:.3f}; " + "; ".join(parts)
+    )
+    return text, verdicts["svfit_energy"]["without_head"]  # the default
+
+
 def _flora_conv(report: dict) -> tuple[str, str]:
     """FLoRA against LoRA on the conv layers of a pretrained CNN, per matched budget (10 seeds each): "holds" when
     every budget holds, "does not hold" when one does not, else "cannot tell" (bench_flora_conv.py's rule)."""
@@ -147,6 +164,13 @@ CLAIMS = (
         QUALITY,
     ),
     ("SVFit", "LoRA's quality (within 5%) with >= 16x fewer trained parameters", "quality.json", _svfit, QUALITY),
+    (
+        "SVFit, classification",
+        "LoRA's quality (within 5%) with >= 16x fewer trained parameters, on sentence classification",
+        "svfit_cls.json",
+        _svfit_classification,
+        "python benchmarks/bench_svfit_cls.py",
+    ),
     ("FLoRA", "LoRA's quality at matched parameters (its gains are on convolutions)", "quality.json", _flora, QUALITY),
     (
         "FLoRA, convolutions",

@@ -176,3 +176,22 @@ def test_the_flora_convolution_claim_combines_the_budgets(tmp_path):
     assert "| holds |" in row(["holds", "holds"]) and "small: +0.10 points [-2.00, +2.00] (holds)" in row(["holds"] * 2)
     assert "| cannot tell |" in row(["holds", "cannot tell"])
     assert "| does not hold |" in row(["does not hold", "cannot tell"])
+
+
+def test_the_svfit_classification_claim_reads_the_default_s_verdict(tmp_path):
+    def row(energy_verdict):
+        verdict = {"ratio": 0.99, "ratio_interval_95": [0.96, 1.02], "factor_without_head": 23.4}
+        report = {
+            "settings": {"seeds": 3},
+            "summary": {key: {"mean": 0.77} for key in ("lora", "svfit_energy", "svfit_r16")},
+            "verdicts": {
+                "svfit_energy": {**verdict, "without_head": energy_verdict},
+                "svfit_r16": {**verdict, "without_head": "holds"},
+            },
+        }
+        (tmp_path / "svfit_cls.json").write_text(json.dumps(report))
+        table = claims.claims_table(str(tmp_path)).splitlines()[2:]
+        return next(line for line in table if line.startswith("| SVFit, classification"))
+
+    assert row("holds").endswith("| holds | `python benchmarks/bench_svfit_cls.py` |")
+    assert "| cannot tell |" in row("cannot tell") and "ratio to LoRA 0.990 [0.960, 1.020] at 1/23" in row("holds")
