@@ -306,3 +306,21 @@ def test_choose_scaling_takes_the_best_mean_on_the_validation_split(setup):
     assert merging.choose_scaling(base, vectors, lambda m: [0.5], grid=[0.7, 0.2])[0] == 0.2  # ties: the smaller
     with pytest.raises(ValueError, match="grid is empty"):
         merging.choose_scaling(base, vectors, validate, grid=[])
+
+
+def test_one_shot_unlabeled_batches_are_refused_not_spun_on(setup):
+    base, tuned, _, unlabeled, fns = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+
+    class OneShot:  # has a length, but iterates once
+        def __init__(self, batches):
+            self.batches, self.iterator = batches, iter(batches)
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            return self.iterator
+
+    with pytest.raises(ValueError, match="gave nothing on a new pass: pass a list of batches or a DataLoader"):
+        merging.concrete_merge(base, vectors, [OneShot(b) for b in unlabeled], fns, steps=5, progress=False)

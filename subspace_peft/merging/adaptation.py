@@ -100,7 +100,15 @@ def passes(batches: Iterable[Any]) -> Iterator[Any]:
     """``batches`` again and again, iterated anew on every pass: a list repeats in order, a ``DataLoader(...,
     shuffle=True)`` reshuffles and re-batches its examples each pass (as the references' loaders do)."""
     while True:
-        yield from batches
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:  # a one-shot iterator would otherwise spin here for ever
+            raise ValueError(
+                "a task's unlabeled batches gave nothing on a new pass: pass a list of batches or a DataLoader, "
+                "which can be iterated again, not a one-shot iterator"
+            )
 
 
 def entropy_objective(base: nn.Module, unlabeled: Sequence[Iterable[Any]], logits_fns: Sequence[LogitsFn]) -> Objective:
