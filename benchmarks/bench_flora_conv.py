@@ -53,6 +53,9 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+import stats  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 CONVS = ["conv1", "conv2", "conv3"]
 MARGIN = 0.01  # one accuracy point
@@ -198,16 +201,9 @@ def run_one(base, spec, data, lr, epochs, seed, split) -> dict:
 
 
 def bootstrap_mean(correct: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95% interval of the mean of a (seeds x examples) matrix, resampling seeds and examples together."""
-    rng = np.random.default_rng(seed)
-    seeds, examples = correct.shape
-    means = np.empty(resamples)
-    for b in range(resamples):
-        rows = rng.integers(0, seeds, seeds)
-        cols = rng.integers(0, examples, examples)
-        means[b] = correct[np.ix_(rows, cols)].mean()
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(low), float(high)
+    """95% interval of the mean of a (seeds x examples) matrix (stats.py: seeds and examples resampled)."""
+    interval = stats.bootstrap_interval(correct, resamples=resamples, seed=seed)
+    return interval["low"], interval["high"]
 
 
 def verdict(mean: float, low: float, high: float) -> str:
