@@ -19,19 +19,12 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
-
-from tiny_models import perturb_trainable
+from tiny_models import CAUSAL_LM_TARGETS, causal_lm_configs, perturb_trainable
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-CONFIGS = {
-    "pissa": lambda: PiSSAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "svfit": lambda: SVFitConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "flora": lambda: FLoRAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "effort": lambda: EffortConfig(residual_rank=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-}
+TARGETS = CAUSAL_LM_TARGETS
+CONFIGS = causal_lm_configs()
 PATHS = ("PeftConfig", "PeftModel", "AutoPeftModelForCausalLM", "load_adapter", "AutoModelForCausalLM", "pipeline")
 
 # every decomposition a load could run, made to raise (before anything else runs in the child)

@@ -16,18 +16,13 @@ from safetensors.torch import load_file
 from test_loading import refuse_decompositions  # noqa: F401  (fixture)
 
 import subspace_peft
-from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
+from subspace_peft import PiSSAConfig
 from subspace_peft.cli import main
 
-from tiny_models import perturb_trainable
+from tiny_models import CAUSAL_LM_TARGETS, causal_lm_configs, perturb_trainable
 
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-CONFIGS = {
-    "pissa": lambda: PiSSAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "svfit": lambda: SVFitConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "flora": lambda: FLoRAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    "effort": lambda: EffortConfig(residual_rank=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
-}
+TARGETS = CAUSAL_LM_TARGETS
+CONFIGS = causal_lm_configs()
 IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -12,7 +10,7 @@ from torch import nn
 from subspace_peft import PiSSAConfig, merging
 
 from parity import rel_err
-from tiny_models import build, inputs
+from tiny_models import build, inputs, perturbed_copy
 
 
 class Encoder(nn.Module):
@@ -24,14 +22,9 @@ class Encoder(nn.Module):
         return torch.tanh(self.lin1(torch.tanh(self.lin0(x))))
 
 
-def fine_tune(base: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+def fine_tune(base, seed: int, scale: float = 0.05):
     """A 'fine-tune': the base moved by a small seeded perturbation."""
-    tuned = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return tuned
+    return perturbed_copy(base, seed, scale)
 
 
 @pytest.fixture

@@ -45,7 +45,6 @@ unmerged (up to 0.029 apart there); the tests' densities keep at least 4 entries
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import random
@@ -61,6 +60,8 @@ from safetensors.torch import load_file
 
 from subspace_peft import merging
 
+from tiny_models import perturbed_copy
+
 INSTALL = "pip install 'mergekit==0.1.5'"
 run_yaml = pytest.importorskip(
     "mergekit.scripts.run_yaml", reason=f"the mergekit reference tests need mergekit: {INSTALL}"
@@ -75,12 +76,7 @@ TOL = 1e-6
 
 def fine_tune(base, seed: int, scale: float = 0.01):
     """A 'fine-tune': the base moved by a small seeded perturbation (the weights themselves are ~0.02)."""
-    tuned = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return tuned
+    return perturbed_copy(base, seed, scale)
 
 
 def build_models(root):

@@ -148,3 +148,28 @@ def output_tensor(output) -> torch.Tensor:
     if hasattr(output, "logits"):
         return output.logits
     return output.last_hidden_state
+
+
+# one small adapter per method on a causal LM's attention and MLP projections (the loading and export tests)
+CAUSAL_LM_TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def causal_lm_configs() -> dict:
+    from subspace_peft import EffortConfig, FLoRAConfig, PiSSAConfig, SVFitConfig
+
+    targets, task = CAUSAL_LM_TARGETS, "CAUSAL_LM"
+    return {
+        "pissa": lambda: PiSSAConfig(r=2, target_modules=targets, task_type=task),
+        "svfit": lambda: SVFitConfig(r=2, target_modules=targets, task_type=task),
+        "flora": lambda: FLoRAConfig(r=2, target_modules=targets, task_type=task),
+        "effort": lambda: EffortConfig(residual_rank=2, target_modules=targets, task_type=task),
+    }
+
+
+def perturbed_copy(model: nn.Module, seed: int, scale: float) -> nn.Module:
+    """A 'fine-tune': a copy of ``model`` with every trainable tensor moved by seeded noise (perturb_trainable)."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    perturb_trainable(tuned, scale=scale, seed=seed)
+    return tuned
