@@ -52,7 +52,6 @@ def main() -> None:
         return
 
     import bench_quality
-
     from harness import markdown_table
 
     base = bench_quality.child_call(["--evaluate", "lora"])["pretrain_loss"]

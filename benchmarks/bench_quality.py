@@ -89,6 +89,25 @@ def afinn_splits() -> dict[str, list[dict]]:
     return {"test": rows[:400], "validation": rows[400:600], "train": rows[600:]}
 
 
+def rotten_tomatoes_splits() -> dict[str, list[dict]]:
+    """Rotten Tomatoes critics' snippets (human-written), split by movie and balanced as bench_svfit_cls.py splits
+    them (from its default data folder), as prompt/answer rows: ``Review: ...\nSentiment:`` -> `` positive`` or
+    `` negative``."""
+    from bench_svfit_cls import load_corpus, split_by_movie
+
+    examples, _ = load_corpus(os.path.join(os.path.expanduser("~"), ".cache", "subspace-peft"))
+    splits = split_by_movie(examples, {"test": 400, "val": 200, "train": 2000})
+    words = {0: " negative", 1: " positive"}
+    return {
+        name: [{"prompt": f"Review: {text}\nSentiment:", "answer": words[label]} for text, label in splits[key]]
+        for name, key in (("test", "test"), ("validation", "val"), ("train", "train"))
+    }
+
+
+TASKS = {"afinn": afinn_splits, "rotten_tomatoes": rotten_tomatoes_splits}
+MAX_LENGTH = {"afinn": 64, "rotten_tomatoes": 128}
+
+
 def pretraining_like_chunks(tokenizer, count: int = 32, length: int = 128) -> list[list[int]]:
     import importlib
     import inspect
@@ -117,14 +136,15 @@ def method_recipe(method: str):
     return FinetuneRecipe(method=base if base != "full" else "lora", method_config=config, quantization=quantization)
 
 
-def build(method: str):
-    """(model, tokenizer) ready to train: the base for full fine-tuning, else the wrapped model."""
+def build(method: str, seed: int = 0):
+    """(model, tokenizer) ready to train: the base for full fine-tuning, else the wrapped model; ``seed`` draws the
+    adapters' random initial values (and, set before training, dropout)."""
     import torch
     from peft import get_peft_model
 
     from finetune import keep_4bit_layers_on_the_training_path, load_model, peft_config
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     recipe = method_recipe(method)
     model, tokenizer = load_model(recipe)
     if method != "full":
@@ -133,16 +153,18 @@ def build(method: str):
     return model, tokenizer
 
 
-def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
+def train(method: str, lr: float, steps: int, out_dir: str, seed: int = 0, task: str = "afinn") -> dict:
+    """Train ``method`` at ``lr`` for ``steps``; ``seed`` sets the initial values, dropout and the data order (seed 0:
+    the sweep's runs)."""
     import torch
 
     from finetune import answer_metrics, collate, tokenize
 
-    model, tokenizer = build(method)
-    splits = afinn_splits()
-    train_set = tokenize(splits["train"], tokenizer, 64)
+    model, tokenizer = build(method, seed)
+    splits = TASKS[task]()
+    train_set = tokenize(splits["train"], tokenizer, MAX_LENGTH[task])
     collator = collate(tokenizer)
-    order = random.Random(1).sample(range(len(train_set)), len(train_set))
+    order = random.Random(1 + seed).sample(range(len(train_set)), len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     losses, regularisers, start = [], [], time.perf_counter()
@@ -157,7 +179,7 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
         losses.append(float(loss))
         regularisers.append(logged.get("effort_loss", 0.0))
     seconds = time.perf_counter() - start
-    validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, 64), collator)
+    validation = answer_metrics(model, tokenize(splits["validation"], tokenizer, MAX_LENGTH[task]), collator)
     model.save_pretrained(out_dir)  # the adapter; for full fine-tuning the whole model
     result = {
         "method": method,
@@ -169,30 +191,67 @@ def train(method: str, lr: float, steps: int, out_dir: str) -> dict:
         "train_seconds": seconds,
         "trainable": sum(p.numel() for p in trainable),
         "steps": steps,
+        "seed": seed,
+        "task": task,
     }
     with open(os.path.join(out_dir, RESULT_FILE), "w") as handle:  # a resumed sweep (--runs-root) reads it back
         json.dump(result, handle)
     return result
 
 
-def finished_run(run_dir: str, method: str, lr: float, steps: int) -> dict | None:
+def finished_run(run_dir: str, method: str, lr: float, steps: int, seed: int = 0, task: str = "afinn") -> dict | None:
     """The result a finished run left in ``run_dir`` (None: not run, or run with other settings)."""
     path = os.path.join(run_dir, RESULT_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
         result = json.load(handle)
-    same = (result.get("method"), result.get("lr"), result.get("steps")) == (method, lr, steps)
+    settings = (result.get("method"), result.get("lr"), result.get("steps"), result.get("seed", 0))
+    same = settings == (method, lr, steps, seed) and result.get("task", "afinn") == task
     return result if same else None
 
 
-def evaluate(method: str, run_dir: str | None) -> dict:
-    """Test loss, test exact match and pretraining-like loss of a trained run (``run_dir``) or of the base model."""
+def per_example_scores(model, examples, collator, batch_size: int = 16) -> dict:
+    """Per test example: its loss per answer token (the answer and its eos) and whether its greedy answer is exact
+    (teacher-forced); ``loss`` and ``exact_match`` over all examples equal ``answer_metrics``' eval_loss and
+    exact_match."""
+    import torch
+
+    losses, tokens, correct = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = [examples[index] for index in range(start, min(start + batch_size, len(examples)))]
+            batch = collator(chunk)
+            logits = model(**batch).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            answer = labels != -100
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+            )
+            hit = logits.argmax(-1) == labels
+            for row, example in enumerate(chunk):
+                count = int(answer[row].sum())
+                losses.append(float((token_loss[row] * answer[row]).sum()) / count)
+                tokens.append(count)
+                positions = answer[row].nonzero().flatten()[: example["answer_length"]]  # the answer, not its eos
+                correct.append(float(len(positions) > 0 and bool(hit[row, positions].all())))
+    return {
+        "losses": losses,
+        "correct": correct,
+        "loss": sum(loss * count for loss, count in zip(losses, tokens)) / sum(tokens),
+        "exact_match": statistics.mean(correct),
+    }
+
+
+def evaluate(method: str, run_dir: str | None, task: str = "afinn") -> dict:
+    """Test loss, test exact match and pretraining-like loss of a trained run (``run_dir``) or of the base model, in
+    total and per test example / per chunk."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import answer_metrics, collate, keep_4bit_layers_on_the_training_path, load_model, tokenize
+    from finetune import collate, keep_4bit_layers_on_the_training_path, load_model, tokenize
     from models import smollm2_path
 
     if method == "full" and run_dir:
@@ -205,16 +264,22 @@ def evaluate(method: str, run_dir: str | None) -> dict:
 
             model = PeftModel.from_pretrained(model, run_dir)
             keep_4bit_layers_on_the_training_path(model)
-    test = afinn_splits()["test"]
-    collator = collate(tokenizer)
+    test = TASKS[task]()["test"]
     chunks = pretraining_like_chunks(tokenizer)
     model.eval()
     with torch.no_grad():
-        pretrain = statistics.mean(
+        pretrain = [
             float(model(input_ids=torch.tensor([chunk]), labels=torch.tensor([chunk])).loss) for chunk in chunks
-        )
-    metrics = answer_metrics(model, tokenize(test, tokenizer, 64), collator)
-    return {"test_loss": metrics["eval_loss"], "exact_match": metrics["exact_match"], "pretrain_loss": pretrain}
+        ]
+    scores = per_example_scores(model, tokenize(test, tokenizer, MAX_LENGTH[task]), collate(tokenizer))
+    return {
+        "test_loss": scores["loss"],
+        "exact_match": scores["exact_match"],
+        "pretrain_loss": statistics.mean(pretrain),
+        "test_losses": scores["losses"],
+        "test_correct": scores["correct"],
+        "pretrain_losses": pretrain,
+    }
 
 
 def quantisation_errors() -> dict:
@@ -272,17 +337,20 @@ def validation_key(run: dict) -> float:
     return loss if math.isfinite(loss) else math.inf  # a diverged run is the worst
 
 
-def sweep_rates(method: str, steps: int, runs_root: str) -> list[dict]:
-    """Train ``method`` at each rate of its grid, widening the grid by one ladder step (at most MAX_WIDENINGS times)
-    while the best validation loss sits at an end; the runs sorted by rate, each marked ``interior`` or not."""
-    rates, runs = list(LRS[method]), {}
+def sweep_rates(
+    method: str, steps: int, runs_root: str, task: str = "afinn", rates: list[float] | None = None
+) -> list[dict]:
+    """Train ``method`` at each rate of its grid (``rates``, default ``LRS[method]``), widening the grid by one
+    ladder step (at most MAX_WIDENINGS times) while the best validation loss sits at an end; the runs sorted by
+    rate, each marked ``interior`` or not."""
+    rates, runs = list(rates or LRS[method]), {}
     for _ in range(MAX_WIDENINGS + 1):
         for lr in rates:
             if lr not in runs:
                 run_dir = os.path.join(runs_root, f"{method}-{lr:g}")
-                reused = finished_run(run_dir, method, lr, steps)
+                reused = finished_run(run_dir, method, lr, steps, task=task)
                 runs[lr] = reused or child_call(
-                    ["--train", method, str(lr), "--steps", str(steps), "--run-dir", run_dir]
+                    ["--train", method, str(lr), "--steps", str(steps), "--run-dir", run_dir, "--task", task]
                 )
                 runs[lr]["run_dir"] = run_dir
                 print(
@@ -364,12 +432,16 @@ def main() -> None:
         "--runs-root",
         help="keep every run here and reuse the finished ones (a killed sweep resumes); default: a temporary folder",
     )
+    parser.add_argument("--seed", type=int, default=0, help="--train: initial values, dropout and data order")
+    parser.add_argument("--task", choices=sorted(TASKS), default="afinn", help="--train and --evaluate: the data")
     args = parser.parse_args()
     if args.train:
-        print("RESULT " + json.dumps(train(args.train[0], float(args.train[1]), args.steps, args.run_dir)))
+        method, lr = args.train[0], float(args.train[1])
+        print("RESULT " + json.dumps(train(method, lr, args.steps, args.run_dir, args.seed, args.task)))
         return
     if args.evaluate:
-        print("RESULT " + json.dumps(evaluate(args.evaluate[0], args.evaluate[1] if len(args.evaluate) > 1 else None)))
+        run_dir = args.evaluate[1] if len(args.evaluate) > 1 else None
+        print("RESULT " + json.dumps(evaluate(args.evaluate[0], run_dir, args.task)))
         return
     if args.quant_errors:
         print("RESULT " + json.dumps(quantisation_errors()))

@@ -10,6 +10,7 @@ gets "not measured" in its row.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -24,14 +25,21 @@ QUALITY = "python benchmarks/bench_quality.py"
 MERGE = "python benchmarks/bench_merge.py"
 QPISSA_ITERS = "python benchmarks/bench_qpissa_iters.py --model smollm2"
 CONCRETE_TA = "python benchmarks/bench_concrete_ta.py --seeds 0 1 2"
+QUALITY_SEEDS = "python benchmarks/bench_quality_seeds.py"
+SEEDED = "quality_seeds_*.json"  # one file per task and budget (bench_quality_seeds.py)
 
 
-def _load(results: str, name: str) -> Optional[dict]:
-    path = os.path.join(results, name)
-    if not os.path.isfile(path):
+def _load(results: str, name: str) -> Optional[dict | list[dict]]:
+    """The JSON file ``name`` in ``results``; a pattern (``*``) gives the list of its files (None: none there)."""
+    paths = sorted(glob.glob(os.path.join(results, name))) if "*" in name else [os.path.join(results, name)]
+    paths = [path for path in paths if os.path.isfile(path)]
+    if not paths:
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    loaded = []
+    for path in paths:
+        with open(path) as handle:
+            loaded.append(json.load(handle))
+    return loaded if "*" in name else loaded[0]
 
 
 def _verdict(holds: bool) -> str:
@@ -39,51 +47,92 @@ def _verdict(holds: bool) -> str:
     return ("holds" if holds else "does not hold") + " (1 run, no interval)"
 
 
-def _pissa(quality: dict) -> tuple[str, bool]:
-    lora, pissa = quality["best"]["lora"], quality["best"]["pissa"]
-    text = f"test loss {pissa['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} (same rank, each at its best rate)"
-    return text, pissa["test_loss"] < lora["test_loss"]
+def _settings(reports: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{r['task']}, {r['steps']} steps", r) for r in sorted(reports, key=lambda r: (r["task"], r["steps"]))]
 
 
-def _svfit(quality: dict) -> tuple[str, bool]:
-    lora, svfit = quality["best"]["lora"], quality["best"]["svfit"]
-    ratio = svfit["test_loss"] / lora["test_loss"]
-    share = svfit["trainable"] / lora["trainable"]
-    text = (
-        f"test loss {svfit['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} ({ratio:.2f}x) with "
-        f"{svfit['trainable']:,} trained numbers (1/{1 / share:.0f} of LoRA's)"
-    )
-    return text, ratio <= 1.05 and share <= 1 / 16
+def _losses(report: dict, method: str) -> list[list[float]]:
+    return [run["test_losses"] for run in report["runs"][method]]
 
 
-def _flora(quality: dict) -> tuple[str, bool]:
-    lora, flora = quality["best"]["lora"], quality["best"]["flora"]
-    text = f"Linear layers: test loss {flora['test_loss']:.3f} vs LoRA {lora['test_loss']:.3f} at matched parameters"
-    return text, flora["test_loss"] <= lora["test_loss"] * 1.05
+def _summary(parts: list[str], verdicts: list[str], seeds: int) -> tuple[str, str]:
+    return f"{seeds} seeds each; " + "; ".join(parts), stats.combined(verdicts)
 
 
-def _effort(quality: dict) -> tuple[str, bool]:
-    base, best = quality["base"]["pretrain_loss"], quality["best"]
-    size = best["effort"]["trainable"]
-    # the adapters of LoRA's size (within 2x of Effort's trained numbers): SVFit's few thousand are another regime
-    rises = {
-        m: r["pretrain_loss"] - base for m, r in best.items() if m != "full" and size / 2 <= r["trainable"] <= 2 * size
-    }
-    share = quality.get("regulariser_share", {}).get("effort")
-    least = min(rises, key=rises.get)
-    text = f"forgetting +{rises['effort']:.3f} (LoRA +{rises['lora']:.3f}; least of the LoRA-sized adapters: {least})"
-    if share:
-        text += f"; regulariser {share['first']:.0%} -> {share['last']:.0%} of the loss"
-    return text, least == "effort"
+def _lower_loss(method: str, rival: str, label: str, rival_label: str) -> Callable[[list[dict]], tuple[str, str]]:
+    """``method``'s test loss below ``rival``'s, paired by seed and test example, in every seeded setting."""
+
+    def measure(reports: list[dict]) -> tuple[str, str]:
+        parts, verdicts = [], []
+        for name, report in _settings(reports):
+            difference = stats.paired_difference(_losses(report, rival), _losses(report, method))
+            verdicts.append(stats.verdict(difference))
+            parts.append(
+                f"{name}: test loss {label} {stats.bootstrap_interval(_losses(report, method))['mean']:.3f} vs "
+                f"{rival_label} {stats.bootstrap_interval(_losses(report, rival))['mean']:.3f}, {rival_label} minus "
+                f"{label} {difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
+                f"({verdicts[-1]})"
+            )
+        return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+
+    return measure
 
 
-def _qpissa(quality: dict) -> tuple[str, bool]:
-    errors, best = quality["quantisation_errors"], quality["best"]
+def _within_lora(method: str, label: str, share_at_most: float) -> Callable[[list[dict]], tuple[str, str]]:
+    """``method``'s test loss within 5% of LoRA's (the ratio's interval below 1.05) with at most ``share_at_most``
+    of LoRA's trained numbers, in every seeded setting."""
+
+    def measure(reports: list[dict]) -> tuple[str, str]:
+        parts, verdicts = [], []
+        for name, report in _settings(reports):
+            ratio = stats.ratio_interval(_losses(report, method), _losses(report, "lora"))
+            share = report["runs"][method][0]["trainable"] / report["runs"]["lora"][0]["trainable"]
+            verdicts.append(stats.verdict(ratio, 1.05, above=False) if share <= share_at_most else "does not hold")
+            parts.append(
+                f"{name}: {label} test loss {ratio['mean']:.2f}x LoRA's [{ratio['low']:.2f}, {ratio['high']:.2f}] "
+                f"with 1/{1 / share:.0f} of its trained numbers ({verdicts[-1]})"
+            )
+        return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+
+    return measure
+
+
+def _effort(reports: list[dict]) -> tuple[str, str]:
+    """Effort's rise of the pretraining-like loss below each full-precision LoRA-sized adapter's (trained numbers
+    within 2x of Effort's; QLoRA and QPiSSA are left out, their nf4 base alone raises that loss), paired by seed
+    and chunk, in every seeded setting."""
+    parts, verdicts = [], []
+    for name, report in _settings(reports):
+        runs, size = report["runs"], report["runs"]["effort"][0]["trainable"]
+        pretrain = {m: [run["pretrain_losses"] for run in seeds] for m, seeds in runs.items()}
+        sized = [m for m in ("lora", "pissa", "flora") if m in runs]
+        rivals = [m for m in sized if size / 2 <= runs[m][0]["trainable"] <= 2 * size]
+        base = report["base"]["pretrain_loss"]
+        setting = []
+        for rival in rivals:
+            difference = stats.paired_difference(pretrain[rival], pretrain["effort"])
+            verdicts.append(stats.verdict(difference))
+            setting.append(
+                f"{rival} +{stats.bootstrap_interval(pretrain[rival])['mean'] - base:.3f}, less by "
+                f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] ({verdicts[-1]})"
+            )
+        effort_rise = stats.bootstrap_interval(pretrain["effort"])["mean"] - base
+        loss_ratio = stats.ratio_interval(_losses(report, "effort"), _losses(report, "lora"))["mean"]
+        parts.append(f"{name}: forgetting Effort +{effort_rise:.3f} (test loss {loss_ratio:.2f}x LoRA's) vs ")
+        parts[-1] += ", ".join(setting)
+    return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+
+
+def _qpissa(quality: dict, reports: list[dict]) -> tuple[str, str]:
+    """The quantisation error at init (deterministic, from bench_quality.py) at most 0.85x QLoRA's, and the test
+    loss below QLoRA's in every seeded setting."""
+    errors = quality["quantisation_errors"]
+    text, verdict = _lower_loss("qpissa", "qlora", "QPiSSA", "QLoRA")(reports)
     text = (
         f"quantisation error {errors['ratio']:.2f}x QLoRA's (1 iteration), {errors['ratio_iters']:.2f}x "
-        f"(5 iterations); test loss {best['qpissa']['test_loss']:.3f} vs QLoRA {best['qlora']['test_loss']:.3f}"
+        f"(5 iterations; one deterministic measurement); {text}"
     )
-    return text, errors["ratio_iters"] <= 0.85 and best["qpissa"]["test_loss"] <= best["qlora"]["test_loss"]
+    return text, verdict if errors["ratio_iters"] <= 0.85 else "does not hold"
 
 
 def _merge_row(method: str, rivals: tuple[str, ...]) -> Callable[[dict], tuple[str, bool]]:
@@ -155,15 +204,27 @@ def _flora_conv(report: dict) -> tuple[str, str]:
 
 # (method, paper's claim, results file, how to read it, command)
 CLAIMS = (
-    ("PiSSA", "lower loss than LoRA at the same rank and steps", "quality.json", _pissa, QUALITY),
+    (
+        "PiSSA",
+        "lower loss than LoRA at the same rank and steps",
+        SEEDED,
+        _lower_loss("pissa", "lora", "PiSSA", "LoRA"),
+        QUALITY_SEEDS,
+    ),
     (
         "QPiSSA",
         "lower quantisation error than QLoRA (target <= 0.85x) and lower loss after the same steps",
-        "quality.json",
+        ("quality.json", SEEDED),
         _qpissa,
-        QUALITY,
+        f"{QUALITY}; {QUALITY_SEEDS}",
     ),
-    ("SVFit", "LoRA's quality (within 5%) with >= 16x fewer trained parameters", "quality.json", _svfit, QUALITY),
+    (
+        "SVFit",
+        "LoRA's quality (within 5%) with >= 16x fewer trained parameters",
+        SEEDED,
+        _within_lora("svfit", "SVFit", 1 / 16),
+        QUALITY_SEEDS,
+    ),
     (
         "SVFit, classification",
         "LoRA's quality (within 5%) with >= 16x fewer trained parameters, on sentence classification",
@@ -171,7 +232,13 @@ CLAIMS = (
         _svfit_classification,
         "python benchmarks/bench_svfit_cls.py",
     ),
-    ("FLoRA", "LoRA's quality at matched parameters (its gains are on convolutions)", "quality.json", _flora, QUALITY),
+    (
+        "FLoRA",
+        "LoRA's quality at matched parameters (its gains are on convolutions)",
+        SEEDED,
+        _within_lora("flora", "FLoRA", 1.25),
+        QUALITY_SEEDS,
+    ),
     (
         "FLoRA, convolutions",
         "LoRA's quality at matched parameters on convolutions (within 1 point)",
@@ -179,7 +246,13 @@ CLAIMS = (
         _flora_conv,
         "python benchmarks/bench_flora_conv.py",
     ),
-    ("Effort", "forgets least of the LoRA-sized adapters while fitting the task", "quality.json", _effort, QUALITY),
+    (
+        "Effort",
+        "forgets least of the LoRA-sized adapters while fitting the task",
+        SEEDED,
+        _effort,
+        QUALITY_SEEDS,
+    ),
     ("Concrete Task Arithmetic", "above task arithmetic", "concrete_ta.json", _concrete_ta, CONCRETE_TA),
     (
         "Concrete AdaMerging",
@@ -193,16 +266,18 @@ CLAIMS = (
 
 def claims_table(results: str) -> str:
     rows = ["| method | paper's claim | measured here | verdict | command |", "|---|---|---|---|---|"]
-    for method, claim, file, measure, command in CLAIMS:
-        data = _load(results, file)
-        if data is None:
-            measured, verdict = f"not measured ({file} absent)", "-"
+    for method, claim, files, measure, command in CLAIMS:
+        names = files if isinstance(files, tuple) else (files,)
+        data = [_load(results, name) for name in names]
+        if any(loaded is None for loaded in data):
+            absent = ", ".join(name for name, loaded in zip(names, data) if loaded is None)
+            measured, verdict = f"not measured ({absent} absent)", "-"
         else:
             try:
-                measured, holds = measure(data)
+                measured, holds = measure(*data)
                 verdict = holds if isinstance(holds, str) else _verdict(holds)
             except KeyError as missing:  # a results file written by an older version of its benchmark
-                measured, verdict = f"not measured ({file} lacks {missing}: rerun the command)", "-"
+                measured, verdict = f"not measured ({', '.join(names)} lacks {missing}: rerun the command)", "-"
         rows.append(f"| {method} | {claim} | {measured} | {verdict} | `{command}` |")
     return "\n".join(rows)
 

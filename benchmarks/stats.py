@@ -25,18 +25,38 @@ def _matrix(scores: Sequence[Sequence[float]]) -> np.ndarray:
     return matrix
 
 
-def bootstrap_interval(scores: Sequence[Sequence[float]], resamples: int = RESAMPLES, seed: int = 0) -> dict:
-    """Mean over seeds and examples, and its 95% interval (seeds x examples bootstrap)."""
-    matrix = _matrix(scores)
-    rng = np.random.default_rng(seed)
-    seeds, examples = matrix.shape
-    means = np.empty(resamples)
+def _resampled_means(matrices: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
+    """The means of each matrix under the same seeds x examples resamples: shape (resamples, len(matrices))."""
+    shapes = {matrix.shape for matrix in matrices}
+    if len(shapes) != 1:
+        raise ValueError(f"paired scores need the same seeds and examples: {sorted(shapes)}")
+    (seeds, examples), rng = shapes.pop(), np.random.default_rng(seed)
+    means = np.empty((resamples, len(matrices)))
     for index in range(resamples):
         rows = rng.integers(0, seeds, seeds)
         columns = rng.integers(0, examples, examples)
-        means[index] = matrix[np.ix_(rows, columns)].mean()
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(matrix.mean()), "low": float(low), "high": float(high), "seeds": seeds}
+        means[index] = [matrix[np.ix_(rows, columns)].mean() for matrix in matrices]
+    return means
+
+
+def _interval(value: float, resampled: np.ndarray, seeds: int) -> dict:
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {"mean": float(value), "low": float(low), "high": float(high), "seeds": seeds}
+
+
+def bootstrap_interval(scores: Sequence[Sequence[float]], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Mean over seeds and examples, and its 95% interval (seeds x examples bootstrap)."""
+    matrix = _matrix(scores)
+    return _interval(matrix.mean(), _resampled_means([matrix], resamples, seed)[:, 0], matrix.shape[0])
+
+
+def ratio_interval(
+    a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], resamples: int = RESAMPLES, seed: int = 0
+) -> dict:
+    """``mean(a) / mean(b)`` paired by seed and test example, with its 95% interval (the same resamples of both)."""
+    first, second = _matrix(a), _matrix(b)
+    means = _resampled_means([first, second], resamples, seed)
+    return _interval(first.mean() / second.mean(), means[:, 0] / means[:, 1], first.shape[0])
 
 
 def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], **kwargs) -> dict:
@@ -47,16 +67,26 @@ def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
     return bootstrap_interval(first - second, **kwargs)
 
 
-def verdict(interval: dict, threshold: float = 0.0) -> str:
-    """ "holds" when the whole interval of a difference lies above ``threshold``, "does not hold" when it lies below,
-    else "cannot tell"; fewer than MIN_SEEDS seeds is "cannot tell" whatever the interval."""
+def verdict(interval: dict, threshold: float = 0.0, above: bool = True) -> str:
+    """ "holds" when the whole interval lies above ``threshold`` (``above=False``: below it), "does not hold" when it
+    lies on the other side, else "cannot tell"; fewer than MIN_SEEDS seeds is "cannot tell" whatever the interval."""
     if interval["seeds"] < MIN_SEEDS:
         return "cannot tell"
     if interval["low"] > threshold:
-        return "holds"
+        return "holds" if above else "does not hold"
     if interval["high"] < threshold:
-        return "does not hold"
+        return "does not hold" if above else "holds"
     return "cannot tell"
+
+
+def combined(verdicts: Sequence[str]) -> str:
+    """One claim measured in several settings: "holds" when it holds in every one, "does not hold" when it does not
+    hold in one, else "cannot tell"."""
+    if not verdicts:
+        return "cannot tell"
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    return "does not hold" if "does not hold" in verdicts else "cannot tell"
 
 
 def describe(interval: dict, digits: int = 3) -> str:

@@ -50,3 +50,29 @@ def test_paired_difference_and_verdicts():
     assert "3 seeds" in stats.describe(difference)
     with pytest.raises(ValueError, match="same seeds and examples"):
         stats.paired_difference(base, base[:, :10])
+
+
+def test_ratio_interval_and_claims_where_lower_is_better():
+    rng = np.random.default_rng(2)
+    lora = rng.gamma(2.0, 0.2, (3, 400))  # per-example losses, mean 0.4
+    close = lora * 1.01 + rng.normal(0, 0.01, lora.shape)
+    far = lora * 1.3
+    ratio = stats.ratio_interval(close, lora)
+    assert ratio["mean"] == pytest.approx(close.mean() / lora.mean())
+    assert ratio["low"] < 1.01 < ratio["high"] < 1.05
+    assert stats.verdict(ratio, threshold=1.05, above=False) == "holds"  # within 5%: the whole interval below 1.05
+    assert stats.verdict(stats.ratio_interval(far, lora), threshold=1.05, above=False) == "does not hold"
+    assert stats.verdict(stats.ratio_interval(far[:2], lora[:2]), threshold=1.05, above=False) == "cannot tell"
+    # the same draws as bootstrap_interval: a ratio to a constant matrix is the interval of the mean, scaled
+    constant = stats.ratio_interval(far, np.ones_like(far))
+    plain = stats.bootstrap_interval(far)
+    assert (constant["low"], constant["high"]) == pytest.approx((plain["low"], plain["high"]))
+    with pytest.raises(ValueError, match="same seeds and examples"):
+        stats.ratio_interval(far, lora[:, :10])
+
+
+def test_a_claim_over_several_settings():
+    assert stats.combined(["holds", "holds"]) == "holds"
+    assert stats.combined(["holds", "cannot tell"]) == "cannot tell"
+    assert stats.combined(["holds", "does not hold", "cannot tell"]) == "does not hold"
+    assert stats.combined([]) == "cannot tell"

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -84,47 +85,74 @@ def test_regulariser_share_over_training():
     assert share["middle"] == pytest.approx(0.25)  # steps 35-44: five of each
 
 
-def _quality(tmp_path, svfit_loss, effort_rise):
-    best = {
-        "lora": {"test_loss": 0.40, "trainable": 4_884_480, "pretrain_loss": 3.0},
-        "pissa": {"test_loss": 0.38, "trainable": 4_884_480, "pretrain_loss": 3.3},
-        "svfit": {"test_loss": svfit_loss, "trainable": 80_529, "pretrain_loss": 2.8},
-        "flora": {"test_loss": 0.48, "trainable": 4_938_240, "pretrain_loss": 3.0},
-        "effort": {"test_loss": 0.41, "trainable": 4_887_840, "pretrain_loss": 2.7 + effort_rise},
-        "qlora": {"test_loss": 0.41, "trainable": 4_884_480, "pretrain_loss": 3.1},
-        "qpissa": {"test_loss": 0.40, "trainable": 4_884_480, "pretrain_loss": 3.6},
-    }
-    data = {
-        "best": best,
-        "base": {"pretrain_loss": 2.7},
-        "quantisation_errors": {"ratio": 0.93, "ratio_iters": 0.84},
-        "regulariser_share": {"effort": {"first": 0.01, "middle": 0.05, "last": 0.07, "max": 0.1}},
-    }
-    (tmp_path / "quality.json").write_text(json.dumps(data))
+TRAINABLE = {"lora": 4_884_480, "pissa": 4_884_480, "svfit": 80_529, "flora": 4_938_240, "effort": 4_887_840}
 
 
-def test_the_claims_table_reads_the_verdicts_from_the_numbers(tmp_path):
-    _quality(tmp_path, svfit_loss=0.41, effort_rise=0.05)
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
-    one_run = "| holds (1 run, no interval) |"
-    assert one_run in rows["PiSSA"] and one_run in rows["QPiSSA"]
-    assert "1/61 of LoRA's" in rows["SVFit"] and one_run in rows["SVFit"]  # 0.41 / 0.40 = 1.025 <= 1.05
-    assert one_run in rows["Effort"] and "+0.050" in rows["Effort"]
+def _seeded(tmp_path, factors: dict, rises: dict, seeds: int = 3, task: str = "afinn", steps: int = 80) -> None:
+    """A bench_quality_seeds.py report: per-example test losses of each method = LoRA's x ``factors[method]`` (plus
+    a little per-seed noise), pretraining-like losses = the base's + ``rises[method]``."""
+    rng = np.random.default_rng(0)
+    lora = rng.gamma(2.0, 0.2, (seeds, 200))
+    base_chunks = rng.uniform(2.0, 3.0, 32)
+    runs = {}
+    for method, factor in factors.items():
+        losses = lora * factor + rng.normal(0, 0.005, lora.shape)
+        runs[method] = [
+            {
+                "seed": seed,
+                "trainable": TRAINABLE.get(method, 4_884_480),
+                "test_losses": losses[seed].tolist(),
+                "pretrain_losses": (base_chunks + rises[method] + rng.normal(0, 0.002, 32)).tolist(),
+            }
+            for seed in range(seeds)
+        ]
+    report = {
+        "task": task,
+        "steps": steps,
+        "seeds": list(range(seeds)),
+        "base": {"pretrain_loss": float(base_chunks.mean()), "pretrain_losses": base_chunks.tolist()},
+        "runs": runs,
+    }
+    (tmp_path / f"quality_seeds_{task}_{steps}.json").write_text(json.dumps(report))
+    (tmp_path / "quality.json").write_text(json.dumps({"quantisation_errors": {"ratio": 0.93, "ratio_iters": 0.84}}))
+
+
+def _rows(tmp_path) -> dict:
+    return {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
+
+
+FACTORS = {"lora": 1.0, "pissa": 0.9, "svfit": 1.01, "flora": 1.3, "effort": 1.0, "qlora": 1.1, "qpissa": 1.0}
+RISES = {"lora": 0.3, "pissa": 0.4, "svfit": 0.1, "flora": 0.3, "effort": 0.2, "qlora": 0.5, "qpissa": 0.5}
+
+
+def test_the_fine_tuning_claims_have_seeds_intervals_and_verdicts(tmp_path):
+    _seeded(tmp_path, FACTORS, RISES)
+    rows = _rows(tmp_path)
+    assert "| holds |" in rows["PiSSA"] and "afinn, 80 steps: test loss PiSSA" in rows["PiSSA"]
+    assert "3 seeds each" in rows["PiSSA"]
+    assert "| holds |" in rows["QPiSSA"] and "0.84x (5 iterations" in rows["QPiSSA"]
+    assert "| holds |" in rows["SVFit"] and "with 1/61 of its trained numbers (holds)" in rows["SVFit"]
+    assert "| does not hold |" in rows["FLoRA"] and "1.30x LoRA's" in rows["FLoRA"]  # the interval lies above 1.05
+    assert "| holds |" in rows["Effort"] and "forgetting Effort +0.200" in rows["Effort"]
     assert "not measured (concrete_ta.json absent)" in rows["Concrete Task Arithmetic"]
-    _quality(tmp_path, svfit_loss=0.55, effort_rise=2.0)
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
-    assert "| does not hold (1 run, no interval) |" in rows["SVFit"]
-    assert "| does not hold (1 run, no interval) |" in rows["Effort"]
+
+
+def test_a_fine_tuning_claim_must_hold_in_every_setting(tmp_path):
+    _seeded(tmp_path, FACTORS, RISES)
+    _seeded(tmp_path, {**FACTORS, "pissa": 1.0, "effort": 1.0}, {**RISES, "effort": 0.35}, steps=300)
+    rows = _rows(tmp_path)
+    assert "afinn, 300 steps" in rows["PiSSA"] and "| cannot tell |" in rows["PiSSA"]  # equal at 300 steps
+    assert "| does not hold |" in rows["Effort"]  # forgets more than LoRA at 300 steps
+    _seeded(tmp_path, FACTORS, RISES, seeds=2, steps=300)
+    assert "| cannot tell |" in _rows(tmp_path)["PiSSA"]  # two seeds: no verdict
 
 
 def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
-    _quality(tmp_path, svfit_loss=0.41, effort_rise=0.05)
-    data = json.loads((tmp_path / "quality.json").read_text())
-    del data["quantisation_errors"]["ratio_iters"]  # written before QPiSSA's iterations were measured
-    (tmp_path / "quality.json").write_text(json.dumps(data))
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(str(tmp_path)).splitlines()[2:]}
-    assert "not measured (quality.json lacks 'ratio_iters': rerun the command)" in rows["QPiSSA"]
-    assert "| holds (1 run, no interval) |" in rows["PiSSA"]
+    _seeded(tmp_path, FACTORS, RISES)
+    (tmp_path / "quality.json").write_text(json.dumps({"quantisation_errors": {"ratio": 0.93}}))
+    rows = _rows(tmp_path)
+    assert "not measured (quality.json, quality_seeds_*.json lacks 'ratio_iters': rerun the command)" in rows["QPiSSA"]
+    assert "| holds |" in rows["PiSSA"]
 
 
 def _concrete_ta_report(tmp_path, right_per_seed: list[int]) -> dict:

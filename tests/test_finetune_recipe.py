@@ -354,3 +354,39 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_model):
     for example in examples[::2]:  # a wrong second answer token in half of them
         example["input_ids"][-3] = example["labels"][-3] = (example["labels"][-3] + 1) % 1000
     assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 0.5
+
+
+def test_the_quality_benchmarks_per_example_scores_add_up_to_answer_metrics(tiny_model):
+    # bench_quality's per-example losses and hits (the units of every interval in the claims table) must average to
+    # what the recipe reports: loss per answer token (eos included) and exact match (eos excluded)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_quality import per_example_scores
+    from finetune import answer_metrics, collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    generator, examples = torch.Generator().manual_seed(1), []
+    for index, length in enumerate((3, 5, 7, 4, 6, 3, 8)):
+        prompt = torch.randint(5, 1000, (length,), generator=generator).tolist()
+        greedy = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, length, dtype=torch.long),
+            max_new_tokens=1 + index % 3,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, length:].tolist()
+        answer = greedy if index % 2 else [(token + 1) % 1000 for token in greedy]  # half of them wrong
+        examples.append(
+            {"input_ids": prompt + answer + [5], "labels": [-100] * length + answer + [5], "answer_length": len(answer)}
+        )
+    collator = collate(tokenizer)
+    expected = answer_metrics(model, examples, collator, batch_size=3)
+    scores = per_example_scores(model, examples, collator, batch_size=3)
+    assert scores["correct"] == [float(index % 2 == 1) for index in range(len(examples))]
+    assert scores["exact_match"] == expected["exact_match"]
+    assert abs(scores["loss"] - expected["eval_loss"]) < 1e-5 * expected["eval_loss"]
+    alone = [per_example_scores(model, [example], collator)["losses"][0] for example in examples]
+    assert max(abs(a - b) for a, b in zip(alone, scores["losses"])) < 1e-5  # padding in a batch changes nothing
