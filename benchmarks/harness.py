@@ -57,6 +57,17 @@ def run_interleaved(script: str, methods: list[str], reps: int, child_args: list
     }
 
 
+def write_report(out: str, name: str, report: dict, markdown: str) -> None:
+    """``<out>/<name>.json`` (the numbers, read by claims.py) and ``<out>/<name>.md`` (their tables)."""
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as handle:
+        handle.write(markdown)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

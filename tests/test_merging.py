@@ -231,6 +231,19 @@ def test_the_default_final_mask_is_a_concrete_sample_drawn_with_the_next_seed(se
         merging.concrete_merge(base, vectors, unlabeled, fns, steps=1, final_mask="expectation", progress=False)
 
 
+def test_final_masks_rebuild_the_returned_merge_from_its_logits(setup):
+    # benchmarks evaluate every final mask of one trained merge through merging.concrete.final_masks
+    base, tuned, _, unlabeled, fns = setup
+    vectors = [merging.task_vector(base, t) for t in tuned]
+    for how in ("sample", "mean", "hard"):
+        result = merging.concrete_merge(
+            base, vectors, unlabeled, fns, steps=3, lr=0.1, seed=4, final_mask=how, return_masks=True, progress=False
+        )
+        masks = merging.concrete.final_masks(result.mask_logits, how, 0.5, torch.Generator().manual_seed(5))
+        assert masks.keys() == result.masks.keys()
+        assert max(rel_err(masks[name], result.masks[name]) for name in masks) <= 1e-6
+
+
 def test_a_shuffling_data_loader_is_reshuffled_every_pass(setup):
     """unlabeled may be DataLoaders: each pass iterates the loader anew, so shuffle=True reshuffles (a list would
     repeat its batches in order)."""

@@ -54,6 +54,22 @@ def _normalised(mask: torch.Tensor) -> torch.Tensor:
     return mask / mask.mean().clamp_min(1e-12)
 
 
+@torch.no_grad()
+def final_masks(
+    logits: dict[str, torch.Tensor], how: str, temperature: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The masks a merge returns from trained ``logits``: one Concrete sample each (``"sample"``, drawn from
+    ``generator`` in the logits' order), the mean mask sigmoid(logits) (``"mean"``) or logits > 0 (``"hard"``);
+    each rescaled to mean 1."""
+    if how == "mean":
+        masks = {n: torch.sigmoid(logit) for n, logit in logits.items()}
+    elif how == "sample":
+        masks = {n: concrete_sample(logit, temperature, generator) for n, logit in logits.items()}
+    else:
+        masks = {n: (logit > 0).float() for n, logit in logits.items()}
+    return {n: _normalised(m.detach()) for n, m in masks.items()}
+
+
 def _selected(names: Iterable[str], modules: Optional[Sequence[str]]) -> list[str]:
     """The parameter names under ``modules`` (exact module name, dotted suffix, or a regex on the module name)."""
     names = sorted(names)
@@ -256,8 +272,7 @@ def concrete_merge(
 
     if validate is not None:
         checkpoint.finish(len(history), keep_best=patience is not None)
-    with torch.no_grad():
-        final = merger.final_masks(final_mask, temperature, torch.Generator().manual_seed(seed + 1))
+    final = final_masks(merger.logits, final_mask, temperature, torch.Generator().manual_seed(seed + 1))
     lambda_history = []
     if lambda_optimizer is not None:
         with torch.no_grad():
@@ -271,21 +286,8 @@ def concrete_merge(
             adamerging_stop,
             progress,
         )
-    with torch.no_grad():
-        values = {
-            name: value.to(params[name].dtype)
-            for name, value in merger.merged(final, lambdas=merger.lambdas.detach()).items()
-        }
-        for name, value in values.items():
-            if not all_finite(value):
-                raise ValueError(
-                    f"concrete_merge: the merged value of {name!r} is NaN or Inf in {value.dtype} (lambdas "
-                    f"{merger.lambdas.detach().flatten()[:8].tolist()}): lower scaling or lambda_lr"
-                )
-        merged = copy.deepcopy(base)
-        merged_params = dict(merged.named_parameters())
-        for name, value in values.items():
-            merged_params[name].copy_(value)
+    merged = copy.deepcopy(base)
+    merger.copy_merged_into(merged, final, check="concrete_merge")
     return ConcreteMergeResult(
         model=merged,
         lambdas=merger.lambdas.detach().clone(),
@@ -313,12 +315,10 @@ class _BestMask:
     def validate(self, step: int) -> bool:
         """Validates at ``step``; True when that was no better than the best so far."""
         generator = torch.Generator().manual_seed(self.final_seed)
-        masks = self.merger.final_masks(self.final_mask, self.temperature, generator)
+        masks = final_masks(self.merger.logits, self.final_mask, self.temperature, generator)
         if self.scratch is None:
             self.scratch = copy.deepcopy(self.base)
-        params = dict(self.scratch.named_parameters())
-        for name, value in self.merger.merged(masks, lambdas=self.merger.lambdas.detach()).items():
-            params[name].copy_(value.to(params[name].dtype))
+        self.merger.copy_merged_into(self.scratch, masks)
         scores = [float(score) for score in self.fn(self.scratch)]
         if len(scores) != self.tasks:
             raise ValueError(f"concrete_merge: validate returned {len(scores)} accuracies for {self.tasks} tasks")
@@ -360,14 +360,23 @@ class _Merger(LambdaMerge):
     def sample(self, temperature: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {n: _normalised(concrete_sample(logit, temperature, generator)) for n, logit in self.logits.items()}
 
-    def final_masks(self, how: str, temperature: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if how == "mean":
-            masks = {n: torch.sigmoid(logit) for n, logit in self.logits.items()}
-        elif how == "sample":
-            masks = {n: concrete_sample(logit, temperature, generator) for n, logit in self.logits.items()}
-        else:
-            masks = {n: (logit > 0).float() for n, logit in self.logits.items()}
-        return {n: _normalised(m.detach()) for n, m in masks.items()}
+    @torch.no_grad()
+    def copy_merged_into(self, model: nn.Module, masks: dict[str, torch.Tensor], check: Optional[str] = None) -> None:
+        """Writes the merge at ``masks`` and the current lambdas into ``model``'s parameters (a copy of the base);
+        ``check``: first refuse, naming ``check``, a value that is NaN or Inf in the parameter's dtype."""
+        params = dict(model.named_parameters())
+        values = {
+            name: value.to(params[name].dtype)
+            for name, value in self.merged(masks, lambdas=self.lambdas.detach()).items()
+        }
+        unfinite = [name for name, value in values.items() if check and not all_finite(value)]
+        if unfinite:
+            raise ValueError(
+                f"{check}: the merged value of {unfinite[0]!r} is NaN or Inf in {values[unfinite[0]].dtype} (lambdas "
+                f"{self.lambdas.detach().flatten()[:8].tolist()}): lower scaling or lambda_lr"
+            )
+        for name, value in values.items():
+            params[name].copy_(value)
 
     def update(self, index: int, name: str, lambdas: torch.Tensor) -> torch.Tensor:
         if self.fixed_updates is None:
