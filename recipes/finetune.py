@@ -51,9 +51,16 @@ from common import (
 from data import check_answers_fit, collate, load_rows, tokenize
 from guards import check_distribution_took_effect, keep_4bit_layers_on_the_training_path, launch_problem  # noqa: F401
 from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
-from quantization import QUANTIZED_BASE_METHODS, Quantization
+from quantization import Quantization
 
-RECORDS = {method.name: method for method in subspace_peft.METHODS}
+
+def records() -> dict:
+    """Every method the recipe can train: each record registered so far (ours, peft's LoRA, and any a plugin
+    registered with :func:`subspace_peft.registry.register`), by name."""
+    return {method.name: method for method in subspace_peft.registry.known_methods()}
+
+
+RECORDS = {method.name: method for method in subspace_peft.METHODS}  # the package's own: the help texts list them
 METHODS = tuple(RECORDS)
 QUANTIZATIONS = Quantization.names()
 DTYPES = ("float32", "bfloat16", "float16")
@@ -171,7 +178,7 @@ class FinetuneRecipe:
         :class:`RecipeError` naming the key and the fix (``load_recipe`` adds the file and line)."""
         check_field_types(self)
         for key, allowed in (
-            ("method", METHODS),
+            ("method", tuple(records())),
             ("dtype", DTYPES),
             ("quantization", QUANTIZATIONS),
             ("trainer", TRAINERS),
@@ -181,11 +188,12 @@ class FinetuneRecipe:
                     f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to one of them",
                     key=key,
                 )
-        if self.quantization != Quantization.NONE.value and self.method not in QUANTIZED_BASE_METHODS:
+        if self.quantization != Quantization.NONE.value and self.record.quantized_base is None:
+            able = " or ".join(f"{m.name!r} (Q{m.title})" for m in records().values() if m.quantized_base)
             raise RecipeError(
-                f"quantization={self.quantization!r} needs a method that trains on a quantised base: 'lora' (QLoRA) "
-                f"or 'pissa' (QPiSSA). {self.method} takes its SVD or its update from the full-precision weights; "
-                "fix: set quantization: none",
+                f"quantization={self.quantization!r} needs a method that trains on a quantised base: {able}. "
+                f"{self.method} takes its SVD or its update from the full-precision weights; fix: set quantization: "
+                "none",
                 key="quantization",
             )
         for key in ("model", "dataset", "prompt_field", "answer_field", "messages_field", "output_dir"):
@@ -209,6 +217,11 @@ class FinetuneRecipe:
     def quantized(self) -> Quantization:
         return Quantization(self.quantization)
 
+    @property
+    def record(self):
+        """The method's record (:class:`subspace_peft.registry.Method`): what it needs, read by the guards."""
+        return records()[self.method]
+
 
 # -- 1. configure: the command line over the YAML file, then every check before anything loads ---------------------
 
@@ -231,7 +244,7 @@ def command_line():
 def default_learning_rate(recipe: FinetuneRecipe) -> float:
     """The method's rate (its ``recipes/configs`` file's, the best of ``benchmarks/bench_quality.py``'s sweep), with
     a quantised base the quantised rate where one was measured."""
-    record = RECORDS[recipe.method]
+    record = recipe.record
     if recipe.quantization != "none" and record.recipe_learning_rate_quantized is not None:
         return record.recipe_learning_rate_quantized
     return record.recipe_learning_rate
@@ -249,7 +262,7 @@ def peft_config(recipe: FinetuneRecipe):
 
     from peft import TaskType
 
-    config_class = RECORDS[recipe.method].config_cls
+    config_class = recipe.record.config_cls
     config_fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = sorted(set(recipe.method_config) - set(config_fields))
     if unknown and recipe.method_config == FinetuneRecipe().method_config:
@@ -272,7 +285,7 @@ def peft_config(recipe: FinetuneRecipe):
     for key, value in values.items():  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(config_fields[key].default, float) and isinstance(value, str) and as_float(value) is not None:
             values[key] = as_float(value)
-    values.update(recipe.quantized.method_config_changes(recipe.method, recipe.dtype, values))
+    values.update(recipe.quantized.method_config_changes(recipe.record, recipe.dtype, values))
     try:
         return config_class(task_type=TaskType.CAUSAL_LM, **values)
     except (ValueError, TypeError) as error:
@@ -448,7 +461,7 @@ def checked_inputs(recipe: FinetuneRecipe) -> CheckedInputs:
     problem is a :class:`RecipeError` naming the file and line (or flag) of the key at fault."""
     with located(recipe):  # the checks that need no heavy import first: their errors come in a fraction of a second
         check_model_source(recipe)
-        problem = launch_problem(recipe.method, recipe.quantization)
+        problem = launch_problem(recipe.record, recipe.quantization)
         if problem:
             raise RecipeError(f"accelerate config: {problem}")
         check_output_dir("output_dir", recipe.output_dir)
@@ -520,7 +533,7 @@ def load_model_kwargs(recipe: FinetuneRecipe) -> dict:
     import torch
 
     dtype = getattr(torch, recipe.dtype)
-    return dict(dtype=dtype, use_safetensors=True, **recipe.quantized.model_kwargs(recipe.method, dtype))
+    return dict(dtype=dtype, use_safetensors=True, **recipe.quantized.model_kwargs(recipe.record, dtype))
 
 
 def load_model(recipe: FinetuneRecipe, tokenizer=None):
@@ -700,7 +713,7 @@ def report(recipe: FinetuneRecipe, trainer, metrics: dict) -> str:
     """What the run did and where it went, with the lines that load the adapter (printed at the end of a run)."""
     adapter_dir = os.path.join(os.path.abspath(recipe.output_dir), "adapter")
     before, after = metrics["before"], metrics["after"]
-    ours = not RECORDS[recipe.method].peft_builtin
+    ours = not recipe.record.peft_builtin
     lines = [
         "",
         f"output folder: {os.path.abspath(recipe.output_dir)} (loss.png, metrics.json, checkpoint-*/)",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from subspace_peft.registry import Method
+
 from common import RecipeError
 
 
@@ -66,36 +68,33 @@ def check_distribution_took_effect(trainer, quantization: str, dtype: str) -> No
         )
 
 
-# the methods whose layers keep frozen tensors as buffers (PiSSA's A_0/B_0, SVFit's U/Vh/sigma_0, Effort's U_0/S_0/Vh_0)
-FROZEN_BUFFER_METHODS = ("pissa", "svfit", "effort")
+def launch_problem(method: Method, quantization: str, env: Optional[dict] = None) -> Optional[str]:
+    """Why the accelerate launch's loading settings cannot build or train ``method`` (its record), or None (read
+    from the environment ``accelerate launch`` sets; checked before the model is loaded).
 
-
-def launch_problem(method: str, quantization: str, env: Optional[dict] = None) -> Optional[str]:
-    """Why the accelerate launch's loading settings cannot build or train ``method``, or None (read from the
-    environment ``accelerate launch`` sets; checked before the model is loaded).
-
-    - DeepSpeed ``zero3_init_flag: true`` loads the base partitioned: PiSSA, SVFit and Effort split their SVDs over
-      the ranks, but QPiSSA replaces each base weight by its quantised residual and needs every whole weight.
+    - DeepSpeed ``zero3_init_flag: true`` loads the base partitioned: the SVD methods split their SVDs over the
+      ranks, but one that quantises its residual (QPiSSA) replaces each base weight by it and needs every whole
+      weight (``method.whole_weights_at_init``).
     - FSDP2 ``fsdp_cpu_ram_efficient_loading: true`` has accelerate (1.15) broadcast rank 0's state dict into the
-      sharded model, assuming every entry is a sharded parameter: the frozen factors these methods keep as buffers,
-      which FSDP2 does not shard, stop it ("'Tensor' object has no attribute 'device_mesh'", measured by
-      tests/test_distributed_init.py).
+      sharded model, assuming every entry is a sharded parameter: the frozen factors a method keeps as buffers
+      (``method.frozen_buffers``), which FSDP2 does not shard, stop it ("'Tensor' object has no attribute
+      'device_mesh'", measured by tests/test_distributed_init.py).
     """
     env = os.environ if env is None else env
 
     def on(name: str) -> bool:
         return env.get(name, "").lower() == "true"
 
-    if on("ACCELERATE_USE_DEEPSPEED") and on("ACCELERATE_DEEPSPEED_ZERO3_INIT") and method == "pissa":
-        if quantization != "none":
-            return (
-                f"QPiSSA (method pissa, quantization {quantization}) quantises each whole base weight, but the "
-                "accelerate config's zero3_init_flag: true loads the base partitioned; fix: set zero3_init_flag: false "
-                "in the accelerate config (or train without --quantization)"
-            )
-    if on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING") and method in FROZEN_BUFFER_METHODS:
+    zero3_init = on("ACCELERATE_USE_DEEPSPEED") and on("ACCELERATE_DEEPSPEED_ZERO3_INIT")
+    if zero3_init and method.whole_weights_at_init and quantization != "none":
         return (
-            f"{method} keeps frozen factors as buffers, which accelerate's fsdp_cpu_ram_efficient_loading cannot "
+            f"Q{method.title} (method {method.name}, quantization {quantization}) quantises each whole base weight, "
+            "but the accelerate config's zero3_init_flag: true loads the base partitioned; fix: set zero3_init_flag: "
+            "false in the accelerate config (or train without --quantization)"
+        )
+    if on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING") and method.frozen_buffers:
+        return (
+            f"{method.name} keeps frozen factors as buffers, which accelerate's fsdp_cpu_ram_efficient_loading cannot "
             "broadcast (it expects sharded parameters only); fix: set fsdp_cpu_ram_efficient_loading: false in the "
             "accelerate config (every rank then loads the base; the SVDs are still split across the ranks)"
         )

@@ -1,14 +1,14 @@
 """The recipe's quantisation, spelled once: each setting of ``quantization`` supplies both what loading the model
-needs (QLoRA: a bitsandbytes config that quantises the base on load) and what the method config needs (QPiSSA: the
-residual quantised after the SVD). Only LoRA and PiSSA train on a quantised base; the other methods take their SVD or
-their update from the full-precision weights."""
+needs (a method whose record says ``quantized_base="on_load"``, QLoRA: a bitsandbytes config that quantises the base
+on load) and what the method config needs (``"residual"``, QPiSSA: the residual quantised after the SVD). Methods
+without a ``quantized_base`` take their SVD or their update from the full-precision weights."""
 
 from __future__ import annotations
 
 from enum import Enum
 from typing import Optional
 
-QUANTIZED_BASE_METHODS = ("lora", "pissa")  # the methods that train on a quantised base (QLoRA, QPiSSA)
+from subspace_peft.registry import Method
 
 
 class Quantization(Enum):
@@ -31,10 +31,10 @@ class Quantization(Enum):
     def names(cls) -> tuple[str, ...]:
         return tuple(member.value for member in cls)
 
-    def model_kwargs(self, method: str, dtype) -> dict:
+    def model_kwargs(self, method: Method, dtype) -> dict:
         """from_pretrained's quantisation keyword arguments: QLoRA quantises the base on load; every other case
         (QPiSSA included: it quantises the residual after the SVD) loads full precision."""
-        if self is Quantization.NONE or method != "lora":
+        if self is Quantization.NONE or method.quantized_base != "on_load":
             return {}
         from transformers import BitsAndBytesConfig
 
@@ -50,13 +50,13 @@ class Quantization(Enum):
             )
         }
 
-    def method_config_changes(self, method: str, dtype_name: str, method_config: dict) -> dict:
+    def method_config_changes(self, method: Method, dtype_name: str, method_config: dict) -> dict:
         """What the method config gets on top of ``method_config``: QPiSSA's residual quantisation, its
         quantisation/SVD iterations (``QPISSA_RECIPE_ITERS``, the measured setting) and for 4 bits its storage dtype,
         the one FSDP shards in, as for QLoRA above; the last two unless the config sets them."""
         from subspace_peft.methods import QPISSA_RECIPE_ITERS
 
-        if self is Quantization.NONE or method != "pissa":
+        if self is Quantization.NONE or method.quantized_base != "residual":
             return {}
         changes = {"residual_quantization": self.quant_type}
         if "residual_quant_iters" not in method_config:

@@ -19,7 +19,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from .checks import choice, integer, number
+from .methods import LORA
 from .registry import known_methods, method_record
+
+EXPORT_LORA = LORA.name  # push_adapter's export: the plain-LoRA form, in the subfolder of that name
 
 
 def _card_fields(config) -> tuple[str, ...]:
@@ -419,7 +422,7 @@ def push_adapter(
     timeout: float = DEFAULT_TIMEOUT,
     max_retries: int = DEFAULT_MAX_RETRIES,
     endpoint: Optional[str] = None,
-    export: Optional[str] = "lora",
+    export: Optional[str] = EXPORT_LORA,
     base_model: Optional[str] = None,
     license: Optional[str] = None,
     datasets: Optional[list[str]] = None,
@@ -448,7 +451,7 @@ def push_adapter(
     Hub turned off (``HF_HUB_OFFLINE=1``).
     """
     _check_timeouts(timeout, max_retries)
-    choice("push_adapter", "export", export, ("lora", None))
+    choice("push_adapter", "export", export, (EXPORT_LORA, None))
     validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming the rule
     _check_card_fields(peft_model.peft_config[adapter_name], base_model, license, datasets)
     _check_online(repo_id)
@@ -458,16 +461,16 @@ def push_adapter(
         source = folder if adapter_name == "default" else os.path.join(folder, adapter_name)
         rank = None
         config = peft_model.peft_config[adapter_name]
-        if export == "lora" and getattr(config, "residual_quantization", None):
+        if export == EXPORT_LORA and getattr(config, "residual_quantization", None):
             warnings.warn(
                 "push_adapter: no lora/ export for a QPiSSA adapter: its LoRA form belongs on the quantised "
                 "residual base, not on the original model that others load (pass export=None to silence)"
             )
-        elif export == "lora" and config.peft_type != "LORA":
+        elif export == EXPORT_LORA and config.peft_type != LORA.peft_type:
             from .export import export_lora
 
             try:
-                rank = _lora_rank(export_lora(peft_model, os.path.join(source, "lora"), adapter_name))
+                rank = _lora_rank(export_lora(peft_model, os.path.join(source, EXPORT_LORA), adapter_name))
             except ValueError as error:
                 raise ValueError(f"push_adapter: {error} (or pass export=None to push the adapter alone)") from None
         if base_model is not None:

@@ -37,6 +37,7 @@ LORA = Method(
     recipe_learning_rate=1e-3,
     recipe_learning_rate_quantized=QLORA_RATE,
     peft_builtin=True,
+    quantized_base="on_load",
 )
 PISSA = Method(
     "pissa",
@@ -53,6 +54,8 @@ PISSA = Method(
     recipe_defaults={"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "init": "randomized", "niter": 4},
     recipe_learning_rate=3e-4,
     recipe_learning_rate_quantized=QPISSA_RATE,
+    quantized_base="residual",
+    frozen_buffers=True,  # A_0, B_0
 )
 SVFIT = Method(
     "svfit",
@@ -68,6 +71,8 @@ SVFIT = Method(
     ),
     recipe_defaults={"target_modules": "all-linear"},
     recipe_learning_rate=3e-3,
+    frozen_buffers=True,  # U, Vh, sigma_0
+    ranks_from_weights="energy",
 )
 FLORA = Method(
     "flora",
@@ -98,6 +103,7 @@ EFFORT = Method(
         "norm_weight": 1.0,
     },
     recipe_learning_rate=1e-3,
+    frozen_buffers=True,  # U_0, S_0, Vh_0
 )
 
 METHODS: tuple[Method, ...] = (LORA, PISSA, SVFIT, FLORA, EFFORT)  # the recipe's order

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .registry import method_record
 from .tuners.base.config import TargetConfig, expect_checkpoint, mark_checkpoint_loaded
 from .tuners.base.layer import FactorLayer
 from .tuners.base.model import PlannedTuner, SVDTuner
@@ -108,10 +109,13 @@ def init_adapter(
     model = _meta_skeleton(folder, name=os.fspath(base))
     load_dtype = _load_dtype(dtype, model.config)
     planning = copy.deepcopy(config)
-    if getattr(planning, "energy", None) is not None:
-        # ranks chosen by energy need the weights: the skeleton is planned at rank 1 (same layers, same tensor names);
-        # each layer's real rank is chosen from its weight below, by the tuner's own _plan_layer
-        planning.energy, planning.r = None, 1
+    record = method_record(config.peft_type)
+    chooser = record.ranks_from_weights if record is not None else None
+    if chooser and getattr(planning, chooser, None) is not None:
+        # ranks the weights choose (SVFit's energy): the skeleton is planned at rank 1 (same layers, same tensor
+        # names); each layer's real rank is chosen from its weight below, by the tuner's own _plan_layer
+        setattr(planning, chooser, None)
+        planning.r = 1
     expect_checkpoint(planning)  # layers built empty, on the meta device: no weight read, nothing initialised
     peft_model = get_peft_model(model, planning, autocast_adapter_dtype=autocast_adapter_dtype)
     tuner = peft_model.base_model

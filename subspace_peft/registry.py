@@ -39,6 +39,16 @@ class Method:
     learning rate and the recipe's default for the method: the best rate of ``benchmarks/bench_quality.py``'s sweep
     for that config (``recipe_learning_rate_quantized`` with a 4/8-bit base). ``peft_builtin`` marks one of peft's
     own methods (LoRA): it has a record for the recipe and the card, and :func:`register` leaves it to peft.
+
+    What the method needs from its surroundings, read by the recipes' quantisation and guards, offline init and the
+    model card (no code outside a method's folder and its record tests its name):
+
+    - ``quantized_base``: how it trains on a 4/8-bit base: ``"on_load"`` (bitsandbytes quantises the base as it
+      loads: QLoRA) or ``"residual"`` (the residual is quantised after the SVD, from each whole weight: QPiSSA);
+      None: it takes its SVD or its update from the full-precision weights.
+    - ``frozen_buffers``: its layers keep frozen tensors as buffers (FSDP2 does not shard those).
+    - ``ranks_from_weights``: the config field with which the weights choose each layer's rank (SVFit's energy);
+      a layer's shape alone does not tell its rank then.
     """
 
     name: str
@@ -51,6 +61,18 @@ class Method:
     recipe_learning_rate: float = 2e-4
     recipe_learning_rate_quantized: Optional[float] = None
     peft_builtin: bool = False
+    quantized_base: Optional[str] = None
+    frozen_buffers: bool = False
+    ranks_from_weights: Optional[str] = None
+
+    def __post_init__(self):
+        if self.quantized_base not in (None, "on_load", "residual"):
+            raise ValueError(f"{self.name}: quantized_base must be None, 'on_load' or 'residual'")
+
+    @property
+    def whole_weights_at_init(self) -> bool:
+        """On a quantised base it needs every whole weight at init (a partitioned load cannot build it)."""
+        return self.quantized_base == "residual"
 
     @property
     def peft_type(self) -> str:

@@ -186,31 +186,33 @@ def _accelerate_env(config_file: str) -> dict:
 
 
 def test_the_recipe_takes_the_shipped_zero3_init_flag_and_refuses_what_cannot_work():
+    from subspace_peft.methods import METHODS
+
     from guards import launch_problem
 
+    records = {record.name: record for record in METHODS}
     zero3 = _accelerate_env("deepspeed_zero3.yaml")
     assert zero3["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"  # the shipped config loads the base partitioned
-    for method in ("lora", "pissa", "svfit", "flora", "effort"):
-        assert launch_problem(method, "none", zero3) is None, method
-    qpissa = launch_problem("pissa", "4bit", zero3)
+    for record in METHODS:
+        assert launch_problem(record, "none", zero3) is None, record.name
+    qpissa = launch_problem(records["pissa"], "4bit", zero3)
     assert "zero3_init_flag: false" in qpissa and "QPiSSA" in qpissa
-    assert launch_problem("lora", "4bit", zero3) is None
+    assert launch_problem(records["lora"], "4bit", zero3) is None
     fsdp = _accelerate_env("fsdp.yaml")
     assert fsdp["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # the shipped FSDP config runs every method
-    for method in ("lora", "pissa", "svfit", "flora", "effort"):
-        assert launch_problem(method, "none", fsdp) is None, method
+    for record in METHODS:
+        assert launch_problem(record, "none", fsdp) is None, record.name
     efficient = dict(fsdp, FSDP_CPU_RAM_EFFICIENT_LOADING="true")
-    assert launch_problem("lora", "none", efficient) is None and launch_problem("flora", "none", efficient) is None
-    for method in ("pissa", "svfit", "effort"):
-        assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(method, "none", efficient), method
+    for name in ("lora", "flora"):
+        assert launch_problem(records[name], "none", efficient) is None
+    for name in ("pissa", "svfit", "effort"):
+        assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(records[name], "none", efficient), name
 
 
-def test_frozen_buffer_methods_are_the_ones_whose_layers_hold_buffers():
+def test_a_record_says_frozen_buffers_exactly_when_its_layers_hold_buffers():
     from peft import get_peft_model
 
     from subspace_peft.methods import METHODS
-
-    from guards import FROZEN_BUFFER_METHODS
 
     for record in METHODS:
         if record.name == "lora":
@@ -219,4 +221,4 @@ def test_frozen_buffer_methods_are_the_ones_whose_layers_hold_buffers():
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
         config = record.config_cls(**dict(record.recipe_defaults, target_modules=["0"]))
         names = [name for name, _ in get_peft_model(model, config).named_buffers()]
-        assert bool(names) == (record.name in FROZEN_BUFFER_METHODS), (record.name, names)
+        assert bool(names) == record.frozen_buffers, (record.name, names)

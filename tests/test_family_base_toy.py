@@ -78,7 +78,9 @@ class TopScaleModel(SVDTuner):
         return 1
 
 
-TOPSCALE = Method("topscale", TopScaleConfig, TopScaleModel, display_name="TopScale", card_fields=("init",))
+TOPSCALE = Method(
+    "topscale", TopScaleConfig, TopScaleModel, display_name="TopScale", card_fields=("init",), frozen_buffers=True
+)
 register(TOPSCALE)  # the one record: peft now knows the type, its config, its tuner and its prefix
 
 
@@ -127,3 +129,24 @@ def test_the_toy_reloads_without_an_svd_and_merges_exports_and_mixes_like_the_ot
         mixed = model(x=x, adapter_names=["default", "__base__", "default", "__base__"])
     assert _rel(mixed[0::2], expected[0::2]) <= TOL and _rel(mixed[1::2], _out(build("mlp"))[1::2]) <= TOL
     assert "TopScale" in subspace_peft.model_card(model, "me/topscale")
+
+
+def test_the_toy_goes_through_the_recipe_and_its_guards_by_its_record():
+    import os
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+    from common import RecipeError
+    from finetune import FinetuneRecipe, peft_config
+    from guards import launch_problem
+
+    names = [name for name, _ in get_peft_model(build("mlp"), TopScaleConfig(target_modules=["lin0"])).named_buffers()]
+    assert bool(names) == TOPSCALE.frozen_buffers  # the record tells the truth the guards act on
+    recipe = FinetuneRecipe(method="topscale", method_config={"target_modules": ["q_proj"]})
+    assert recipe.record is TOPSCALE and isinstance(peft_config(recipe), TopScaleConfig)
+    fsdp_efficient = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    assert "fsdp_cpu_ram_efficient_loading: false" in launch_problem(TOPSCALE, "none", fsdp_efficient)
+    with pytest.raises(RecipeError, match=r"quantised base: 'lora' \(QLoRA\) or 'pissa' \(QPiSSA\)\. topscale takes"):
+        FinetuneRecipe(method="topscale", quantization="4bit")

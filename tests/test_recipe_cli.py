@@ -214,25 +214,29 @@ def test_trl_gets_an_sft_config_with_the_recipe_defaults():
 def test_quantization_spells_the_bitsandbytes_and_qpissa_settings_once():
     import torch
 
+    from subspace_peft.methods import LORA, PISSA, SVFIT
+
     assert Quantization.names() == ("none", "8bit", "4bit")
-    qlora = Quantization("4bit").model_kwargs("lora", torch.bfloat16)["quantization_config"]
+    qlora = Quantization("4bit").model_kwargs(LORA, torch.bfloat16)["quantization_config"]
     assert (qlora.load_in_4bit, qlora.load_in_8bit, qlora.bnb_4bit_quant_type) == (True, False, "nf4")
     assert qlora.bnb_4bit_quant_storage == torch.bfloat16
-    assert Quantization("8bit").model_kwargs("lora", torch.float32)["quantization_config"].load_in_8bit
-    assert Quantization("4bit").model_kwargs("pissa", torch.float32) == {}  # QPiSSA quantises after the SVD
-    assert Quantization("4bit").method_config_changes("pissa", "bfloat16", {}) == {
+    assert Quantization("8bit").model_kwargs(LORA, torch.float32)["quantization_config"].load_in_8bit
+    assert Quantization("4bit").model_kwargs(PISSA, torch.float32) == {}  # QPiSSA quantises after the SVD
+    assert Quantization("4bit").method_config_changes(PISSA, "bfloat16", {}) == {
         "residual_quantization": "nf4",
         "residual_quant_iters": 5,
         "residual_quant_storage": "bfloat16",
     }
-    assert Quantization("8bit").method_config_changes("pissa", "float32", {}) == {
+    assert Quantization("8bit").method_config_changes(PISSA, "float32", {}) == {
         "residual_quantization": "int8",
         "residual_quant_iters": 5,
     }
-    assert Quantization("8bit").method_config_changes("pissa", "float32", {"residual_quant_iters": 1}) == {
+    assert Quantization("8bit").method_config_changes(PISSA, "float32", {"residual_quant_iters": 1}) == {
         "residual_quantization": "int8"
     }
-    assert Quantization("none").method_config_changes("pissa", "float32", {}) == {}
+    assert Quantization("none").method_config_changes(PISSA, "float32", {}) == {}
+    assert Quantization("4bit").method_config_changes(LORA, "float32", {}) == {}  # QLoRA quantises on load
+    assert Quantization("4bit").model_kwargs(SVFIT, torch.float32) == {}
     config = finetune.peft_config(finetune.FinetuneRecipe(method="pissa", quantization="4bit", dtype="bfloat16"))
     assert (config.residual_quantization, config.residual_quant_storage) == ("nf4", "bfloat16")
     assert config.residual_quant_iters == 5
