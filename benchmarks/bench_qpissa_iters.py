@@ -149,7 +149,7 @@ def measure(weights: dict[str, torch.Tensor], kinds, ranks, progress: bool = Fal
     """Summed errors per (kind, rank, method), in table order, and where LoftQ's numbers came from."""
     from subspace_peft.linalg import truncated_svd
     from subspace_peft.linalg.settings import SVDSettings
-    from subspace_peft.tuners.pissa.model import pissa_factors
+    from subspace_peft.tuners.pissa.factors import pissa_factors
     from subspace_peft.tuners.pissa.quant_iters import alternating_factors, quant_dequant
 
     methods = ["QLoRA", *(f"QPiSSA k={k}" for k in QPISSA_ITERS), *(f"LoftQ T={t}" for t in LOFTQ_ITERS)]

@@ -162,7 +162,7 @@ def quantisation_errors_cuda(device: str = "cuda", limit: int | None = None) -> 
     from subspace_peft.linalg import truncated_svd
     from subspace_peft.linalg.settings import SVDSettings
     from subspace_peft.tuners.pissa.bnb import dequantized_weight, quantize_residual
-    from subspace_peft.tuners.pissa.model import pissa_factors
+    from subspace_peft.tuners.pissa.factors import pissa_factors
     from subspace_peft.tuners.pissa.quant_iters import alternating_factors
 
     from models import smollm2_path

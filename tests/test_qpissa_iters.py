@@ -14,8 +14,8 @@ from torch import nn
 from subspace_peft import PiSSAConfig
 from subspace_peft.linalg.svd import truncated_svd
 from subspace_peft.tuners.pissa.bnb import dequantized_weight
+from subspace_peft.tuners.pissa.factors import pissa_factors
 from subspace_peft.tuners.pissa.layer import PiSSALayer
-from subspace_peft.tuners.pissa.model import pissa_factors
 from subspace_peft.tuners.pissa.quant_iters import alternating_factors, quant_dequant
 
 from parity import rel_err

@@ -12,14 +12,9 @@ from ...linalg.svd import truncated_svd
 from ..base import LayerPlan, SVDTuner, Target, pattern_value
 from .bnb import require_bitsandbytes
 from .config import PiSSAConfig
+from .factors import pissa_factors
 from .layer import PiSSALayer
 from .quant_iters import alternating_factors
-
-
-def pissa_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float):
-    """PiSSA's initial factors (paper eq. 2-3): A = diag(sqrt(S/s)) V^T, B = U diag(sqrt(S/s)), so s B A = U S V^T."""
-    root = torch.sqrt(s / scaling)
-    return root[:, None] * vh, u * root[None, :]
 
 
 class PiSSAModel(SVDTuner):

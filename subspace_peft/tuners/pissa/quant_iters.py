@@ -22,6 +22,7 @@ from torch import nn
 from ...linalg.settings import SVDSettings
 from ...linalg.svd import truncated_svd
 from .bnb import dequantized_weight, quantize_residual
+from .factors import pissa_factors
 
 
 def quant_dequant(linear: nn.Linear, residual: torch.Tensor, kind: str, storage: str | None = None) -> torch.Tensor:
@@ -41,7 +42,6 @@ def alternating_factors(
     """PiSSA's initial ``(A, B)`` of ``linear`` refined by ``iters - 1`` more SVD/quantisation alternations (see the
     module docstring); ``factors`` are iteration 1's (plain PiSSA) factors, ``settings`` the layer's SVD settings.
     Returns the factors of the iterate with the lowest ``||W - (Q + s B A)||_F``; ``linear`` is left untouched."""
-    from .model import pissa_factors
 
     a, b = factors
     if iters <= 1:
