@@ -22,7 +22,7 @@ import random
 import sys
 from typing import Optional
 
-from common import RecipeError, one_line, read_json_rows
+from common import RecipeError, located, one_line, read_json_rows
 
 BUILTIN = ("builtin:arithmetic", "builtin:arithmetic-chat")
 ROLES = ("system", "user", "assistant", "tool")
@@ -346,3 +346,13 @@ def check_answers_fit(max_length: int, split: str, examples) -> None:
         raise RecipeError(message, key="max_length")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {message}", file=sys.stderr)
+
+
+def prepare_data(recipe, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
+    """(train set, held-out set), tokenised (``Dataset.map``): loss on the answer, or on the assistant turns."""
+    with located(recipe):
+        train_set = tokenize(train_rows, tokenizer, recipe.max_length)
+        eval_set = tokenize(eval_rows, tokenizer, recipe.max_length)
+        check_answers_fit(recipe.max_length, "held-out", eval_set)
+        check_answers_fit(recipe.max_length, "training", train_set)
+    return train_set, eval_set

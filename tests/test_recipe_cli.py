@@ -161,6 +161,23 @@ def test_help_lists_every_recipe_and_training_arguments_flag(capsys):
     assert "(recipe default: 120)" in text  # max_steps: the recipe's default, not TrainingArguments' -1
 
 
+def test_help_groups_the_recipe_flags_first_then_training_arguments(capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    titles = [line for line in lines if line.endswith(":") and not line.startswith(" ")]
+    recipe, training = (
+        "recipe (FinetuneRecipe):",
+        "training (transformers.TrainingArguments; the YAML file's training: block):",
+    )
+    assert titles == ["options:", recipe, training]
+    flags = [line.split()[0] if line.startswith("  --") else None for line in lines]  # each flag's first line
+    recipe_group = range(lines.index(recipe), lines.index(training))
+    assert flags.index("--method") in recipe_group and flags.index("--max_steps") > lines.index(training)
+    # a name both have (output_dir, seed, push_to_hub) is the recipe's flag, listed once, in the recipe's group
+    assert flags.count("--output_dir") == 1 and flags.index("--output_dir") in recipe_group
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
