@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from subspace_peft.methods import DEFAULT_METHOD
 
-from common import RecipeError, as_float, one_line
+from common import RecipeError, one_line
 from guards import keep_4bit_layers_on_the_training_path
 
 
@@ -35,9 +35,6 @@ def peft_config(recipe):
             key=f"method_config.{unknown[0]}",
         )
     values = dict(recipe.method_config)
-    for key, value in values.items():  # PyYAML reads 1e-3 (no dot) as a string
-        if isinstance(config_fields[key].default, float) and isinstance(value, str) and as_float(value) is not None:
-            values[key] = as_float(value)
     values.update(recipe.quantized.method_config_changes(recipe.record, recipe.dtype, values))
     try:
         return config_class(task_type=TaskType.CAUSAL_LM, **values)

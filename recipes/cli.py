@@ -1,12 +1,14 @@
-"""The recipe command line, built on transformers' ``HfArgumentParser``: one flag per field of the recipe's
-dataclass (its ``metadata["help"]`` is the flag's help) and per field of ``transformers.TrainingArguments``, over a
-YAML file (``--config``) in the recipes/configs/*.yaml format.
+"""The recipes' one command line (recipes/finetune.py's and recipes/merge.py's), built on transformers'
+``HfArgumentParser``: one flag per field of the recipe's dataclass (its ``metadata["help"]`` is the flag's help) and,
+for finetune.py, per field of ``transformers.TrainingArguments``, over a YAML file (``--config``) in the
+recipes/configs/*.yaml format, read once by :class:`common.RecipeLoader`.
 
 A flag changes its key only (a deep merge): ``--max_steps 300`` sets ``training.max_steps`` and keeps the file's
 other ``training:`` keys; a mapping-valued flag (``--method_config '{r: 4}'``, ``--training '{max_steps: 50}'``)
 merges key by key into the file's mapping. Later flags win. Values are read as YAML (numbers, ``true``/``false``,
 ``null``, lists ``[a, b]``, mappings ``{key: value}``), text fields as given. An unknown flag, a malformed value or
-a flag without its value is a one-line :class:`common.RecipeError` naming the flag (and the closest valid one).
+a flag without its value is a one-line :class:`common.RecipeError` naming the flag (and the closest valid one);
+the recipe's own checks are located by :func:`common.build_recipe` (``file:line`` or ``--flag``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import typing
 from enum import Enum
 from typing import Optional
 
-from common import RecipeError, RecipeSource, build_recipe, read_yaml_recipe
+import yaml
+
+from common import RecipeError, RecipeLoader, RecipeSource, build_recipe, read_yaml_recipe
 
 
 class _Unparsed:
@@ -30,15 +34,10 @@ class _Unparsed:
 
 
 def _yaml_value(raw: str):
-    import yaml
-
     try:
-        value = yaml.safe_load(raw)
+        return yaml.load(raw, Loader=RecipeLoader)
     except yaml.YAMLError as error:
         return _Unparsed(raw, str(getattr(error, "problem", None) or error))
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", raw.strip()):
-        return float(raw)  # YAML 1.1 reads 1e-4 (no dot) as text
-    return value
 
 
 def _text_value(raw: str):
@@ -55,10 +54,13 @@ def _is_text(kind) -> bool:
 
 
 class RecipeArgumentParser:
-    """``HfArgumentParser`` over the recipe dataclass and a TrainingArguments class, with every flag's default
-    suppressed (so that only the flags given are known, and override the file) and every value read as YAML."""
+    """``HfArgumentParser`` over the recipe dataclass (and, for finetune.py, a TrainingArguments class), with every
+    flag's default suppressed (so that only the flags given are known, and override the file) and every value read
+    as YAML."""
 
-    def __init__(self, recipe_class, training_class, description: str = "", training_defaults: Optional[dict] = None):
+    def __init__(
+        self, recipe_class, training_class=None, description: str = "", training_defaults: Optional[dict] = None
+    ):
         from transformers import HfArgumentParser
 
         class Parser(HfArgumentParser):
@@ -72,21 +74,16 @@ class RecipeArgumentParser:
 
         self.recipe_class, self.training_class = recipe_class, training_class
         self.recipe_fields = {f.name: f for f in dataclasses.fields(recipe_class)}
-        self.training_fields = {f.name: f for f in dataclasses.fields(training_class) if f.init}
-        recipe_group = type(
-            "RecipeFlags", (recipe_class,), {"_argument_group_name": f"recipe ({recipe_class.__name__})"}
+        self.training_fields = (
+            {f.name: f for f in dataclasses.fields(training_class) if f.init} if training_class else {}
         )
-        training_group = type(
-            "TrainingFlags",
-            (training_class,),
-            {
-                "_argument_group_name": f"training (transformers.{training_class.__name__}; the YAML "
-                "file's training: block)"
-            },
-        )
+        groups = [type("RecipeFlags", (recipe_class,), {"_argument_group_name": f"recipe ({recipe_class.__name__})"})]
+        if training_class is not None:
+            title = f"training (transformers.{training_class.__name__}; the YAML file's training: block)"
+            groups.insert(0, type("TrainingFlags", (training_class,), {"_argument_group_name": title}))
         # a recipe field of the same name as a TrainingArguments one (output_dir, seed, push_to_hub) is the recipe's
         self.parser = Parser(
-            [training_group, recipe_group],
+            groups,
             description=description,
             allow_abbrev=False,
             usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]   (--help lists every flag)",
@@ -94,41 +91,35 @@ class RecipeArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         groups = self.parser._action_groups  # --help: the recipe's flags first
-        groups.append(groups.pop(groups.index(next(g for g in groups if g.title.startswith("training")))))
+        groups.sort(key=lambda group: group.title.startswith("training"))
         self.parser.add_argument(
             "--config",
             type=str,
             default=argparse.SUPPRESS,
             help="a YAML recipe (recipes/configs/*.yaml); flags override it key by key",
         )
-        hints = {**typing.get_type_hints(training_class), **typing.get_type_hints(recipe_class)}
+        hints = {**(typing.get_type_hints(training_class) if training_class else {})}
+        hints.update(typing.get_type_hints(recipe_class))
         training_defaults = training_defaults or {}
         for action in self.parser._actions:
             if action.dest in ("help", "config"):
                 continue
             recipe_field = self.recipe_fields.get(action.dest)
             field = recipe_field or self.training_fields[action.dest]
+            action.default, action.required = argparse.SUPPRESS, False  # a required key may come from the file
             if action.option_strings[0].startswith("--no_"):  # HfArgumentParser's --no_<flag> for a True default
-                action.default = argparse.SUPPRESS
                 continue
             kind = field.type if not isinstance(field.type, str) else hints[action.dest]
             action.type = _text_value if _is_text(kind) else _yaml_value
-            if recipe_field is not None:
-                default = (
-                    field.default
-                    if field.default is not dataclasses.MISSING
-                    else field.default_factory()
-                    if field.default_factory is not dataclasses.MISSING
-                    else None
-                )
-                action.help = f"{action.help or ''} (default: {default})".strip()
-            elif action.dest in training_defaults:
-                action.help = f"{action.help or ''} (recipe default: {training_defaults[action.dest]})".strip()
-            elif field.default is not dataclasses.MISSING:
-                action.help = f"{action.help or ''} (default: {field.default})".strip()
-            action.help = (action.help or "").replace("%", "%%")
+            default = field.default
+            if field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            if recipe_field is None and action.dest in training_defaults:
+                action.help = f"{action.help or ''} (recipe default: {training_defaults[action.dest]})"
+            elif default is not dataclasses.MISSING:
+                action.help = f"{action.help or ''} (default: {default})"
+            action.help = (action.help or "").strip().replace("%", "%%")
             action.choices = None  # the recipe's and TrainingArguments' checks name the key and the fix
-            action.default = argparse.SUPPRESS
 
     def flag_names(self) -> list[str]:
         return sorted({s for a in self.parser._actions for s in a.option_strings if s.startswith("--")})
@@ -152,6 +143,8 @@ class RecipeArgumentParser:
                     f"--{dest}: {bad.raw!r} is not a valid YAML value ({bad.problem}); fix: quote or "
                     "correct it (lists as [a, b], mappings as {key: value})"
                 )
+            if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+                value = value[0]  # a list flag given as one YAML list (--tasks '[{...}, {...}]')
             if dest in self.recipe_fields:
                 self._set(values, source, dest, value, dest)
             else:
@@ -175,6 +168,8 @@ class RecipeArgumentParser:
 
     def _lift_training_keys(self, values: dict, lines: dict, path: Optional[str]) -> None:
         """A TrainingArguments key at the top of the file (``max_steps: 300``) is one of the training: block."""
+        if self.training_class is None:
+            return
         for key in [k for k in values if k in self.training_fields and k not in self.recipe_fields]:
             training = values.get("training")
             if training is None:
@@ -201,8 +196,9 @@ class RecipeArgumentParser:
         close = difflib.get_close_matches("--" + names[0].replace("-", "_"), self.flag_names(), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
         raise RecipeError(
-            f"{flags[0]}: unknown recipe keys {names} (no recipe field or "
-            f"{self.training_class.__name__} field has that name); {hint}fix: rename or remove it "
+            f"{flags[0]}: unknown recipe keys {names} (no recipe field"
+            f"{f' or {self.training_class.__name__} field' if self.training_class else ''} has that name); {hint}fix: "
+            "rename or remove it "
             "(--help lists the flags)"
         )
 

@@ -8,6 +8,7 @@ status 2, as argparse does; called from Python the recipes raise it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import typing
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -41,15 +44,12 @@ def one_line(text: Any) -> str:
 
 @dataclass
 class RecipeSource:
-    """Where a recipe's values came from: the YAML file with each key's line, and the keys given as flags.
-
-    ``flags``: top-level keys given as ``--key value`` (the whole value from the flag); ``flag_names``: keys,
-    nested ones included (``"training.max_steps"``), mapped to the flag that set them (``"max_steps"``), for a
-    flag that changed one key of a mapping the file also sets."""
+    """Where a recipe's values came from: the YAML file with each key's line, and the keys given as flags
+    (``flag_names``: keys, nested ones included (``"training.max_steps"``), mapped to the flag that set them
+    (``"max_steps"``), for a flag that changed one key of a mapping the file also sets)."""
 
     path: Optional[str] = None
     lines: dict = field(default_factory=dict)  # "key" and "key.subkey" -> 1-based line in ``path``
-    flags: set = field(default_factory=set)  # top-level keys given on the command line
     flag_names: dict = field(default_factory=dict)  # "key" or "key.subkey" -> the flag (without --) that set it
 
     def where(self, key: str) -> Optional[str]:
@@ -58,9 +58,6 @@ class RecipeSource:
             if candidate in self.flag_names:
                 return f"--{self.flag_names[candidate]}"
             candidate = _parent_key(candidate)
-        top = re.split(r"[.\[]", key, maxsplit=1)[0]
-        if top in self.flags:
-            return f"--{top}"
         candidate = key
         while candidate:  # "tasks[1].model", then "tasks[1]", then "tasks"
             if candidate in self.lines:
@@ -99,20 +96,25 @@ def located(recipe):
         raise locate(error, source_of(recipe)) from None
 
 
-def _key_lines(text: str, path: str) -> dict:
-    """Each top-level key's line, each key of a mapping value (``training.learning_rate``), each item of a list
-    value and its keys (``tasks[1]``, ``tasks[1].model``); 1-based. A top-level key given twice (YAML would keep the
-    last silently) is a :class:`RecipeError`."""
-    import yaml
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading a number with an exponent as a float with or without a dot (``1e-4``, ``1E5``,
+    ``.5e-3``, ``1.0e5``), as YAML 1.2 does: YAML 1.1's resolver, PyYAML's, reads ``1e-4`` as a string. Every YAML
+    the recipes read (the file, each flag's value) goes through it."""
 
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _key_lines(root, path: str) -> dict:
+    """Each top-level key's line, each key of a mapping value (``training.learning_rate``), each item of a list
+    value and its keys (``tasks[1]``, ``tasks[1].model``); 1-based, from the file's node tree. A top-level key given
+    twice (YAML would keep the last silently) is a :class:`RecipeError`."""
     lines = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if not isinstance(root, yaml.MappingNode):
-        return lines
-    for key_node, value_node in root.value:
+    for key_node, value_node in root.value if isinstance(root, yaml.MappingNode) else ():
         key = str(key_node.value)
         if key in lines:
             raise RecipeError(
@@ -141,9 +143,8 @@ def yaml_error_message(path: str, error) -> str:
 
 
 def read_yaml_recipe(path: str) -> tuple[dict, dict]:
-    """(values, key lines) of the YAML recipe at ``path``; every problem is a one-line :class:`RecipeError`."""
-    import yaml
-
+    """(values, key lines) of the YAML recipe at ``path``, parsed once (:class:`RecipeLoader`); every problem is a
+    one-line :class:`RecipeError`."""
     if os.path.isdir(path):
         raise RecipeError(
             f"--config {path}: is a folder; fix: pass the YAML recipe file itself (e.g. recipes/configs/pissa.yaml)"
@@ -157,10 +158,14 @@ def read_yaml_recipe(path: str) -> tuple[dict, dict]:
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"--config {path}: cannot be read ({error}); fix: pass a readable UTF-8 YAML file") from None
+    loader = RecipeLoader(text)
     try:
-        values = yaml.safe_load(text)
+        root = loader.get_single_node()
+        values = loader.construct_document(root) if root is not None else {}
     except yaml.YAMLError as error:
         raise RecipeError(yaml_error_message(path, error)) from None
+    finally:
+        loader.dispose()
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -171,60 +176,12 @@ def read_yaml_recipe(path: str) -> tuple[dict, dict]:
     bad = [k for k in values if not isinstance(k, str)]
     if bad:
         raise RecipeError(f"{path}: keys must be names, got {bad!r}; fix: write them as words (e.g. max_length: 64)")
-    return values, _key_lines(text, path)
-
-
-def _split_flags(overrides: list[str]) -> list[tuple[str, str]]:
-    """``--key value`` (or ``--key=value``) pairs as (key, raw value)."""
-    tokens = []
-    for token in overrides:
-        if token.startswith("--") and "=" in token:
-            tokens.extend(token.split("=", 1))
-        else:
-            tokens.append(token)
-    pairs, index = [], 0
-    while index < len(tokens):
-        flag = tokens[index]
-        if not flag.startswith("--") or len(flag) == 2:
-            raise RecipeError(
-                f"command line: expected --key value pairs, got {flag!r}; fix: write each override "
-                "as --key value, quoting a value with spaces (e.g. --training '{max_steps: 50}')"
-            )
-        if index + 1 >= len(tokens) or (
-            tokens[index + 1].startswith("--") and len(tokens[index + 1]) > 2 and tokens[index + 1][2].isalpha()
-        ):
-            raise RecipeError(f"command line: {flag} has no value; fix: pass {flag} VALUE")
-        pairs.append((flag[2:].replace("-", "_"), tokens[index + 1]))
-        index += 2
-    return pairs
-
-
-def load_recipe(cls: type[T], path: Optional[str], overrides: list[str]) -> T:
-    """``cls(**yaml_values)`` with ``--key value`` overrides (values parsed as YAML: numbers, lists, dicts). Every
-    problem (malformed YAML, an unknown or missing key, a wrong type or range) is a one-line :class:`RecipeError`
-    naming the file and line, or the flag, of the key at fault."""
-    import yaml
-
-    values, lines = read_yaml_recipe(path) if path is not None else ({}, {})
-    source = RecipeSource(path=path, lines=lines)
-    for key, raw in _split_flags(overrides):
-        try:
-            values[key] = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            problem = getattr(error, "problem", None) or error
-            raise RecipeError(
-                f"--{key}: {raw!r} is not a valid YAML value ({problem}); fix: quote or "
-                "correct it (lists as [a, b], mappings as {key: value})"
-            ) from None
-        source.flags.add(key)
-    return build_recipe(cls, values, source)
+    return values, _key_lines(root, path)
 
 
 def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
     """``cls(**values)``, its keys and values checked: an unknown or missing key, a wrong type or range is a
     one-line :class:`RecipeError` naming the file and line, or the flag, of the key at fault."""
-    import difflib
-
     path = source.path
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
@@ -242,7 +199,7 @@ def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
         raise RecipeError(
             f"{path or 'command line'}: missing required recipe key(s) {missing}; fix: add "
             + ", ".join(f"'{k}: ...'" for k in missing)
-            + (" to the file" if path else " as --key value")
+            + (" to the file" if path else " as --key value, or pass --config FILE.yaml")
         )
     try:
         recipe = cls(**values)
@@ -268,24 +225,14 @@ def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
 
 
-def as_float(value) -> Optional[float]:
-    """``value`` as a float if it is a number (not a bool) or a string that reads as one (PyYAML reads ``1e-3``,
-    without a dot, as a string); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+def _number(value) -> Optional[float]:
+    """``value`` as a float if it is a number (not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def check_field_types(recipe) -> None:
-    """Every field of the dataclass ``recipe`` has its annotated type (``Optional[X]``: X or null); numbers given as
-    ints or numeric strings become floats where the field is a float. Raises :class:`RecipeError` keyed by field."""
+    """Every field of the dataclass ``recipe`` has its annotated type (``Optional[X]``: X or null); an int becomes a
+    float where the field is a float. Raises :class:`RecipeError` keyed by field."""
     hints = typing.get_type_hints(type(recipe))
     for f in fields(recipe):
         hint, value = hints[f.name], getattr(recipe, f.name)
@@ -298,7 +245,7 @@ def check_field_types(recipe) -> None:
             continue
         hint = typing.get_origin(hint) or hint
         if hint is float:
-            number = as_float(value)
+            number = _number(value)
             if number is not None:
                 object.__setattr__(recipe, f.name, number)
                 continue
@@ -334,7 +281,7 @@ def check_number(
     fix: str = "",
 ) -> float:
     """``value`` as a finite float in the interval, else a :class:`RecipeError` naming ``key`` and the interval."""
-    number = as_float(value)
+    number = _number(value)
     inside = number is not None and math.isfinite(number)
     if inside and low is not None:
         inside = number > low if low_open else number >= low

@@ -34,6 +34,7 @@ from subspace_peft.methods import DEFAULT_METHOD
 # the phases' functions; the ones marked F401 are imported from here by tests and benchmarks/bench_quality.py
 from adapter import build_adapter, peft_config
 from checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401
+from cli import RecipeArgumentParser
 from common import (  # noqa: F401
     RecipeError,
     check_field_types,
@@ -41,7 +42,6 @@ from common import (  # noqa: F401
     check_output_dir,
     check_positive_int,
     check_repo_id,
-    load_recipe,
     located,
 )
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
@@ -134,7 +134,7 @@ class FinetuneRecipe:
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file, model or network: a
-        :class:`RecipeError` naming the key and the fix (``load_recipe`` adds the file and line)."""
+        :class:`RecipeError` naming the key and the fix (``common.build_recipe`` adds the file and line)."""
         check_field_types(self)
         for key, allowed in (
             ("method", tuple(records())),
@@ -185,8 +185,6 @@ class FinetuneRecipe:
 def command_line():
     """The recipe's ``HfArgumentParser``: a flag per recipe field and per TrainingArguments field."""
     from transformers import TrainingArguments
-
-    from cli import RecipeArgumentParser
 
     rates = ", ".join(
         f"{m.name} {m.recipe_learning_rate:g}"

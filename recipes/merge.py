@@ -14,16 +14,16 @@ Python raises it as :class:`common.RecipeError` (a ValueError).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 from subspace_peft.merging import MERGE_METHODS, Parameter
 from subspace_peft.merging.registry import all_parameters
 
+from cli import RecipeArgumentParser
 from common import (
     RecipeError,
     check_field_types,
@@ -31,7 +31,6 @@ from common import (
     check_output_dir,
     check_positive_int,
     check_pretrained_source,
-    load_recipe,
     located,
     one_line,
     read_json_rows,
@@ -41,35 +40,28 @@ METHODS = tuple(MERGE_METHODS)
 TASK_KEYS = ("name", "model", "adapter", "unlabeled")
 
 
-@dataclass
-class MergeRecipe:
-    """The recipe's keys: the inputs, the method, one field per parameter of the merge methods (with the schema's
-    default; ``subspace_peft.merging.MERGE_METHODS``) and the recipe's own settings."""
+def _field(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
 
-    base: str
-    tasks: list  # [{"name": ..., "model": dir} or {"name": ..., "adapter": dir}, "unlabeled": jsonl]
-    method: str = "task_arithmetic"
-    model_class: str = "AutoModelForSequenceClassification"
-    output_dir: str = "merged"
-    scaling: float = 0.3
-    density: float = 0.2
-    drop_rate: float = 0.9
-    steps: int = 200
-    lr: float = 1e-3
-    lambda_lr: float = 1e-3
-    lambda_granularity: str = "task"
-    temperature: float = 0.5
-    initial_logits: float = 0.0
-    final_mask: str = "sample"
-    modules: Optional[list] = None
-    seed: int = 0
-    batch_size: int = 16
-    max_length: int = 64
-    save_masks: bool = False
+
+@dataclass
+class _RecipeKeys:
+    """The recipe's keys but the merge methods' parameters: the inputs, the method and the recipe's own settings."""
+
+    base: str = field(metadata={"help": "the base model: a local folder saved with save_pretrained, or a Hub id"})
+    tasks: list[dict] = field(
+        metadata={"help": "the fine-tunes: [{name, model: folder} or {name, adapter: folder}, unlabeled: jsonl]"}
+    )
+    method: str = _field("task_arithmetic", f"the merge method: one of {', '.join(METHODS)}")
+    model_class: str = _field("AutoModelForSequenceClassification", "the transformers auto class the models load as")
+    output_dir: str = _field("merged", "the merged model's folder (save_pretrained, with the base's tokenizer)")
+    batch_size: int = _field(16, "unlabeled texts per batch")
+    max_length: int = _field(64, "tokens per unlabeled text")
+    save_masks: bool = _field(False, "write a Concrete method's final masks to output_dir/masks.safetensors")
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
-        naming the key and the fix (``load_recipe`` adds the file and line)."""
+        naming the key and the fix (``common.build_recipe`` adds the file and line)."""
         check_field_types(self)
         if self.method not in METHODS:
             raise RecipeError(
@@ -124,6 +116,21 @@ class MergeRecipe:
         return {parameter.name: getattr(self, parameter.name) for parameter in self.merge_method.parameters}
 
 
+def _parameter_type(parameter: Parameter):
+    kind = list[str] if parameter.type is list else parameter.type
+    return Optional[kind] if parameter.optional else kind
+
+
+# the recipe's keys: its own, then one per parameter of the merge methods, generated from their schema (the registry,
+# subspace_peft.merging.MERGE_METHODS, is the one source of each parameter's name, type, default and help)
+MergeRecipe = make_dataclass(
+    "MergeRecipe",
+    [(p.name, _parameter_type(p), _field(p.default, p.help)) for p in all_parameters()],
+    bases=(_RecipeKeys,),
+    namespace={"__module__": __name__, "__doc__": "The recipe's keys (each a --flag and a YAML key)."},
+)
+
+
 def check_parameter(parameter: Parameter, value) -> None:
     """``value`` fits ``parameter``'s schema (its choices, its range, a non-empty list of strings), else a
     :class:`RecipeError` keyed by its name. The recipe's field types are checked before (``check_field_types``)."""
@@ -166,7 +173,7 @@ def read_unlabeled(path: str, what: str, key: str) -> list[str]:
     return texts
 
 
-def checked_inputs(recipe: MergeRecipe) -> Optional[list[list[str]]]:
+def checked_inputs(recipe) -> Optional[list[list[str]]]:
     """Every check of the recipe's input, before any model is loaded or anything is written: the model class, the
     base and every task's folder (config.json / adapter_config.json parse; or a Hub repo id), the output folder and
     the unlabeled texts, which are returned (per task; None for methods that need none)."""
@@ -214,7 +221,7 @@ def load_pretrained(model_class, path: str):
     return model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
 
 
-def run(recipe: MergeRecipe) -> str:
+def run(recipe) -> str:
     """Merge and save; bad input raises :class:`RecipeError` (a ValueError) before any model is loaded."""
     import transformers
     from peft import PeftModel
@@ -255,12 +262,9 @@ def run(recipe: MergeRecipe) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the YAML recipe")
-    args, overrides = parser.parse_known_args(argv)
+    """The command line: a bad input is ``error: <one line>`` on stderr and exit status 2 (as argparse's)."""
     try:
-        recipe = load_recipe(MergeRecipe, args.config, overrides)
-        run(recipe)
+        run(RecipeArgumentParser(MergeRecipe, description=__doc__).parse(argv))
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import subspace_peft
 
-from common import RecipeError, as_float, check_number, check_positive_int, one_line
+from common import RecipeError, check_number, check_positive_int, one_line
 from data import collate
 from guards import check_distribution_took_effect
 
@@ -39,7 +39,9 @@ def default_learning_rate(recipe) -> float:
     return record.recipe_learning_rate
 
 
-# TrainingArguments keys with a range the recipe checks before anything loads (the rest TrainingArguments checks)
+# TrainingArguments keys with a range the recipe checks before anything loads: TrainingArguments takes these values
+# out of range without a word (transformers 5.x, tested) and training fails later, or silently does nothing; the
+# rest (warmup_steps, warmup_ratio, ...) TrainingArguments checks itself
 _POSITIVE_TRAINING_INTS = {
     "max_steps": "the number of optimizer steps the recipe trains for; -1 trains for num_train_epochs instead",
     "per_device_train_batch_size": "training examples per device and step",
@@ -50,8 +52,6 @@ _TRAINING_RANGES = {  # key: (low, high, low_open)
     "learning_rate": (0.0, None, True),
     "num_train_epochs": (0.0, None, True),
     "weight_decay": (0.0, None, False),
-    "warmup_ratio": (0.0, 1.0, False),
-    "warmup_steps": (0.0, None, False),
     "max_grad_norm": (0.0, None, False),
     "logging_steps": (0.0, None, True),
     "save_steps": (0.0, None, True),
@@ -103,9 +103,7 @@ def training_arguments(recipe):
     values.update(_deepspeed_mixed_precision(recipe))
     values.setdefault("eval_steps", values["save_steps"])
     hints = typing.get_type_hints(arguments_class)
-    for key, value in list(values.items()):  # PyYAML reads 1e-4 (no dot) as a string
-        if key in known and isinstance(known[key].default, float) and isinstance(value, str):
-            values[key] = as_float(value) if as_float(value) is not None else value
+    for key, value in values.items():
         if hints.get(key) is bool and not isinstance(value, bool):
             raise RecipeError(
                 f"training.{key} must be true or false, got {value!r}; fix: set it to true or false",
