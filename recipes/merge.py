@@ -27,7 +27,6 @@ from cli import RecipeArgumentParser
 from common import (
     RecipeError,
     check_field_types,
-    check_number,
     check_output_dir,
     check_positive_int,
     check_pretrained_source,
@@ -132,28 +131,12 @@ MergeRecipe = make_dataclass(
 
 
 def check_parameter(parameter: Parameter, value) -> None:
-    """``value`` fits ``parameter``'s schema (its choices, its range, a non-empty list of strings), else a
-    :class:`RecipeError` keyed by its name. The recipe's field types are checked before (``check_field_types``)."""
-    key = parameter.name
-    if parameter.optional and value is None:
-        return
-    if parameter.choices:
-        if value not in parameter.choices:
-            raise RecipeError(
-                f"{key} must be one of {parameter.choices}, got {value!r}; fix: set {key} to one of them", key=key
-            )
-    elif parameter.type is int and parameter.low == 1 and parameter.high is None:
-        check_positive_int(key, value, parameter.help)
-    elif parameter.type in (int, float):
-        check_number(
-            key, value, parameter.low, parameter.high, parameter.low_open, parameter.high_open, fix=parameter.fix()
-        )
-    elif parameter.type is list and (not value or not all(isinstance(item, str) and item for item in value)):
-        raise RecipeError(
-            f"{key} must be {'null or ' if parameter.optional else ''}a non-empty list of strings, got "
-            f"{value!r}; fix: set {key} to {parameter.help}",
-            key=key,
-        )
+    """``value`` fits ``parameter``'s schema (:meth:`Parameter.check`), else a :class:`RecipeError` keyed by its name.
+    The recipe's field types are checked before (``check_field_types``)."""
+    try:
+        parameter.check(value, where="merge")
+    except ValueError as error:
+        raise RecipeError(str(error).removeprefix("merge: "), key=parameter.name) from None
 
 
 def read_unlabeled(path: str, what: str, key: str) -> list[str]:

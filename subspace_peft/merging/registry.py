@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from torch import nn
 
+from ..checks import integer, number
 from ..registry import Paper
 from .adaptive_merging import adamerging
 from .baselines import dare_merging, task_arithmetic, ties_merging
@@ -48,6 +49,24 @@ class Parameter:
             + (f", in {self.interval()}" if bounded else "")
             + f", e.g. {self.default}"
         )
+
+    def check(self, value, where: str) -> None:
+        """``value`` fits the schema (its choices, its range, a non-empty list of strings), else a ValueError
+        ``"{where}: {name} must be ..., got ...; fix: ..."`` (:mod:`subspace_peft.checks`' wording)."""
+        fix = f"fix: {self.fix()}"
+        if self.optional and value is None:
+            return
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{where}: {self.name} must be one of {self.choices}, got {value!r}; {fix}")
+        if self.type is int:
+            integer(where, self.name, value, fix, low=self.low, high=self.high)
+        elif self.type is float:
+            number(where, self.name, value, fix, self.low, self.high, self.low_open, self.high_open)
+        elif self.type is list and (not value or not all(isinstance(item, str) and item for item in value)):
+            raise ValueError(
+                f"{where}: {self.name} must be {'null or ' if self.optional else ''}a non-empty list of strings, "
+                f"got {value!r}; {fix}"
+            )
 
 
 class Merged(NamedTuple):
