@@ -20,6 +20,8 @@ from typing import Any, Optional, TypeVar
 
 import yaml
 
+from subspace_peft import checks
+
 T = TypeVar("T")
 
 _SOURCE_ATTRIBUTE = "_recipe_source"
@@ -262,43 +264,29 @@ def check_field_types(recipe) -> None:
         )
 
 
+@contextmanager
+def owner_error(key: str, where: str = "recipe"):
+    """A ValueError its owner (a :mod:`subspace_peft.checks` check, a merge parameter's schema) raises inside, worded
+    ``"{where}: ..."``, as a :class:`RecipeError` keyed by ``key`` (located later: file and line, or flag)."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except ValueError as error:
+        raise RecipeError(str(error).removeprefix(f"{where}: "), key=key) from None
+
+
 def check_positive_int(key: str, value, what: str) -> None:
     """``value`` is an integer >= 1, else a :class:`RecipeError` naming ``key``; ``what`` says what it counts."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecipeError(
-            f"{key} must be an integer >= 1 ({what}), got {_describe(value)}; fix: set {key} to a positive integer",
-            key=key,
-        )
+    with owner_error(key):
+        checks.integer("recipe", key, value, f"fix: set {key} to a positive integer ({what})", low=1)
 
 
-def check_number(
-    key: str,
-    value,
-    low: Optional[float] = None,
-    high: Optional[float] = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    fix: str = "",
-) -> float:
-    """``value`` as a finite float in the interval, else a :class:`RecipeError` naming ``key`` and the interval."""
-    number = _number(value)
-    inside = number is not None and math.isfinite(number)
-    if inside and low is not None:
-        inside = number > low if low_open else number >= low
-    if inside and high is not None:
-        inside = number < high if high_open else number <= high
-    if not inside:
-        interval = (
-            ("(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}")
-            + ", "
-            + ("inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
-        )
-        raise RecipeError(
-            f"{key} must be a finite number in {interval}, got {_describe(value)}; fix: "
-            f"{fix or f'set {key} to a value in {interval}'}",
-            key=key,
-        )
-    return number
+def check_number(key: str, value, low: Optional[float] = None, high: Optional[float] = None, **bounds) -> float:
+    """``value`` as a finite float in the interval (``low_open``/``high_open``: the bound itself is outside), else
+    a :class:`RecipeError` naming ``key`` and the interval."""
+    with owner_error(key):
+        return checks.number("recipe", key, value, f"fix: set {key} to a number in that range", low, high, **bounds)
 
 
 def check_finite_numbers(key: str, value) -> None:

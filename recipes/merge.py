@@ -32,6 +32,7 @@ from common import (
     check_pretrained_source,
     located,
     one_line,
+    owner_error,
     read_json_rows,
 )
 
@@ -133,10 +134,8 @@ MergeRecipe = make_dataclass(
 def check_parameter(parameter: Parameter, value) -> None:
     """``value`` fits ``parameter``'s schema (:meth:`Parameter.check`), else a :class:`RecipeError` keyed by its name.
     The recipe's field types are checked before (``check_field_types``)."""
-    try:
-        parameter.check(value, where="merge")
-    except ValueError as error:
-        raise RecipeError(str(error).removeprefix("merge: "), key=parameter.name) from None
+    with owner_error(parameter.name):
+        parameter.check(value, where="recipe")
 
 
 def read_unlabeled(path: str, what: str, key: str) -> list[str]:

@@ -142,7 +142,7 @@ def test_top_level_training_keys_in_the_file_join_its_training_block(tmp_path, c
     assert finetune.configure(["--config", config]).training == {"learning_rate": 1e-3, "max_steps": 30}
     bad = write(tmp_path / "b.yaml", "method: pissa\n\nlearning_rate: -1.0\n")
     message = error_line(finetune, ["--config", bad] + _rest(tmp_path, "training"), capsys)
-    assert message.startswith(f"{bad}:3: training.learning_rate must be a finite number in (0, inf)"), message
+    assert message.startswith(f"{bad}:3: training.learning_rate must be a finite number > 0"), message
 
 
 def test_help_lists_every_recipe_and_training_arguments_flag(capsys):
@@ -193,7 +193,7 @@ def test_help_groups_the_recipe_flags_first_then_training_arguments(capsys):
         (["stray"], "command line: expected --key value pairs, got 'stray'"),
         (
             ["--learning_rate", "0"],
-            "--learning_rate: training.learning_rate must be a finite number in (0, inf), got 0",
+            "--learning_rate: training.learning_rate must be a finite number > 0, got 0",
         ),
         (["--max_steps", "0"], "--max_steps: training.max_steps must be an integer >= 1"),
         (["--bf16", "maybe"], "--bf16: training.bf16 must be true or false, got 'maybe'"),

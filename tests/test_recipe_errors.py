@@ -108,11 +108,11 @@ def test_wrong_type_names_the_line_and_key(tmp_path, capsys):
         ("max_length", "0", "max_length must be an integer >= 1"),
         ("train_size", "2.5", "train_size must be an integer, got 2.5"),
         ("resume", "maybe", "resume must be true or false"),
-        ("training", "{learning_rate: 0}", "training.learning_rate must be a finite number in (0, inf), got 0"),
-        ("training", "{learning_rate: -1.0e-4}", "training.learning_rate must be a finite number in (0, inf)"),
+        ("training", "{learning_rate: 0}", "training.learning_rate must be a finite number > 0, got 0"),
+        ("training", "{learning_rate: -1.0e-4}", "training.learning_rate must be a finite number > 0"),
         ("training", "{learning_rate: .nan}", "training.learning_rate is nan, which is not a finite number"),
         # YAML reads nan (no dot) as text, which is no number either
-        ("training", "{learning_rate: nan}", "training.learning_rate must be a finite number in (0, inf), got 'nan'"),
+        ("training", "{learning_rate: nan}", "training.learning_rate must be a finite number > 0, got 'nan'"),
         ("training", "{max_steps: 0}", "training.max_steps must be an integer >= 1"),
         (
             "training",
@@ -149,7 +149,7 @@ def _rest(tmp_path, flag: str) -> list[str]:
 def test_a_nested_training_key_in_the_file_is_located_on_its_line(tmp_path, capsys):
     config = write(tmp_path / "r.yaml", "method: pissa\ntraining:\n  max_steps: 10\n  learning_rate: 0.0\n")
     message = error_line(finetune, ["--config", config] + _rest(tmp_path, "training"), capsys)
-    assert message.startswith(f"{config}:4: training.learning_rate must be a finite number in (0, inf)"), message
+    assert message.startswith(f"{config}:4: training.learning_rate must be a finite number > 0"), message
 
 
 def test_another_method_without_its_method_config_is_told_to_set_one(tmp_path, capsys):
