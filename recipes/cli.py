@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import re
+import sys
 import typing
 from enum import Enum
 from typing import Optional
@@ -26,24 +27,23 @@ import yaml
 from common import RecipeError, RecipeLoader, RecipeSource, build_recipe, read_yaml_recipe
 
 
-class _Unparsed:
-    """A flag value that is not valid YAML (reported after parsing, naming the flag)."""
-
-    def __init__(self, raw: str, problem: str):
-        self.raw, self.problem = raw, problem
-
-
 def _yaml_value(raw: str):
     try:
         return yaml.load(raw, Loader=RecipeLoader)
     except yaml.YAMLError as error:
-        return _Unparsed(raw, str(getattr(error, "problem", None) or error))
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a valid YAML value ({getattr(error, 'problem', None) or error}); fix: quote or correct "
+            "it (lists as [a, b], mappings as {key: value})"
+        ) from None
 
 
 def _text_value(raw: str):
     """Text flags keep their text (``--run_name 2024`` is the name "2024"), unquoted if quoted (``'"a b"'``);
     ``null`` is None."""
-    value = _yaml_value(raw)
+    try:
+        value = _yaml_value(raw)
+    except argparse.ArgumentTypeError:
+        return raw
     return value if value is None or isinstance(value, str) else raw
 
 
@@ -68,8 +68,9 @@ class RecipeArgumentParser:
                 match = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)*: (.*)", message)
                 if match and match.group(2) == "expected one argument":
                     raise RecipeError(f"command line: {match.group(1)} has no value; fix: pass {match.group(1)} VALUE")
-                if match:
-                    raise RecipeError(f"{match.group(1)}: {match.group(2)}; fix: see --help")
+                if match:  # a value's problem (argparse's, or _yaml_value's with its own fix)
+                    fix = "" if "; fix: " in match.group(2) else "; fix: see --help"
+                    raise RecipeError(f"{match.group(1)}: {match.group(2)}{fix}")
                 raise RecipeError(f"command line: {message}; fix: see --help")
 
         self.recipe_class, self.training_class = recipe_class, training_class
@@ -121,6 +122,14 @@ class RecipeArgumentParser:
             action.help = (action.help or "").strip().replace("%", "%%")
             action.choices = None  # the recipe's and TrainingArguments' checks name the key and the fix
 
+    def main(self, run, argv: Optional[list[str]] = None) -> None:
+        """``run(self.parse(argv))``, a bad input ``error: <one line>`` on stderr and exit status 2 (as argparse's)."""
+        try:
+            run(self.parse(argv))
+        except RecipeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
     def flag_names(self) -> list[str]:
         return sorted({s for a in self.parser._actions for s in a.option_strings if s.startswith("--")})
 
@@ -135,14 +144,6 @@ class RecipeArgumentParser:
         source = RecipeSource(path=path, lines=lines)
         self._lift_training_keys(values, lines, path)
         for dest, value in given.items():
-            if isinstance(value, _Unparsed) or (
-                isinstance(value, list) and any(isinstance(v, _Unparsed) for v in value)
-            ):
-                bad = value if isinstance(value, _Unparsed) else next(v for v in value if isinstance(v, _Unparsed))
-                raise RecipeError(
-                    f"--{dest}: {bad.raw!r} is not a valid YAML value ({bad.problem}); fix: quote or "
-                    "correct it (lists as [a, b], mappings as {key: value})"
-                )
             if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
                 value = value[0]  # a list flag given as one YAML list (--tasks '[{...}, {...}]')
             if dest in self.recipe_fields:

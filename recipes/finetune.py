@@ -24,7 +24,6 @@ anything loads), 2. data (data.py), 3. load the model (loading.py), 4. build the
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -265,11 +264,7 @@ def run(recipe: FinetuneRecipe, inputs: Optional[CheckedInputs] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The command line: a bad input is ``error: <one line>`` on stderr and exit status 2 (as argparse's)."""
-    try:
-        run(configure(argv))
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    command_line().main(run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
@@ -245,11 +244,7 @@ def run(recipe) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The command line: a bad input is ``error: <one line>`` on stderr and exit status 2 (as argparse's)."""
-    try:
-        run(RecipeArgumentParser(MergeRecipe, description=__doc__).parse(argv))
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    RecipeArgumentParser(MergeRecipe, description=__doc__).main(run, argv)
 
 
 if __name__ == "__main__":
