@@ -24,7 +24,7 @@ from typing import Optional
 
 import yaml
 
-from common import RecipeError, RecipeLoader, RecipeSource, build_recipe, read_yaml_recipe
+from common import RecipeError, RecipeLoader, RecipeSource, build_recipe, locate, read_yaml_recipe
 
 
 def _yaml_value(raw: str):
@@ -142,18 +142,14 @@ class RecipeArgumentParser:
         path = given.pop("config", None)
         values, lines = read_yaml_recipe(path) if path is not None else ({}, {})
         source = RecipeSource(path=path, lines=lines)
-        self._lift_training_keys(values, lines, path)
+        self._lift_training_keys(values, source)
         for dest, value in given.items():
             if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
                 value = value[0]  # a list flag given as one YAML list (--tasks '[{...}, {...}]')
             if dest in self.recipe_fields:
                 self._set(values, source, dest, value, dest)
-            else:
-                training = values.get("training")
-                if training is None:
-                    training = values["training"] = {}
-                if isinstance(training, dict):
-                    self._set(training, source, dest, value, dest, prefix="training.")
+            elif _training_block(values) is not None:
+                self._set(values["training"], source, dest, value, dest, prefix="training.")
         return build_recipe(self.recipe_class, values, source)
 
     @staticmethod
@@ -167,24 +163,18 @@ class RecipeArgumentParser:
             values[key] = value
             source.flag_names[f"{prefix}{key}"] = flag
 
-    def _lift_training_keys(self, values: dict, lines: dict, path: Optional[str]) -> None:
+    def _lift_training_keys(self, values: dict, source: RecipeSource) -> None:
         """A TrainingArguments key at the top of the file (``max_steps: 300``) is one of the training: block."""
-        if self.training_class is None:
-            return
         for key in [k for k in values if k in self.training_fields and k not in self.recipe_fields]:
-            training = values.get("training")
+            training = _training_block(values)
             if training is None:
-                training = values["training"] = {}
-            if not isinstance(training, dict):
                 return  # the type check names training's line
             if key in training:
-                raise RecipeError(
-                    f"{path}:{lines.get(key)}: {key} is set twice (also in training:, line "
-                    f"{lines.get(f'training.{key}')}); fix: keep one of them"
-                )
+                also = f"also in training:, line {source.lines.get(f'training.{key}')}"
+                raise locate(RecipeError(f"{key} is set twice ({also}); fix: keep one of them", key=key), source)
             training[key] = values.pop(key)
-            if key in lines:
-                lines[f"training.{key}"] = lines[key]
+            if key in source.lines:
+                source.lines[f"training.{key}"] = source.lines[key]
 
     def _refuse(self, rest: list[str]) -> None:
         flags = [token.split("=", 1)[0] for token in rest if token.startswith("-")]
@@ -202,6 +192,14 @@ class RecipeArgumentParser:
             "rename or remove it "
             "(--help lists the flags)"
         )
+
+
+def _training_block(values: dict) -> Optional[dict]:
+    """The recipe's ``training:`` mapping, made if missing; None if the file sets it to no mapping (the type check
+    names its line)."""
+    if values.get("training") is None:
+        values["training"] = {}
+    return values["training"] if isinstance(values["training"], dict) else None
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -187,14 +187,11 @@ def build_recipe(cls: type[T], values: dict, source: RecipeSource) -> T:
     path = source.path
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
-    if unknown:
-        where = source.where(unknown[0]) or path or "command line"
+    if unknown:  # only the file's: an unknown flag is argparse's error
         hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
         hint = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in hints.items() if m)
-        raise RecipeError(
-            f"{where}: unknown recipe keys {unknown}; {hint + ' ' if hint else ''}fix: remove or "
-            f"rename them (known keys: {sorted(known)})"
-        )
+        message = f"unknown recipe keys {unknown}; {hint + ' ' if hint else ''}fix: remove or rename them"
+        raise locate(RecipeError(f"{message} (known keys: {sorted(known)})", key=unknown[0]), source)
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     missing = [k for k in required if k not in values]
     if missing:
