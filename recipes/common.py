@@ -1,5 +1,6 @@
-"""What the recipes share: a YAML file read into a dataclass, with ``--key value`` flags overriding it, and the
-one-line errors every bad input gets.
+"""What the recipes share: the YAML loader (:class:`RecipeLoader`, the file read once), the recipe dataclass built
+from the file and the flags (:func:`build_recipe`; the flags are recipes/cli.py's), the checks, and the one-line
+errors every bad input gets, located in one place (:func:`locate`).
 
 Every problem with a recipe's input is a :class:`RecipeError` (a ValueError): one line naming the file (and line)
 or flag it came from, the key and the fix. A recipe's ``main`` prints it as ``error: <message>`` and exits with
@@ -224,11 +225,6 @@ def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
 
 
-def _number(value) -> Optional[float]:
-    """``value`` as a float if it is a number (not a bool), else None."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def check_field_types(recipe) -> None:
     """Every field of the dataclass ``recipe`` has its annotated type (``Optional[X]``: X or null); an int becomes a
     float where the field is a float. Raises :class:`RecipeError` keyed by field."""
@@ -244,9 +240,8 @@ def check_field_types(recipe) -> None:
             continue
         hint = typing.get_origin(hint) or hint
         if hint is float:
-            number = _number(value)
-            if number is not None:
-                object.__setattr__(recipe, f.name, number)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(recipe, f.name, float(value))
                 continue
         elif hint is int:
             if isinstance(value, int) and not isinstance(value, bool):
