@@ -1,4 +1,4 @@
-"""Run every benchmark of the report in one go and write its tables and plots (CPU, about three hours).
+"""Run every benchmark of the report in one go and write its tables and plots (CPU, about eight hours).
 
     pip install -e ".[bench]"; python benchmarks/run_all.py [--out benchmarks/results] [--quick]
 
@@ -8,7 +8,8 @@ Parts, in order, each a script of this folder run as its own process (so its tim
 2. the same on MiniLM-L6;
 3. singular-value spectra (bench_spectrum.py, subspace_peft.spectrum; PNGs);
 4. quality: every method fine-tuned at its best learning rate, QPiSSA against QLoRA, forgetting (bench_quality.py;
-   loss-curve PNG);
+   loss-curve PNG), then each method at that rate with three seeds, per-example scores for the claims' intervals
+   (bench_quality_seeds.py);
 5. reload time of a saved adapter against LoRA's (bench_reload.py);
 6. merging three MiniLM fine-tunes: task arithmetic, TIES, DARE, AdaMerging, Concrete TA and Concrete AdaMerging at
    FusionBench's budget (bench_merge.py; entropy-curve PNG).
@@ -41,6 +42,11 @@ def parts(out: str, quick: bool) -> list[tuple[str, list[str]]]:
         ),
         ("Spectra", ["bench_spectrum.py", "--out", out]),
         ("Quality, QPiSSA against QLoRA, forgetting", ["bench_quality.py", "--out", out, *steps]),
+        (
+            "Quality with seeds",
+            ["bench_quality_seeds.py", "--out", out, "--rates-from", os.path.join(out, "quality.json")]
+            + (["--steps", "20", "--seeds", "0", "1", "--methods", "lora", "pissa"] if quick else []),
+        ),
         ("Reload time", ["bench_reload.py", "--reps", "1" if quick else "5"]),
         ("Merging", ["bench_merge.py", "--out", out, *(["--quick"] if quick else [])]),
     ]

@@ -223,3 +223,36 @@ def test_the_svfit_classification_claim_reads_the_default_s_verdict(tmp_path):
 
     assert row("holds").endswith("| holds | `python benchmarks/bench_svfit_cls.py` |")
     assert "| cannot tell |" in row("cannot tell") and "ratio to LoRA 0.990 [0.960, 1.020] at 1/23" in row("holds")
+
+
+def _concrete_adamerging_row(tmp_path, ours_right: list[int], adamerging_right: list[int]) -> str:
+    """Two tasks of 100 test examples; TIES right on the first 60 of each, seed i's merges on the first n."""
+
+    def run(method, seed, right):
+        correct = {"a": [1] * right + [0] * (100 - right), "b": [1] * right + [0] * (100 - right)}
+        return {"method": method, "seed": seed, "correct": correct}
+
+    runs = [run("ties", None, 60)]
+    for seed, (ours, theirs) in enumerate(zip(ours_right, adamerging_right)):
+        runs += [run("concrete_adamerging", seed, ours), run("adamerging", seed, theirs)]
+    (tmp_path / "concrete_adamerging.json").write_text(json.dumps({"runs": runs}))
+    return _rows(tmp_path)["Concrete AdaMerging"]
+
+
+def test_the_concrete_adamerging_claim_is_paired_against_both_rivals(tmp_path):
+    (tmp_path / "merge.json").write_text(
+        json.dumps(
+            {
+                "methods": {
+                    m: {"average": a} for m, a in (("concrete_adamerging", 0.9), ("adamerging", 0.8), ("ties", 0.85))
+                }
+            }
+        )
+    )
+    assert (
+        "| holds (1 run, no interval) | `python benchmarks/bench_merge.py` |" in _rows(tmp_path)["Concrete AdaMerging"]
+    )
+    row = _concrete_adamerging_row(tmp_path, [80, 82, 81], [70, 71, 72])
+    assert "| holds | `python benchmarks/bench_concrete_adamerging.py` |" in row and "3 seeds" in row
+    assert "| cannot tell |" in _concrete_adamerging_row(tmp_path, [80, 82, 81], [80, 82, 81])  # equal to AdaMerging
+    assert "| does not hold |" in _concrete_adamerging_row(tmp_path, [50, 52, 51], [70, 71, 72])
