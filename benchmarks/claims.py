@@ -88,9 +88,10 @@ def _within_lora(method: str, label: str, share_at_most: float) -> Callable[[lis
             ratio = stats.ratio_interval(_losses(report, method), _losses(report, "lora"))
             share = report["runs"][method][0]["trainable"] / report["runs"]["lora"][0]["trainable"]
             verdicts.append(stats.verdict(ratio, 1.05, above=False) if share <= share_at_most else "does not hold")
+            size = f"1/{1 / share:.0f} of its" if share < 0.5 else f"{share:.2f}x its"
             parts.append(
                 f"{name}: {label} test loss {ratio['mean']:.2f}x LoRA's [{ratio['low']:.2f}, {ratio['high']:.2f}] "
-                f"with 1/{1 / share:.0f} of its trained numbers ({verdicts[-1]})"
+                f"with {size} trained numbers ({verdicts[-1]})"
             )
         return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
 
