@@ -68,8 +68,8 @@ def _lower_loss(method: str, rival: str, label: str, rival_label: str) -> Callab
             difference = stats.paired_difference(_losses(report, rival), _losses(report, method))
             verdicts.append(stats.verdict(difference))
             parts.append(
-                f"{name}: test loss {label} {stats.bootstrap_interval(_losses(report, method))['mean']:.3f} vs "
-                f"{rival_label} {stats.bootstrap_interval(_losses(report, rival))['mean']:.3f}, {rival_label} minus "
+                f"{name}: test loss {label} {stats.mean(_losses(report, method)):.3f} vs "
+                f"{rival_label} {stats.mean(_losses(report, rival)):.3f}, {rival_label} minus "
                 f"{label} {difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
                 f"({verdicts[-1]})"
             )
@@ -114,11 +114,11 @@ def _effort(reports: list[dict]) -> tuple[str, str]:
             difference = stats.paired_difference(pretrain[rival], pretrain["effort"])
             verdicts.append(stats.verdict(difference))
             setting.append(
-                f"{rival} +{stats.bootstrap_interval(pretrain[rival])['mean'] - base:.3f}, less by "
+                f"{rival} +{stats.mean(pretrain[rival]) - base:.3f}, less by "
                 f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] ({verdicts[-1]})"
             )
-        effort_rise = stats.bootstrap_interval(pretrain["effort"])["mean"] - base
-        loss_ratio = stats.ratio_interval(_losses(report, "effort"), _losses(report, "lora"))["mean"]
+        effort_rise = stats.mean(pretrain["effort"]) - base
+        loss_ratio = stats.mean(_losses(report, "effort")) / stats.mean(_losses(report, "lora"))
         parts.append(f"{name}: forgetting Effort +{effort_rise:.3f} (test loss {loss_ratio:.2f}x LoRA's) vs ")
         parts[-1] += ", ".join(setting)
     return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
@@ -184,7 +184,7 @@ def _concrete_adamerging(report: dict) -> tuple[str, str]:
         difference = stats.paired_difference(ours, scores)
         verdicts.append(stats.verdict(difference))
         parts.append(
-            f"{name} {stats.bootstrap_interval(scores)['mean']:.3f}, difference {difference['mean']:+.3f} "
+            f"{name} {stats.mean(scores):.3f}, difference {difference['mean']:+.3f} "
             f"[{difference['low']:+.3f}, {difference['high']:+.3f}] ({verdicts[-1]})"
         )
     return "FusionBench's settings, mask lr 1e-4: " + "; ".join(parts), stats.combined(verdicts)

@@ -44,6 +44,11 @@ def _interval(value: float, resampled: np.ndarray, seeds: int) -> dict:
     return {"mean": float(value), "low": float(low), "high": float(high), "seeds": seeds}
 
 
+def mean(scores: Sequence[Sequence[float]]) -> float:
+    """The mean over seeds and examples (what :func:`bootstrap_interval` reports as ``mean``, without resampling)."""
+    return float(_matrix(scores).mean())
+
+
 def bootstrap_interval(scores: Sequence[Sequence[float]], resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """Mean over seeds and examples, and its 95% interval (seeds x examples bootstrap)."""
     matrix = _matrix(scores)
