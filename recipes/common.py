@@ -256,6 +256,13 @@ def check_field_types(recipe) -> None:
         )
 
 
+def recipe_field(default, help_text: str):
+    """A recipe dataclass field: its default (a mapping is copied for each recipe) and its ``--help`` text."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
 @contextmanager
 def owner_error(key: str, where: str = "recipe"):
     """A ValueError its owner (a :mod:`subspace_peft.checks` check, a merge parameter's schema) raises inside, worded

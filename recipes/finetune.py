@@ -24,7 +24,7 @@ anything loads), 2. data (data.py), 3. load the model (loading.py), 4. build the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import subspace_peft  # the method records (and our methods registered with peft)
@@ -42,6 +42,7 @@ from common import (  # noqa: F401
     check_positive_int,
     check_repo_id,
     located,
+    recipe_field,
 )
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
 from evaluation import answer_metrics, evaluate  # noqa: F401
@@ -64,70 +65,63 @@ DTYPES = ("float32", "bfloat16", "float16")
 TRAINERS = ("transformers", "trl")
 
 
-def _field(default, help_text: str):
-    """A recipe field: its default (a mapping is copied for each recipe) and its ``--help`` text."""
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class FinetuneRecipe:
     """The recipe's fields (each a ``--flag`` and a YAML key); ``training`` holds TrainingArguments' keys."""
 
-    model: str = _field(
+    model: str = recipe_field(
         "smollm2", "smollm2 (the packaged SmolLM2-135M-Instruct), a local model folder (safetensors) or a Hub model id"
     )
-    dataset: str = _field(
+    dataset: str = recipe_field(
         "builtin:arithmetic",
         "builtin:arithmetic, builtin:arithmetic-chat, a datasets name, or a local .json/.jsonl/.csv file",
     )
-    prompt_field: str = _field("prompt", "the data's prompt column (prompt/answer data)")
-    answer_field: str = _field(
+    prompt_field: str = recipe_field("prompt", "the data's prompt column (prompt/answer data)")
+    answer_field: str = recipe_field(
         "answer", "the data's answer column (prompt/answer data; the loss is on the answer only)"
     )
-    messages_field: str = _field(
+    messages_field: str = recipe_field(
         "messages",
         "the data's conversation column (chat data: a list of {role, content}, rendered with the tokenizer's chat "
         "template; the loss is on the assistant turns only), used when the prompt/answer columns are absent",
     )
-    train_size: int = _field(2000, "training examples (after the held-out ones)")
-    eval_size: int = _field(64, "held-out examples (the data's first rows)")
-    max_length: int = _field(64, "tokens per example, prompt and answer together")
-    method: str = _field(DEFAULT_METHOD.name, f"the adapter: one of {', '.join(METHODS)}")
-    method_config: dict = _field(
+    train_size: int = recipe_field(2000, "training examples (after the held-out ones)")
+    eval_size: int = recipe_field(64, "held-out examples (the data's first rows)")
+    max_length: int = recipe_field(64, "tokens per example, prompt and answer together")
+    method: str = recipe_field(DEFAULT_METHOD.name, f"the adapter: one of {', '.join(METHODS)}")
+    method_config: dict = recipe_field(
         DEFAULT_METHOD.recipe_defaults,
         "the method's config fields as a mapping ({r: 8, target_modules: all-linear}); a flag merges into the "
         "file's key by key",
     )
-    quantization: str = _field(
+    quantization: str = recipe_field(
         "none", f"one of {', '.join(QUANTIZATIONS)}: QLoRA (method lora) or QPiSSA (method pissa)"
     )
-    dtype: str = _field(
+    dtype: str = recipe_field(
         "float32",
         f"the model's dtype, one of {', '.join(DTYPES)}; a 4-bit base is stored in it too (what FSDP shards)",
     )
-    trainer: str = _field(
+    trainer: str = recipe_field(
         "transformers",
         "transformers (transformers.Trainer) or trl (TRL's SFTTrainer; its SFTConfig keys are allowed in training:)",
     )
-    training: dict = _field(
+    training: dict = recipe_field(
         {}, "TrainingArguments keys as a mapping (the file's training: block); each is also a flag of its own"
     )
-    output_dir: str = _field("runs/finetune", "the run's folder: adapter/, checkpoint-N/, loss.png, metrics.json")
-    resume: bool = _field(False, "continue from the last complete checkpoint in output_dir")
-    push_to_hub: Optional[str] = _field(
+    output_dir: str = recipe_field("runs/finetune", "the run's folder: adapter/, checkpoint-N/, loss.png, metrics.json")
+    resume: bool = recipe_field(False, "continue from the last complete checkpoint in output_dir")
+    push_to_hub: Optional[str] = recipe_field(
         None, "a Hub repo id (user/name): the adapter and a model card are pushed after training"
     )
-    hub_base_model: Optional[str] = _field(
+    hub_base_model: Optional[str] = recipe_field(
         None,
         "the Hub id of the base model, written to the model card and the pushed adapter_config.json; default: "
         "HuggingFaceTB/SmolLM2-135M-Instruct for model smollm2, the model itself for a Hub id; needed for a local "
         "model folder",
     )
-    hub_license: Optional[str] = _field(None, "the model card's license (e.g. apache-2.0)")
-    hub_datasets: Optional[list[str]] = _field(None, "the model card's datasets (Hub dataset ids)")
-    seed: int = _field(
+    hub_license: Optional[str] = recipe_field(None, "the model card's license (e.g. apache-2.0)")
+    hub_datasets: Optional[list[str]] = recipe_field(None, "the model card's datasets (Hub dataset ids)")
+    seed: int = recipe_field(
         0, "the data's and the training's seed (TrainingArguments seed and data_seed unless training: sets them)"
     )
 

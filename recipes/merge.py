@@ -33,14 +33,11 @@ from common import (
     one_line,
     owner_error,
     read_json_rows,
+    recipe_field,
 )
 
 METHODS = tuple(MERGE_METHODS)
 TASK_KEYS = ("name", "model", "adapter", "unlabeled")
-
-
-def _field(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -51,12 +48,14 @@ class _RecipeKeys:
     tasks: list[dict] = field(
         metadata={"help": "the fine-tunes: [{name, model: folder} or {name, adapter: folder}, unlabeled: jsonl]"}
     )
-    method: str = _field("task_arithmetic", f"the merge method: one of {', '.join(METHODS)}")
-    model_class: str = _field("AutoModelForSequenceClassification", "the transformers auto class the models load as")
-    output_dir: str = _field("merged", "the merged model's folder (save_pretrained, with the base's tokenizer)")
-    batch_size: int = _field(16, "unlabeled texts per batch")
-    max_length: int = _field(64, "tokens per unlabeled text")
-    save_masks: bool = _field(False, "write a Concrete method's final masks to output_dir/masks.safetensors")
+    method: str = recipe_field("task_arithmetic", f"the merge method: one of {', '.join(METHODS)}")
+    model_class: str = recipe_field(
+        "AutoModelForSequenceClassification", "the transformers auto class the models load as"
+    )
+    output_dir: str = recipe_field("merged", "the merged model's folder (save_pretrained, with the base's tokenizer)")
+    batch_size: int = recipe_field(16, "unlabeled texts per batch")
+    max_length: int = recipe_field(64, "tokens per unlabeled text")
+    save_masks: bool = recipe_field(False, "write a Concrete method's final masks to output_dir/masks.safetensors")
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
@@ -124,7 +123,7 @@ def _parameter_type(parameter: Parameter):
 # subspace_peft.merging.MERGE_METHODS, is the one source of each parameter's name, type, default and help)
 MergeRecipe = make_dataclass(
     "MergeRecipe",
-    [(p.name, _parameter_type(p), _field(p.default, p.help)) for p in all_parameters()],
+    [(p.name, _parameter_type(p), recipe_field(p.default, p.help)) for p in all_parameters()],
     bases=(_RecipeKeys,),
     namespace={"__module__": __name__, "__doc__": "The recipe's keys (each a --flag and a YAML key)."},
 )
