@@ -16,6 +16,8 @@ from typing import Mapping, Optional
 from peft.utils import peft_types
 from peft.utils.peft_types import PeftType
 
+from .checks import choice
+
 
 @dataclass(frozen=True)
 class Paper:
@@ -66,8 +68,7 @@ class Method:
     ranks_from_weights: Optional[str] = None
 
     def __post_init__(self):
-        if self.quantized_base not in (None, "on_load", "residual"):
-            raise ValueError(f"{self.name}: quantized_base must be None, 'on_load' or 'residual'")
+        choice(f"Method {self.name!r}", "quantized_base", self.quantized_base, (None, "on_load", "residual"))
 
     @property
     def whole_weights_at_init(self) -> bool:
