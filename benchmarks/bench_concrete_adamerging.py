@@ -154,10 +154,9 @@ def main() -> None:
             runs.append(merge_run(method, seed, args, base, tokenizer, data, heads, vectors, test))
             print(f"{method}, seed {seed}: {runs[-1]['average']:.3f} in {runs[-1]['seconds']:.0f} s", flush=True)
             report["wall_seconds"] = round(time.perf_counter() - started, 1)
-            write_report(out, "concrete_adamerging", report, markdown(report))
-    report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_report(out, "concrete_adamerging", report, markdown(report))
-    print(markdown(report))
+            text = markdown(report)
+            write_report(out, "concrete_adamerging", report, text)  # after every run: a long run keeps what it has
+    print(text)
 
 
 if __name__ == "__main__":
