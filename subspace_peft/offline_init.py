@@ -31,7 +31,7 @@ from .registry import method_record
 from .tuners.base.config import TargetConfig, expect_checkpoint, mark_checkpoint_loaded
 from .tuners.base.layer import FactorLayer
 from .tuners.base.model import PlannedTuner, SVDTuner
-from .tuners.base.plan import LayerPlan
+from .tuners.base.plan import InitCall, LayerPlan
 from .tuners.base.targets import Target
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -166,7 +166,7 @@ def init_adapter(
                 standin.weight = nn.Parameter(weight, requires_grad=False)
                 # the tuner's own planning and checks (finite weights, the rank the weight decides), on this layer
                 plan = tuner._plan(_one_layer_model(key, standin), _one_layer_config(config, key))[key]
-                plan.factors = tuner._initial_factors({key: plan}, config)[key]
+                plan.factors = tuner._initial_factors({key: plan}, config, InitCall())[key]
                 built = tuner.tuner_layer_cls(standin, ADAPTER_NAME, plan)
                 cast_adapter_dtype(built, ADAPTER_NAME, autocast_adapter_dtype=autocast_adapter_dtype)
                 for rel, _, tensor in built.adapter_tensors(ADAPTER_NAME):
@@ -179,8 +179,7 @@ def init_adapter(
                 f"init_adapter produced tensors {sorted(set(tensors) ^ set(expected))[:4]} that differ from what "
                 "save_pretrained writes; please report this"
             )
-        if any(plans[key].r != layer.r[ADAPTER_NAME] for key, layer in layers):
-            tuner._check_plan(model, config, plans)  # the method records what the weights decided (energy ranks)
+        config = tuner._recorded_config(config, plans)  # what the weights decided (SVFit's energy ranks)
         save_file(tensors, os.path.join(work, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         del tensors
         _save_config(peft_model, planning, config, base, revision, work)

@@ -138,7 +138,8 @@ def test_svfit_energy_ranks_are_saved_and_reused(tmp_path, refuse_decompositions
         for key, module in model.base_model.model.named_modules()
         if hasattr(module, "r") and isinstance(module.r, dict)
     }
-    assert config.energy_ranks == ranks and all(1 <= r <= 10 for r in ranks.values())
+    assert model.peft_config["default"].energy_ranks == ranks and all(1 <= r <= 10 for r in ranks.values())
+    assert config.energy_ranks is None  # recorded in the adapter's copy; the user's config object is not written to
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["energy_ranks"] == ranks
     refuse_decompositions()
@@ -335,3 +336,26 @@ def test_compute_and_numeric_values_in_a_file_are_bounded_before_use(field, valu
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(base, tmp_path)
     assert_unchanged(base, before)
+
+
+STATE_FIELDS_PEFT_WRITES = {"base_model_name_or_path"}  # peft's get_peft_model writes it into the config it is given
+
+
+@pytest.mark.parametrize(
+    "config",
+    [*(case.make_config for case in TINY_CASES[:1]), lambda: SVFitConfig(energy=0.8, target_modules=["lin0", "lin1"])],
+    ids=["pissa", "svfit-energy"],
+)
+def test_no_state_is_left_in_the_users_config_or_on_the_tuner(config, tmp_path):
+    """What a call decides travels as arguments (or in the adapter's own copy of the config): the user's config object
+    holds what it held, and the tuner keeps no per-call attribute after get_peft_model, a save and a load."""
+    given = config()
+    before = {k: v for k, v in given.to_dict().items() if k not in STATE_FIELDS_PEFT_WRITES}
+    model = get_peft_model(build("mlp"), given)
+    after = {k: v for k, v in given.to_dict().items() if k not in STATE_FIELDS_PEFT_WRITES}
+    assert after == before
+    attributes = set(vars(model.base_model))
+    model.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path, adapter_name="again")
+    assert set(vars(model.base_model)) == attributes
+    assert not {"_plans_to_inject", "_checkpoint_load"} & attributes

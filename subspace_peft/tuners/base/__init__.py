@@ -6,12 +6,13 @@ from .geometry import CONV_TYPES, full_shape, geometry_for, matrix_shape, weight
 from .layer import FactorLayer
 from .leaf import SingularValues, TensorLeaf
 from .model import PlannedTuner, SVDTuner
-from .plan import LayerPlan
+from .plan import InitCall, LayerPlan
 from .targets import Target, pattern_value
 
 __all__ = [
     "CONV_TYPES",
     "FactorLayer",
+    "InitCall",
     "LayerPlan",
     "PlannedTuner",
     "SVDInitConfig",

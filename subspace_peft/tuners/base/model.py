@@ -34,7 +34,7 @@ from ...linalg.cache import SVDCache
 from .config import expect_checkpoint, is_saved_adapter_config, mark_checkpoint_loaded
 from .distributed import initial_svds, opted_out, world_size
 from .layer import FactorLayer
-from .plan import LayerPlan
+from .plan import InitCall, LayerPlan
 from .targets import Target, check_finite, check_rank, check_target, find_targets
 
 
@@ -63,15 +63,15 @@ class PlannedTuner(BaseTuner):
         initialise = not (low_cpu_mem_usage or is_saved_adapter_config(config))
         # a weight the SVD cache answers for was finite when its entry was written: its NaN/Inf check waits for the
         # init, which runs it on the weights the cache does not answer (a cache hit costs 1.1x a LoRA init, not 1.4x)
-        self._finite_check_at_init = initialise and self._checks_finite_at_init(config)
-        try:
-            plans = self._plan(model, config)
-            if initialise:
-                self._add_initial_factors(plans, config)
-        finally:
-            self._finite_check_at_init = False
+        call = InitCall(checks_finite=initialise and self._checks_finite_at_init(config))
+        plans = self._plan(model, config, check_finite=not call.checks_finite)
+        if initialise:
+            self._add_initial_factors(plans, config, call)
+        # the config saved with the adapter holds what the plan chose; the user's config object is never written to
+        self.peft_config[adapter_name] = self._recorded_config(config, plans)
         # peft's inject_adapter calls _create_and_replace once per module with no room for our arguments: each
-        # layer's plan waits here, for that one call
+        # layer's plan waits here, for that one call (the one place a call's state lives on the tuner; see
+        # PRIVATE_APIS.md, "State between calls")
         self._plans_to_inject = plans
         try:
             super().inject_adapter(
@@ -81,6 +81,9 @@ class PlannedTuner(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
+        except BaseException:
+            self.peft_config[adapter_name] = config
+            raise
         finally:
             del self._plans_to_inject
 
@@ -99,29 +102,40 @@ class PlannedTuner(BaseTuner):
         """Method-specific checks of the whole plan (raise ValueError)."""
 
     @abstractmethod
-    def _initial_factors(self, plans: dict[str, LayerPlan], config) -> dict:
+    def _initial_factors(self, plans: dict[str, LayerPlan], config, call: InitCall) -> dict:
         """Per planned layer, the initial tensors its layer starts from (``LayerPlan.factors``)."""
 
     def _finish_layer(self, layer: FactorLayer, adapter_name: str, config) -> None:
         """Complete ``layer`` once ``adapter_name``'s tensors hold their values (after init, or after loading)."""
 
-    def _plan(self, model: nn.Module, config) -> dict[str, LayerPlan]:
-        plans = {}
-        finite = not getattr(self, "_finite_check_at_init", False)
-        for target in find_targets(self, model, config):
-            check_target(target, self.method_name, grouped_ok=self.supports_grouped_conv, finite=finite)
-            plans[target.key] = self._plan_layer(target, config)
-            self._check_rank(plans[target.key])
+    def _plan(self, model: nn.Module, config, check_finite: bool = True) -> dict[str, LayerPlan]:
+        """Every target's plan, checked; ``check_finite``: NaN/Inf in a target's weight is refused here (else the
+        init checks it, :class:`InitCall`)."""
+        targets = find_targets(self, model, config)
+        for target in targets:
+            check_target(target, self.method_name, grouped_ok=self.supports_grouped_conv, finite=check_finite)
+        plans = self._plan_layers(targets, config)
+        for plan in plans.values():
+            self._check_rank(plan)
         self._check_plan(model, config, plans)
         return plans
+
+    def _plan_layers(self, targets: list[Target], config) -> dict[str, LayerPlan]:
+        """Every target's plan; a method whose ranks depend on all the targets at once (SVFit's energy) overrides it."""
+        return {target.key: self._plan_layer(target, config) for target in targets}
+
+    def _recorded_config(self, config, plans: dict[str, LayerPlan]):
+        """The config kept and saved with the adapter: ``config``, or a copy holding what the plans chose from the
+        weights (SVFit's energy ranks), so that reloading needs no SVD."""
+        return config
 
     def _checks_finite_at_init(self, config) -> bool:
         """Whether ``_initial_factors`` checks the weights it computes from for NaN/Inf itself (else ``_plan`` checks
         every target)."""
         return False
 
-    def _add_initial_factors(self, plans: dict[str, LayerPlan], config) -> None:
-        for key, factors in self._initial_factors(plans, config).items():
+    def _add_initial_factors(self, plans: dict[str, LayerPlan], config, call: InitCall) -> None:
+        for key, factors in self._initial_factors(plans, config, call).items():
             plans[key].factors = factors
 
     @classmethod
@@ -240,11 +254,7 @@ class PlannedTuner(BaseTuner):
         """Initialise one layer's adapter as a new one would be (its checkpoint tensors were dropped as mismatched)."""
         config = self.peft_config[adapter_name]
         plans = {key: self._plan_layer(Target(key, layer.get_base_layer()), config)}
-        self._initialising_one_layer = True  # on this rank alone: not a collective of a distributed job
-        try:
-            self._add_initial_factors(plans, config)
-        finally:
-            self._initialising_one_layer = False
+        self._add_initial_factors(plans, config, InitCall(collective=False))  # this rank alone: no collective
         trainable = {name: p.requires_grad for name, p in layer.named_parameters() if f".{adapter_name}." in name}
         layer.update_layer(adapter_name, plans[key])
         for name, parameter in layer.named_parameters():
@@ -278,8 +288,7 @@ class SVDTuner(PlannedTuner):
     def _checks_finite_at_init(self, config) -> bool:
         return bool(config.svd_cache) and (world_size() == 1 or opted_out())
 
-    def _initial_factors(self, plans: dict[str, LayerPlan], config) -> dict:
-        finite_checked_here = getattr(self, "_finite_check_at_init", False)
+    def _initial_factors(self, plans: dict[str, LayerPlan], config, call: InitCall) -> dict:
         # split across the ranks of a torch.distributed job when one runs (see distributed.py)
         svds = initial_svds(
             {key: plan.target.base for key, plan in plans.items()},
@@ -289,8 +298,8 @@ class SVDTuner(PlannedTuner):
             desc=f"{self.method_name} init",
             method=self.method_name,
             whole_only=self._needs_whole_weights(config),
-            collective=not getattr(self, "_initialising_one_layer", False),
-            before_compute=check_finite if finite_checked_here else None,
+            collective=call.collective,
+            before_compute=check_finite if call.checks_finite else None,
         )
         return {key: self._factors_from_svd(*svds.pop(key), plans[key]) for key in list(svds)}
 

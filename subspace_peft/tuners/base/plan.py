@@ -31,3 +31,18 @@ class LayerPlan:
     @property
     def key(self) -> str:
         return self.target.key
+
+
+@dataclass(frozen=True)
+class InitCall:
+    """How one initialisation runs, passed down with the plans it initialises.
+
+    Args:
+        checks_finite: the init checks the weights it computes from for NaN/Inf itself (planning skipped that check:
+            a weight the SVD cache answers for was finite when its entry was written).
+        collective: every rank of a torch.distributed job takes part (False: one layer on one rank, initialised
+            afresh after a load dropped its mismatched tensors).
+    """
+
+    checks_finite: bool = False
+    collective: bool = True

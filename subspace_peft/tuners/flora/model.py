@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import CONV_TYPES, LayerPlan, PlannedTuner, Target, geometry_for, pattern_value
+from ..base import CONV_TYPES, InitCall, LayerPlan, PlannedTuner, Target, geometry_for, pattern_value
 from .config import FLoRAConfig, RankSpec
 from .layer import FLoRALayer
 
@@ -64,7 +64,7 @@ class FLoRAModel(PlannedTuner):
     def _plan_layer(self, target: Target, config: FLoRAConfig) -> LayerPlan:
         return LayerPlan(target, self._rank(target, config), scale=config.scale, dropout=config.flora_dropout)
 
-    def _initial_factors(self, plans: dict[str, LayerPlan], config: FLoRAConfig) -> dict:
+    def _initial_factors(self, plans: dict[str, LayerPlan], config: FLoRAConfig, call: InitCall) -> dict:
         return {key: initial_tucker_factors(plan) for key, plan in plans.items()}
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...checks import choice, integer, number
 from ...linalg.svd import truncated_svd
-from ..base import LayerPlan, SVDTuner, Target, pattern_value
+from ..base import InitCall, LayerPlan, SVDTuner, Target, pattern_value
 from .bnb import require_bitsandbytes
 from .config import PiSSAConfig
 from .factors import pissa_factors
@@ -81,8 +81,8 @@ class PiSSAModel(SVDTuner):
     def _factors_from_svd(self, u, s, vh, plan: LayerPlan):
         return pissa_factors(u, s, vh, scaling=plan.scale)
 
-    def _initial_factors(self, plans: dict, config: PiSSAConfig) -> dict:
-        factors = super()._initial_factors(plans, config)
+    def _initial_factors(self, plans: dict, config: PiSSAConfig, call: InitCall) -> dict:
+        factors = super()._initial_factors(plans, config, call)
         if config.residual_quantization and config.residual_quant_iters > 1:
             from tqdm.auto import tqdm
 

@@ -31,7 +31,8 @@ class SVFitConfig(SVDInitConfig):
             energy, sum(sigma_i^2) over the top r divided by sum(sigma_i^2) over all; 0.99 (the paper's) when
             neither ``r`` nor ``energy`` is given. Needs one extra ``svdvals`` per layer at init.
         rank_pattern: per-module override of r (regex on the module name); wins over ``energy``.
-        energy_ranks: written by the tuner when ``energy`` chose the ranks (module name -> r) and saved with the
+        energy_ranks: written by the tuner when ``energy`` chose the ranks (module name -> r), into the adapter's copy
+            of this config (``model.peft_config[name]``; the config passed is not changed), and saved with the
             adapter, so that reloading it needs no SVD. Not meant to be set by hand.
         bias: ``"none"``, ``"all"`` or ``"svfit_only"``: which biases train.
     """

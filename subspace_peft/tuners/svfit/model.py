@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import copy
+
 from ...linalg.svd import energy_rank
-from ..base import SVDTuner, Target, pattern_value
+from ..base import LayerPlan, SVDTuner, Target, pattern_value
 from ..base.config import is_saved_adapter_config
 from ..base.distributed import singular_value_spectra
-from ..base.targets import check_target, find_targets
 from .config import SVFitConfig
 from .layer import SVFitLayer
 
@@ -13,7 +14,8 @@ class SVFitModel(SVDTuner):
     """Creates an SVFit model: each targeted weight's top-r singular values become its only trainable parameters.
 
     Checks and SVDs run for every target before any module is replaced; a ValueError leaves the model as it was.
-    Ranks chosen by ``energy`` are recorded in the config (``energy_ranks``), so a saved adapter reloads without SVD.
+    Ranks chosen by ``energy`` are recorded in the adapter's config (``energy_ranks``, a copy of the config given),
+    so a saved adapter reloads without SVD.
     """
 
     prefix: str = "svfit_"
@@ -26,32 +28,32 @@ class SVFitModel(SVDTuner):
             return r
         if config.energy is None:
             return config.r
-        if is_saved_adapter_config(config):
-            r = (config.energy_ranks or {}).get(target.key)
-            if r is None:
-                raise ValueError(
-                    f"this SVFit adapter chose its ranks by energy={config.energy} but its config records no rank for "
-                    f"layer '{target.key}' (energy_ranks): it was saved for another model or by an older version. "
-                    "Load it onto the base model it was trained on, or save it again with this version."
-                )
-            return r
-        return energy_rank(self._spectra[target.key], config.energy)
+        r = (config.energy_ranks or {}).get(target.key)
+        if r is None:
+            raise ValueError(
+                f"this SVFit adapter chose its ranks by energy={config.energy} but its config records no rank for "
+                f"layer '{target.key}' (energy_ranks): it was saved for another model or by an older version. "
+                "Load it onto the base model it was trained on, or save it again with this version."
+            )
+        return r
 
-    def _plan(self, model, config: SVFitConfig):
+    def _plan_layers(self, targets: list[Target], config: SVFitConfig) -> dict[str, LayerPlan]:
+        if config.energy is None or is_saved_adapter_config(config):
+            return super()._plan_layers(targets, config)
         # ranks chosen by energy need every target's singular values: computed in one pass first (split across the
         # ranks of a torch.distributed job, like the init's SVDs)
-        self._spectra = {}
-        if config.energy is not None and not is_saved_adapter_config(config):
-            targets = find_targets(self, model, config)
-            for target in targets:
-                check_target(target, self.method_name)
-            by_energy = {t.key: t.base for t in targets if pattern_value(config.rank_pattern, t.key, None) is None}
-            self._spectra = singular_value_spectra(by_energy, self.method_name) if by_energy else {}
-        try:
-            return super()._plan(model, config)
-        finally:
-            self._spectra = {}
+        by_energy = {t.key: t.base for t in targets if pattern_value(config.rank_pattern, t.key, None) is None}
+        spectra = singular_value_spectra(by_energy, self.method_name) if by_energy else {}
+        return {
+            t.key: LayerPlan(t, energy_rank(spectra[t.key], config.energy))
+            if t.key in spectra
+            else self._plan_layer(t, config)
+            for t in targets
+        }
 
-    def _check_plan(self, model, config: SVFitConfig, plan: dict) -> None:
-        if config.energy is not None and not is_saved_adapter_config(config):
-            config.energy_ranks = {key: layer_plan.r for key, layer_plan in plan.items()}
+    def _recorded_config(self, config: SVFitConfig, plans: dict[str, LayerPlan]) -> SVFitConfig:
+        if config.energy is None or is_saved_adapter_config(config):
+            return config
+        recorded = copy.copy(config)
+        recorded.energy_ranks = {key: plan.r for key, plan in plans.items()}
+        return recorded
