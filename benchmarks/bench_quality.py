@@ -213,34 +213,17 @@ def finished_run(run_dir: str, method: str, lr: float, steps: int, seed: int = 0
 
 def per_example_scores(model, examples, collator, batch_size: int = 16) -> dict:
     """Per test example: its loss per answer token (the answer and its eos) and whether its greedy answer is exact
-    (teacher-forced); ``loss`` and ``exact_match`` over all examples equal ``answer_metrics``' eval_loss and
-    exact_match."""
-    import torch
+    (teacher-forced), the recipe's ``answer_scores``; ``loss`` and ``exact_match`` over all examples are the
+    recipe's ``answer_metrics``."""
+    from finetune import answer_scores
 
-    losses, tokens, correct = [], [], []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = [examples[index] for index in range(start, min(start + batch_size, len(examples)))]
-            batch = collator(chunk)
-            logits = model(**batch).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            answer = labels != -100
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
-            )
-            hit = logits.argmax(-1) == labels
-            for row, example in enumerate(chunk):
-                count = int(answer[row].sum())
-                losses.append(float((token_loss[row] * answer[row]).sum()) / count)
-                tokens.append(count)
-                positions = answer[row].nonzero().flatten()[: example["answer_length"]]  # the answer, not its eos
-                correct.append(float(len(positions) > 0 and bool(hit[row, positions].all())))
+    scores = answer_scores(model, examples, collator, batch_size)
+    tokens = scores["tokens"]
     return {
-        "losses": losses,
-        "correct": correct,
-        "loss": sum(loss * count for loss, count in zip(losses, tokens)) / sum(tokens),
-        "exact_match": statistics.mean(correct),
+        "losses": scores["losses"],
+        "correct": [float(hit) for hit in scores["correct"]],
+        "loss": sum(loss * count for loss, count in zip(scores["losses"], tokens)) / sum(tokens),
+        "exact_match": statistics.mean(float(hit) for hit in scores["correct"]),
     }
 
 

@@ -7,10 +7,10 @@ import json
 from data import collate
 
 
-def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
-    """``eval_loss``: mean loss per answer token over ``examples`` (from :func:`tokenize`, a Dataset or a list);
-    ``exact_match``: share of examples whose greedy continuation is the answer (chat data: every assistant token).
-    One forward pass per batch gives both (the same on every process).
+def answer_scores(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
+    """Per example (from :func:`tokenize`, a Dataset or a list): ``losses``, its mean loss per answer token (the
+    answer and its eos; chat data: the assistant turns), ``tokens``, how many, and ``correct``, whether its greedy
+    continuation is the answer. One forward pass per batch gives all three (the same on every process).
 
     Exact match is teacher-forced: greedy decoding produces the answer exactly when each answer token is the argmax
     given the prompt and the answer tokens before it, which is what is checked (ties aside).
@@ -18,23 +18,33 @@ def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) 
     import torch
 
     model.eval()
-    total = count = 0.0
-    hits = 0
+    losses, tokens, correct = [], [], []
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = [examples[index] for index in range(start, min(start + batch_size, len(examples)))]
             batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
-            outputs = model(**batch)
-            tokens = float((batch["labels"][:, 1:] != -100).sum())
-            total += float(outputs.loss) * tokens
-            count += tokens
-            predicted = outputs.logits.argmax(-1)
+            logits = model(**batch).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]  # labels[t] is predicted at position t - 1
+            answer = labels != -100
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+            )
+            hit = logits.argmax(-1) == labels
             for row, example in enumerate(chunk):
-                # labels[t] is predicted at position t - 1; the answer's first token follows the prompt's last
-                positions = (batch["labels"][row] != -100).nonzero().flatten()[: example["answer_length"]]
-                if len(positions):
-                    hits += bool((predicted[row, positions - 1] == batch["labels"][row, positions]).all())
-    return {"eval_loss": total / count, "exact_match": hits / len(examples)}
+                count = int(answer[row].sum())
+                losses.append(float((token_loss[row] * answer[row]).sum()) / max(count, 1))
+                tokens.append(count)
+                positions = answer[row].nonzero().flatten()[: example["answer_length"]]  # the answer, not its eos
+                correct.append(len(positions) > 0 and bool(hit[row, positions].all()))
+    return {"losses": losses, "tokens": tokens, "correct": correct}
+
+
+def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
+    """``eval_loss``: mean loss per answer token over ``examples``; ``exact_match``: share of examples whose greedy
+    continuation is the answer (:func:`answer_scores`)."""
+    scores = answer_scores(model, examples, collator, batch_size)
+    total = sum(loss * count for loss, count in zip(scores["losses"], scores["tokens"]))
+    return {"eval_loss": total / sum(scores["tokens"]), "exact_match": sum(scores["correct"]) / len(examples)}
 
 
 def evaluate(model, eval_set, tokenizer, when: str, gather_partitioned: bool = False) -> dict:

@@ -45,7 +45,7 @@ from common import (  # noqa: F401
     recipe_field,
 )
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
-from evaluation import answer_metrics, evaluate  # noqa: F401
+from evaluation import answer_metrics, answer_scores, evaluate  # noqa: F401
 from guards import keep_4bit_layers_on_the_training_path, launch_problem  # noqa: F401
 from loading import check_model_source, fsdp_storage_mismatch, load_model, load_model_kwargs, load_tokenizer  # noqa: F401
 from quantization import Quantization

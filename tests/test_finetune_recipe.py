@@ -356,9 +356,9 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_model):
     assert answer_metrics(model, examples, collator, batch_size=3)["exact_match"] == 0.5
 
 
-def test_the_quality_benchmarks_per_example_scores_add_up_to_answer_metrics(tiny_model):
-    # bench_quality's per-example losses and hits (the units of every interval in the claims table) must average to
-    # what the recipe reports: loss per answer token (eos included) and exact match (eos excluded)
+def test_per_example_scores_add_up_to_the_models_own_loss(tiny_model):
+    # the recipe's per-example losses and hits (bench_quality's units of every interval in the claims table) must
+    # average to the model's own loss over the answer tokens (eos included), whatever the batching
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
@@ -383,10 +383,13 @@ def test_the_quality_benchmarks_per_example_scores_add_up_to_answer_metrics(tiny
             {"input_ids": prompt + answer + [5], "labels": [-100] * length + answer + [5], "answer_length": len(answer)}
         )
     collator = collate(tokenizer)
-    expected = answer_metrics(model, examples, collator, batch_size=3)
+    with torch.no_grad():
+        own_loss = float(model(**collator(examples)).loss)  # transformers' mean over every labelled token at once
+    metrics = answer_metrics(model, examples, collator, batch_size=3)
     scores = per_example_scores(model, examples, collator, batch_size=3)
     assert scores["correct"] == [float(index % 2 == 1) for index in range(len(examples))]
-    assert scores["exact_match"] == expected["exact_match"]
-    assert abs(scores["loss"] - expected["eval_loss"]) < 1e-5 * expected["eval_loss"]
+    assert scores["exact_match"] == metrics["exact_match"] == 3 / 7
+    assert abs(scores["loss"] - own_loss) < 1e-5 * own_loss
+    assert abs(metrics["eval_loss"] - own_loss) < 1e-5 * own_loss
     alone = [per_example_scores(model, [example], collator)["losses"][0] for example in examples]
     assert max(abs(a - b) for a, b in zip(alone, scores["losses"])) < 1e-5  # padding in a batch changes nothing
