@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import subspace_peft  # the method records (and our methods registered with peft)
+from subspace_peft import checks
 from subspace_peft.methods import DEFAULT_METHOD
 
 # the phases' functions; the ones marked F401 are imported from here by tests and benchmarks/bench_quality.py
@@ -42,6 +43,7 @@ from common import (  # noqa: F401
     check_positive_int,
     check_repo_id,
     located,
+    owner_error,
     recipe_field,
 )
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
@@ -135,11 +137,8 @@ class FinetuneRecipe:
             ("quantization", QUANTIZATIONS),
             ("trainer", TRAINERS),
         ):
-            if getattr(self, key) not in allowed:
-                raise RecipeError(
-                    f"{key} must be one of {allowed}, got {getattr(self, key)!r}; fix: set {key} to one of them",
-                    key=key,
-                )
+            with owner_error(key):
+                checks.choice("recipe", key, getattr(self, key), allowed, f"fix: set {key} to one of them")
         if self.quantization != Quantization.NONE.value and self.record.quantized_base is None:
             able = " or ".join(f"{m.name!r} (Q{m.title})" for m in records().values() if m.quantized_base)
             raise RecipeError(

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
+from subspace_peft import checks
 from subspace_peft.merging import MERGE_METHODS, Parameter
 from subspace_peft.merging.registry import all_parameters
 
@@ -61,10 +62,8 @@ class _RecipeKeys:
         """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
         naming the key and the fix (``common.build_recipe`` adds the file and line)."""
         check_field_types(self)
-        if self.method not in METHODS:
-            raise RecipeError(
-                f"method must be one of {METHODS}, got {self.method!r}; fix: set method to one of them", key="method"
-            )
+        with owner_error("method"):
+            checks.choice("recipe", "method", self.method, METHODS, "fix: set method to one of them")
         for parameter in all_parameters():
             if parameter.choices:
                 check_parameter(parameter, getattr(self, parameter.name))

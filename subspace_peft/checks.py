@@ -108,6 +108,7 @@ def integer(where: str, name: str, value, fix: str, low: Optional[int] = None, h
 SEED_MAX = 2**63 - 2  # torch.Generator.manual_seed takes up to 2**64 - 1; merges also seed with seed + 1
 
 
-def choice(where: str, name: str, value, options: tuple) -> None:
+def choice(where: str, name: str, value, options: tuple, fix: Optional[str] = None) -> None:
     if not any(value is option or (type(value) is type(option) and value == option) for option in options):
-        raise ValueError(f"{where}: {name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+        message = f"{where}: {name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}"
+        raise ValueError(message + (f"; {fix}" if fix else ""))

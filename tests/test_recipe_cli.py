@@ -204,7 +204,10 @@ def test_help_groups_the_recipe_flags_first_then_training_arguments(capsys):
             ["--trainer", "trl", "--training", "{packin: true}"],
             "--training: unknown key(s) ['packin'] (did you mean ['packing']?); fix: use SFTConfig field names",
         ),
-        (["--trainer", "keras"], "--trainer: trainer must be one of ('transformers', 'trl')"),
+        (
+            ["--trainer", "keras"],
+            "--trainer: trainer must be one of 'transformers', 'trl', got 'keras'; fix: set trainer to one of them",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_naming_the_flag_before_loading(tmp_path, capsys, argv, expected):

@@ -437,7 +437,7 @@ TASKS = (
         ("lr: -1.0\n", 3, "lr must be a finite number > 0"),
         ("temperature: 0\n", 3, "temperature must be a finite number > 0"),
         ("batch_size: 0\n", 3, "batch_size must be an integer >= 1"),
-        ("final_mask: soft\n", 3, "final_mask must be one of ('sample', 'mean', 'hard')"),
+        ("final_mask: soft\n", 3, "final_mask must be one of 'sample', 'mean', 'hard', got 'soft'"),
         ("model_class: AutoModelForNothing\n", 3, "model_class 'AutoModelForNothing' is no transformers model class"),
         ("lamda: 0.3\n", 3, "unknown recipe keys ['lamda']"),
         ("method: ties\n  scaling: 0.3\n", 4, "malformed YAML"),

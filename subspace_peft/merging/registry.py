@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from torch import nn
 
-from ..checks import integer, number
+from ..checks import choice, integer, number
 from ..registry import Paper
 from .adaptive_merging import adamerging
 from .baselines import dare_merging, task_arithmetic, ties_merging
@@ -56,8 +56,8 @@ class Parameter:
         fix = f"fix: {self.fix()}"
         if self.optional and value is None:
             return
-        if self.choices and value not in self.choices:
-            raise ValueError(f"{where}: {self.name} must be one of {self.choices}, got {value!r}; {fix}")
+        if self.choices:
+            choice(where, self.name, value, self.choices, fix)
         if self.type is int:
             integer(where, self.name, value, fix, low=self.low, high=self.high)
         elif self.type is float:
