@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from subspace_peft.methods import DEFAULT_METHOD
+from subspace_peft.recipe_tools.config import RecipeError, one_line
 
-from common import RecipeError, one_line
 from guards import keep_4bit_layers_on_the_training_path
 
 

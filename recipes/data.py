@@ -1,4 +1,4 @@
-"""The recipe's data: rows read and checked (every problem a one-line :class:`common.RecipeError` naming the file,
+"""The recipe's data: rows read and checked (every problem a one-line :class:`RecipeError` naming the file,
 line and field), tokenised with ``datasets.Dataset.map`` and batched with transformers' ``DataCollatorForSeq2Seq``.
 
 Two row formats, loss on the answer only in both:
@@ -22,7 +22,7 @@ import random
 import sys
 from typing import Optional
 
-from common import RecipeError, located, one_line, read_json_rows
+from subspace_peft.recipe_tools.config import RecipeError, located, one_line, read_json_rows
 
 BUILTIN = ("builtin:arithmetic", "builtin:arithmetic-chat")
 ROLES = ("system", "user", "assistant", "tool")

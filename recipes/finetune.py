@@ -15,7 +15,7 @@ recipe prints the held-out loss and the exact-match rate of greedy answers. The 
 
 Bad input (the YAML, a flag, the data file, the checkpoint to resume, the Hub repo id) stops the recipe before any
 model is loaded with one line, ``error: <file:line or flag>: <key> ... fix: ...``, and exit status 2; ``run()``
-called from Python raises it as :class:`common.RecipeError` (a ValueError).
+called from Python raises it as :class:`~subspace_peft.recipe_tools.RecipeError` (a ValueError).
 
 The run, :func:`run`, phase by phase: 1. configure (:func:`configure`, :func:`checked_inputs`: every check before
 anything loads), 2. data (data.py), 3. load the model (loading.py), 4. build the adapter (adapter.py), 5. train
@@ -30,12 +30,9 @@ from typing import NamedTuple, Optional
 import subspace_peft  # the method records (and our methods registered with peft)
 from subspace_peft import checks
 from subspace_peft.methods import DEFAULT_METHOD
-
-# the phases' functions; the ones marked F401 are imported from here by tests and benchmarks/bench_quality.py
-from adapter import build_adapter, peft_config
-from checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401
-from cli import RecipeArgumentParser
-from common import (  # noqa: F401
+from subspace_peft.recipe_tools import RecipeArgumentParser
+from subspace_peft.recipe_tools.checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401
+from subspace_peft.recipe_tools.config import (  # noqa: F401
     RecipeError,
     check_field_types,
     check_finite_numbers,
@@ -46,6 +43,9 @@ from common import (  # noqa: F401
     owner_error,
     recipe_field,
 )
+
+# the phases' functions; the ones marked F401 are imported from here by tests and benchmarks/bench_quality.py
+from adapter import build_adapter, peft_config
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
 from evaluation import answer_metrics, answer_scores, evaluate  # noqa: F401
 from guards import keep_4bit_layers_on_the_training_path, launch_problem  # noqa: F401
@@ -129,7 +129,7 @@ class FinetuneRecipe:
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file, model or network: a
-        :class:`RecipeError` naming the key and the fix (``common.build_recipe`` adds the file and line)."""
+        :class:`RecipeError` naming the key and the fix (``recipe_tools.build_recipe`` adds the file and line)."""
         check_field_types(self)
         for key, allowed in (
             ("method", tuple(records())),

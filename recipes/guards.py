@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from subspace_peft.recipe_tools.config import RecipeError
 from subspace_peft.registry import Method
-
-from common import RecipeError
 
 
 def keep_4bit_layers_on_the_training_path(model) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from common import RecipeError, check_pretrained_source, one_line
+from subspace_peft.recipe_tools.config import RecipeError, check_pretrained_source, one_line
+
 from guards import fsdp_storage_mismatch as _fsdp_storage_mismatch
 
 

@@ -9,7 +9,7 @@ with ``save_pretrained`` (safetensors) to ``output_dir``, with the base's tokeni
 
 Bad input (the YAML, a flag, a model or adapter folder, an unlabeled file) stops the recipe before any model is
 loaded with one line, ``error: <file:line or flag>: <key> ... fix: ...``, and exit status 2; ``run()`` called from
-Python raises it as :class:`common.RecipeError` (a ValueError).
+Python raises it as :class:`~subspace_peft.recipe_tools.RecipeError` (a ValueError).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Optional
 from subspace_peft import checks
 from subspace_peft.merging import MERGE_METHODS, Parameter
 from subspace_peft.merging.registry import all_parameters
-
-from cli import RecipeArgumentParser
-from common import (
+from subspace_peft.recipe_tools import RecipeArgumentParser
+from subspace_peft.recipe_tools.config import (
     RecipeError,
     check_field_types,
     check_output_dir,
@@ -60,7 +59,7 @@ class _RecipeKeys:
 
     def __post_init__(self):
         """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
-        naming the key and the fix (``common.build_recipe`` adds the file and line)."""
+        naming the key and the fix (``recipe_tools.build_recipe`` adds the file and line)."""
         check_field_types(self)
         with owner_error("method"):
             checks.choice("recipe", "method", self.method, METHODS, "fix: set method to one of them")

@@ -8,8 +8,7 @@ import os
 from typing import Optional
 
 import subspace_peft
-
-from common import RecipeError
+from subspace_peft.recipe_tools.config import RecipeError
 
 
 def hub_base_model(recipe) -> Optional[str]:

@@ -9,8 +9,8 @@ import typing
 from typing import Optional
 
 import subspace_peft
+from subspace_peft.recipe_tools.config import RecipeError, check_number, check_positive_int, one_line
 
-from common import RecipeError, check_number, check_positive_int, one_line
 from data import collate
 from guards import check_distribution_took_effect
 

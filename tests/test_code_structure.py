@@ -128,3 +128,16 @@ def test_no_import_cycle_in_the_package():
     assert import_cycles(graph) == []
     # the check finds a cycle, including one hidden in a function's lazy import
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_recipes_stay_recipes():
+    # what the recipes are built from (the config layer, the checkpoint checks) lives in subspace_peft.recipe_tools;
+    # recipes/ holds the recipes and their phases, finetune.py reads as its run
+    folder = os.path.join(ROOT, "recipes")
+    lines = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                lines[name] = len(handle.read().splitlines())
+    assert sum(lines.values()) <= 1600, lines
+    assert lines["finetune.py"] <= 400

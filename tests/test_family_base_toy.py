@@ -138,7 +138,8 @@ def test_the_toy_goes_through_the_recipe_and_its_guards_by_its_record():
     import pytest
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
-    from common import RecipeError
+    from subspace_peft.recipe_tools import RecipeError
+
     from finetune import FinetuneRecipe, peft_config
     from guards import launch_problem
 

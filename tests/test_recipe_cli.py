@@ -1,4 +1,4 @@
-"""The recipe command line (recipes/cli.py, HfArgumentParser): a flag per recipe field and per TrainingArguments
+"""The recipe command line (subspace_peft/recipe_tools/arguments.py, HfArgumentParser): a flag per recipe field and per TrainingArguments
 field, each changing its key only over the YAML file; the README's recipe commands, parsed exactly as written (and,
 marked slow, the accelerate one run through ``accelerate launch``)."""
 
@@ -16,8 +16,9 @@ from test_recipe_errors import _rest, error_line, no_model_loading, write  # noq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
+from subspace_peft.recipe_tools import RecipeError  # noqa: E402
+
 import finetune  # noqa: E402
-from common import RecipeError  # noqa: E402
 from quantization import Quantization  # noqa: E402
 from readme_commands import makefile_recipe, readme_shell_commands  # noqa: E402
 

@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 from subspace_peft.packaged_models import smollm2_missing  # noqa: E402
+from subspace_peft.recipe_tools import RecipeError  # noqa: E402
 
 import finetune  # noqa: E402
-from common import RecipeError  # noqa: E402
 from data import arithmetic_chat_rows, chat_segments, collate, tokenize  # noqa: E402
 
 CONVERSATION = [

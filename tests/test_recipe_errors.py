@@ -22,9 +22,10 @@ from test_finetune_recipe import METHOD_CONFIGS, RECIPE, recipe_args, tiny_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
+from subspace_peft.recipe_tools import RecipeError  # noqa: E402
+
 import finetune  # noqa: E402
 import merge  # noqa: E402
-from common import RecipeError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +160,7 @@ def test_another_method_without_its_method_config_is_told_to_set_one(tmp_path, c
 
 
 def test_yaml_1e_minus_4_without_a_dot_is_a_number_in_the_file_and_the_flags(tmp_path):
-    # PyYAML's YAML 1.1 resolver reads 1e-4 as a string; the recipes' one loader (common.RecipeLoader) as a float
+    # PyYAML's YAML 1.1 resolver reads 1e-4 as a string; the recipes' one loader (recipe_tools.RecipeLoader) as a float
     config = write(tmp_path / "r.yaml", "method: lora\ntraining: {learning_rate: 1e-4, weight_decay: .5e-3}\n")
     recipe = finetune.configure(["--config", config, "--method_config", "{lora_alpha: 1E1}", "--max_grad_norm", "2e0"])
     assert recipe.training == {"learning_rate": 1e-4, "weight_decay": 5e-4, "max_grad_norm": 2.0}

@@ -10,7 +10,7 @@ import re
 import sys
 from typing import Optional
 
-from common import RecipeError, one_line
+from .config import RecipeError, one_line
 
 _WEIGHT_FILES = (
     "adapter_model.safetensors",

@@ -1,5 +1,5 @@
 """What the recipes share: the YAML loader (:class:`RecipeLoader`, the file read once), the recipe dataclass built
-from the file and the flags (:func:`build_recipe`; the flags are recipes/cli.py's), the checks, and the one-line
+from the file and the flags (:func:`build_recipe`; the flags are :mod:`.arguments`'), the checks, and the one-line
 errors every bad input gets, located in one place (:func:`locate`).
 
 Every problem with a recipe's input is a :class:`RecipeError` (a ValueError): one line naming the file (and line)
@@ -21,7 +21,7 @@ from typing import Any, Optional, TypeVar
 
 import yaml
 
-from subspace_peft import checks
+from .. import checks
 
 T = TypeVar("T")
 

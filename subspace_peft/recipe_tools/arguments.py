@@ -1,14 +1,14 @@
 """The recipes' one command line (recipes/finetune.py's and recipes/merge.py's), built on transformers'
 ``HfArgumentParser``: one flag per field of the recipe's dataclass (its ``metadata["help"]`` is the flag's help) and,
 for finetune.py, per field of ``transformers.TrainingArguments``, over a YAML file (``--config``) in the
-recipes/configs/*.yaml format, read once by :class:`common.RecipeLoader`.
+recipes/configs/*.yaml format, read once by :class:`.config.RecipeLoader`.
 
 A flag changes its key only (a deep merge): ``--max_steps 300`` sets ``training.max_steps`` and keeps the file's
 other ``training:`` keys; a mapping-valued flag (``--method_config '{r: 4}'``, ``--training '{max_steps: 50}'``)
 merges key by key into the file's mapping. Later flags win. Values are read as YAML (numbers, ``true``/``false``,
 ``null``, lists ``[a, b]``, mappings ``{key: value}``), text fields as given. An unknown flag, a malformed value or
-a flag without its value is a one-line :class:`common.RecipeError` naming the flag (and the closest valid one);
-the recipe's own checks are located by :func:`common.build_recipe` (``file:line`` or ``--flag``).
+a flag without its value is a one-line :class:`.config.RecipeError` naming the flag (and the closest valid one);
+the recipe's own checks are located by :func:`.config.build_recipe` (``file:line`` or ``--flag``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 
 import yaml
 
-from common import RecipeError, RecipeLoader, RecipeSource, build_recipe, locate, read_yaml_recipe
+from .config import RecipeError, RecipeLoader, RecipeSource, build_recipe, locate, read_yaml_recipe
 
 
 def _yaml_value(raw: str):
