@@ -172,8 +172,10 @@ def _concrete_adamerging(report: dict) -> tuple[str, str]:
     """Concrete AdaMerging against AdaMerging (same seeds) and TIES (deterministic), paired by seed and test example
     (each task weighted equally): "holds" when it is above both."""
     by_method: dict[str, list] = {}
-    for run in report["runs"]:
+    for run in sorted(report["runs"], key=lambda run: run["seed"] or 0):  # paired by seed
         by_method.setdefault(run["method"], []).append(run)
+    if [run["seed"] for run in by_method["concrete_adamerging"]] != [run["seed"] for run in by_method["adamerging"]]:
+        raise ValueError("concrete_adamerging.json: Concrete AdaMerging and AdaMerging ran with different seeds")
     ours = [task_weighted(run["correct"]) for run in by_method["concrete_adamerging"]]
     rivals = {
         "AdaMerging": [task_weighted(run["correct"]) for run in by_method["adamerging"]],

@@ -225,8 +225,9 @@ def test_the_svfit_classification_claim_reads_the_default_s_verdict(tmp_path):
     assert "| cannot tell |" in row("cannot tell") and "ratio to LoRA 0.990 [0.960, 1.020] at 1/23" in row("holds")
 
 
-def _concrete_adamerging_row(tmp_path, ours_right: list[int], adamerging_right: list[int]) -> str:
-    """Two tasks of 100 test examples; TIES right on the first 60 of each, seed i's merges on the first n."""
+def _concrete_adamerging_row(tmp_path, ours_right: list[int], adamerging_right: list[int], reverse=False) -> str:
+    """Two tasks of 100 test examples; TIES right on the first 60 of each, seed i's merges on the first n
+    (``reverse``: the file lists the runs in reverse, as separate processes' runs merged may come)."""
 
     def run(method, seed, right):
         correct = {"a": [1] * right + [0] * (100 - right), "b": [1] * right + [0] * (100 - right)}
@@ -235,6 +236,7 @@ def _concrete_adamerging_row(tmp_path, ours_right: list[int], adamerging_right: 
     runs = [run("ties", None, 60)]
     for seed, (ours, theirs) in enumerate(zip(ours_right, adamerging_right)):
         runs += [run("concrete_adamerging", seed, ours), run("adamerging", seed, theirs)]
+    runs = runs[:1] + runs[:0:-1] if reverse else runs
     (tmp_path / "concrete_adamerging.json").write_text(json.dumps({"runs": runs}))
     return _rows(tmp_path)["Concrete AdaMerging"]
 
@@ -256,3 +258,5 @@ def test_the_concrete_adamerging_claim_is_paired_against_both_rivals(tmp_path):
     assert "| holds | `python benchmarks/bench_concrete_adamerging.py` |" in row and "3 seeds" in row
     assert "| cannot tell |" in _concrete_adamerging_row(tmp_path, [80, 82, 81], [80, 82, 81])  # equal to AdaMerging
     assert "| does not hold |" in _concrete_adamerging_row(tmp_path, [50, 52, 51], [70, 71, 72])
+    paired = _concrete_adamerging_row(tmp_path, [80, 62, 91], [75, 60, 85])  # paired by seed, in any file order
+    assert _concrete_adamerging_row(tmp_path, [80, 62, 91], [75, 60, 85], reverse=True) == paired
