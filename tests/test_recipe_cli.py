@@ -1,6 +1,6 @@
-"""The recipe command line (subspace_peft/recipe_tools/arguments.py, HfArgumentParser): a flag per recipe field and per TrainingArguments
-field, each changing its key only over the YAML file; the README's recipe commands, parsed exactly as written (and,
-marked slow, the accelerate one run through ``accelerate launch``)."""
+"""The recipe command line (subspace_peft/recipe_tools/arguments.py, HfArgumentParser): a flag per recipe field and
+per TrainingArguments field, each changing its key only over the YAML file; the README's recipe commands, parsed
+exactly as written (and, marked slow, the accelerate one run through ``accelerate launch``)."""
 
 from __future__ import annotations
 
