@@ -215,15 +215,15 @@ def per_example_scores(model, examples, collator, batch_size: int = 16) -> dict:
     """Per test example: its loss per answer token (the answer and its eos) and whether its greedy answer is exact
     (teacher-forced), the recipe's ``answer_scores``; ``loss`` and ``exact_match`` over all examples are the
     recipe's ``answer_metrics``."""
-    from finetune import answer_scores
+    from finetune import answer_scores, summarise
 
     scores = answer_scores(model, examples, collator, batch_size)
-    tokens = scores["tokens"]
+    totals = summarise(scores)
     return {
         "losses": scores["losses"],
         "correct": [float(hit) for hit in scores["correct"]],
-        "loss": sum(loss * count for loss, count in zip(scores["losses"], tokens)) / sum(tokens),
-        "exact_match": statistics.mean(float(hit) for hit in scores["correct"]),
+        "loss": totals["eval_loss"],
+        "exact_match": totals["exact_match"],
     }
 
 

@@ -39,12 +39,16 @@ def answer_scores(model, examples: list[dict], collator, batch_size: int = 16) -
     return {"losses": losses, "tokens": tokens, "correct": correct}
 
 
-def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
-    """``eval_loss``: mean loss per answer token over ``examples``; ``exact_match``: share of examples whose greedy
-    continuation is the answer (:func:`answer_scores`)."""
-    scores = answer_scores(model, examples, collator, batch_size)
+def summarise(scores: dict) -> dict:
+    """``eval_loss``: mean loss per answer token over the examples of :func:`answer_scores`; ``exact_match``: the
+    share whose greedy continuation is the answer."""
     total = sum(loss * count for loss, count in zip(scores["losses"], scores["tokens"]))
-    return {"eval_loss": total / sum(scores["tokens"]), "exact_match": sum(scores["correct"]) / len(examples)}
+    return {"eval_loss": total / sum(scores["tokens"]), "exact_match": sum(scores["correct"]) / len(scores["correct"])}
+
+
+def answer_metrics(model, examples: list[dict], collator, batch_size: int = 16) -> dict:
+    """:func:`summarise` of :func:`answer_scores`: held-out loss per answer token and exact match."""
+    return summarise(answer_scores(model, examples, collator, batch_size))
 
 
 def evaluate(model, eval_set, tokenizer, when: str, gather_partitioned: bool = False) -> dict:

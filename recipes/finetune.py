@@ -47,7 +47,7 @@ from subspace_peft.recipe_tools.config import (  # noqa: F401
 # the phases' functions; the ones marked F401 are imported from here by tests and benchmarks/bench_quality.py
 from adapter import build_adapter, peft_config
 from data import collate, load_rows, prepare_data, tokenize  # noqa: F401
-from evaluation import answer_metrics, answer_scores, evaluate  # noqa: F401
+from evaluation import answer_metrics, answer_scores, evaluate, summarise  # noqa: F401
 from guards import keep_4bit_layers_on_the_training_path, launch_problem  # noqa: F401
 from loading import check_model_source, fsdp_storage_mismatch, load_model, load_model_kwargs, load_tokenizer  # noqa: F401
 from quantization import Quantization
