@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import subspace_peft  # the method records (and our methods registered with peft)
-from subspace_peft import checks
 from subspace_peft.methods import DEFAULT_METHOD
 from subspace_peft.recipe_tools import RecipeArgumentParser
 from subspace_peft.recipe_tools.checkpoints import checkpoint_problem, last_complete_checkpoint  # noqa: F401
 from subspace_peft.recipe_tools.config import (  # noqa: F401
     RecipeError,
+    check_choice,
     check_field_types,
     check_finite_numbers,
     check_output_dir,
@@ -137,8 +137,7 @@ class FinetuneRecipe:
             ("quantization", QUANTIZATIONS),
             ("trainer", TRAINERS),
         ):
-            with owner_error(key):
-                checks.choice("recipe", key, getattr(self, key), allowed, f"fix: set {key} to one of them")
+            check_choice(key, getattr(self, key), allowed)
         if self.quantization != Quantization.NONE.value and self.record.quantized_base is None:
             able = " or ".join(f"{m.name!r} (Q{m.title})" for m in records().values() if m.quantized_base)
             raise RecipeError(

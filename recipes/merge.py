@@ -19,12 +19,12 @@ import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
-from subspace_peft import checks
 from subspace_peft.merging import MERGE_METHODS, Parameter
 from subspace_peft.merging.registry import all_parameters
 from subspace_peft.recipe_tools import RecipeArgumentParser
 from subspace_peft.recipe_tools.config import (
     RecipeError,
+    check_choice,
     check_field_types,
     check_output_dir,
     check_positive_int,
@@ -61,8 +61,7 @@ class _RecipeKeys:
         """Types and ranges of every key, checked without touching any file or model: a :class:`RecipeError`
         naming the key and the fix (``recipe_tools.build_recipe`` adds the file and line)."""
         check_field_types(self)
-        with owner_error("method"):
-            checks.choice("recipe", "method", self.method, METHODS, "fix: set method to one of them")
+        check_choice("method", self.method, METHODS)
         for parameter in all_parameters():
             if parameter.choices:
                 check_parameter(parameter, getattr(self, parameter.name))

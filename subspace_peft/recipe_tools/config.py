@@ -281,6 +281,12 @@ def check_positive_int(key: str, value, what: str) -> None:
         checks.integer("recipe", key, value, f"fix: set {key} to a positive integer ({what})", low=1)
 
 
+def check_choice(key: str, value, options: tuple) -> None:
+    """``value`` is one of ``options``, else a :class:`RecipeError` naming ``key`` and the options."""
+    with owner_error(key):
+        checks.choice("recipe", key, value, options, f"fix: set {key} to one of them")
+
+
 def check_number(key: str, value, low: Optional[float] = None, high: Optional[float] = None, **bounds) -> float:
     """``value`` as a finite float in the interval (``low_open``/``high_open``: the bound itself is outside), else
     a :class:`RecipeError` naming ``key`` and the interval."""
