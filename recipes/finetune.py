@@ -40,7 +40,6 @@ from subspace_peft.recipe_tools.config import (  # noqa: F401
     check_positive_int,
     check_repo_id,
     located,
-    owner_error,
     recipe_field,
 )
 
