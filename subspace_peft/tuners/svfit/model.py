@@ -38,7 +38,7 @@ class SVFitModel(SVDTuner):
         return r
 
     def _plan_layers(self, targets: list[Target], config: SVFitConfig) -> dict[str, LayerPlan]:
-        if config.energy is None or is_saved_adapter_config(config):
+        if not _chooses_ranks_by_energy(config):
             return super()._plan_layers(targets, config)
         # ranks chosen by energy need every target's singular values: computed in one pass first (split across the
         # ranks of a torch.distributed job, like the init's SVDs)
@@ -52,8 +52,13 @@ class SVFitModel(SVDTuner):
         }
 
     def _recorded_config(self, config: SVFitConfig, plans: dict[str, LayerPlan]) -> SVFitConfig:
-        if config.energy is None or is_saved_adapter_config(config):
+        if not _chooses_ranks_by_energy(config):
             return config
         recorded = copy.copy(config)
         recorded.energy_ranks = {key: plan.r for key, plan in plans.items()}
         return recorded
+
+
+def _chooses_ranks_by_energy(config: SVFitConfig) -> bool:
+    """Whether the weights choose this config's ranks (``energy``, not yet recorded by a saved adapter)."""
+    return config.energy is not None and not is_saved_adapter_config(config)
