@@ -47,15 +47,21 @@ def _verdict(holds: bool) -> str:
     return ("holds" if holds else "does not hold") + " (1 run, no interval)"
 
 
-def _settings(reports: list[dict]) -> list[tuple[str, dict]]:
-    return [(f"{r['task']}, {r['steps']} steps", r) for r in sorted(reports, key=lambda r: (r["task"], r["steps"]))]
+def _settings(reports: list[dict], *methods: str) -> list[tuple[str, dict]]:
+    """The seeded settings (task, budget) whose report holds every one of ``methods``: a run of some methods only
+    (``--methods``) counts for the claims about those. None does: KeyError, the row says "not measured"."""
+    held = [r for r in reports if all(method in r["runs"] for method in methods)]
+    if not held:
+        raise KeyError(", ".join(methods))
+    return [(f"{r['task']}, {r['steps']} steps", r) for r in sorted(held, key=lambda r: (r["task"], r["steps"]))]
 
 
 def _losses(report: dict, method: str) -> list[list[float]]:
     return [run["test_losses"] for run in report["runs"][method]]
 
 
-def _summary(parts: list[str], verdicts: list[str], seeds: int) -> tuple[str, str]:
+def _summary(parts: list[str], verdicts: list[str], settings: list[tuple[str, dict]]) -> tuple[str, str]:
+    seeds = min(len(report["seeds"]) for _, report in settings)
     return f"{seeds} seeds each; " + "; ".join(parts), stats.combined(verdicts)
 
 
@@ -63,8 +69,8 @@ def _lower_loss(method: str, rival: str, label: str, rival_label: str) -> Callab
     """``method``'s test loss below ``rival``'s, paired by seed and test example, in every seeded setting."""
 
     def measure(reports: list[dict]) -> tuple[str, str]:
-        parts, verdicts = [], []
-        for name, report in _settings(reports):
+        parts, verdicts, settings = [], [], _settings(reports, method, rival)
+        for name, report in settings:
             difference = stats.paired_difference(_losses(report, rival), _losses(report, method))
             verdicts.append(stats.verdict(difference))
             parts.append(
@@ -73,7 +79,7 @@ def _lower_loss(method: str, rival: str, label: str, rival_label: str) -> Callab
                 f"{label} {difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
                 f"({verdicts[-1]})"
             )
-        return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+        return _summary(parts, verdicts, settings)
 
     return measure
 
@@ -83,8 +89,8 @@ def _within_lora(method: str, label: str, share_at_most: float) -> Callable[[lis
     of LoRA's trained numbers, in every seeded setting."""
 
     def measure(reports: list[dict]) -> tuple[str, str]:
-        parts, verdicts = [], []
-        for name, report in _settings(reports):
+        parts, verdicts, settings = [], [], _settings(reports, method, "lora")
+        for name, report in settings:
             ratio = stats.ratio_interval(_losses(report, method), _losses(report, "lora"))
             share = report["runs"][method][0]["trainable"] / report["runs"]["lora"][0]["trainable"]
             verdicts.append(stats.verdict(ratio, 1.05, above=False) if share <= share_at_most else "does not hold")
@@ -93,7 +99,7 @@ def _within_lora(method: str, label: str, share_at_most: float) -> Callable[[lis
                 f"{name}: {label} test loss {ratio['mean']:.2f}x LoRA's [{ratio['low']:.2f}, {ratio['high']:.2f}] "
                 f"with {size} trained numbers ({verdicts[-1]})"
             )
-        return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+        return _summary(parts, verdicts, settings)
 
     return measure
 
@@ -102,8 +108,8 @@ def _effort(reports: list[dict]) -> tuple[str, str]:
     """Effort's rise of the pretraining-like loss below each full-precision LoRA-sized adapter's (trained numbers
     within 2x of Effort's; QLoRA and QPiSSA are left out, their nf4 base alone raises that loss), paired by seed
     and chunk, in every seeded setting."""
-    parts, verdicts = [], []
-    for name, report in _settings(reports):
+    parts, verdicts, settings = [], [], _settings(reports, "effort", "lora")
+    for name, report in settings:
         runs, size = report["runs"], report["runs"]["effort"][0]["trainable"]
         pretrain = {m: [run["pretrain_losses"] for run in seeds] for m, seeds in runs.items()}
         sized = [m for m in ("lora", "pissa", "flora") if m in runs]
@@ -121,7 +127,7 @@ def _effort(reports: list[dict]) -> tuple[str, str]:
         loss_ratio = stats.mean(_losses(report, "effort")) / stats.mean(_losses(report, "lora"))
         parts.append(f"{name}: forgetting Effort +{effort_rise:.3f} (test loss {loss_ratio:.2f}x LoRA's) vs ")
         parts[-1] += ", ".join(setting)
-    return _summary(parts, verdicts, min(len(r["seeds"]) for r in reports))
+    return _summary(parts, verdicts, settings)
 
 
 def _qpissa(quality: dict, reports: list[dict]) -> tuple[str, str]:

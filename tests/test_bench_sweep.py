@@ -147,6 +147,18 @@ def test_a_fine_tuning_claim_must_hold_in_every_setting(tmp_path):
     assert "| cannot tell |" in _rows(tmp_path)["PiSSA"]  # two seeds: no verdict
 
 
+def test_a_setting_run_for_some_methods_counts_for_their_claims_only(tmp_path):
+    _seeded(tmp_path, FACTORS, RISES)
+    _seeded(tmp_path, {"lora": 1.0, "pissa": 1.0}, RISES, steps=300)  # --methods lora pissa
+    rows = _rows(tmp_path)
+    assert "afinn, 300 steps" in rows["PiSSA"] and "| cannot tell |" in rows["PiSSA"]
+    for method in ("QPiSSA", "SVFit", "FLoRA", "Effort"):
+        assert "afinn, 80 steps" in rows[method] and "300 steps" not in rows[method]
+    assert "| holds |" in rows["SVFit"] and "| holds |" in rows["Effort"]
+    _seeded(tmp_path, {"pissa": 1.0}, RISES)  # no setting holds LoRA: not measured, not a crash
+    assert "not measured" in _rows(tmp_path)["SVFit"]
+
+
 def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
     _seeded(tmp_path, FACTORS, RISES)
     (tmp_path / "quality.json").write_text(json.dumps({"quantisation_errors": {"ratio": 0.93}}))
