@@ -29,7 +29,10 @@ config = {
 optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
 engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 layer = next(m for m in model.modules() if hasattr(m, "base_layer"))
-print("PARTITIONED", tuple(layer.get_base_layer().weight.shape) == (0,), flush=True)
+partitioned = [None] * world  # gathered so that one rank prints: two ranks' prints interleave in the shared pipe
+dist.all_gather_object(partitioned, tuple(layer.get_base_layer().weight.shape) == (0,))
+if rank == 0:
+    print("PARTITIONED", all(partitioned), flush=True)
 for step in range(STEPS):
     ids = global_batch(step).chunk(world)[rank]
     engine.backward(engine(input_ids=ids, labels=ids).loss)

@@ -44,7 +44,10 @@ for layer in model.base_model.model.model.layers:
     fully_shard(layer, mp_policy=policy)
 fully_shard(model, mp_policy=policy)
 quantized = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"]
-print(f"RANK {rank} HOLDS {sum(w.to_local().numel() for w in quantized) / total:.3f} OF THE 4-BIT WEIGHTS", flush=True)
+held = [None] * dist.get_world_size()  # gathered so that one rank prints: two ranks' prints interleave in the pipe
+dist.all_gather_object(held, sum(w.to_local().numel() for w in quantized) / total)
+if rank == 0:
+    print("".join(f"RANK {r} HOLDS {share:.3f} OF THE 4-BIT WEIGHTS\n" for r, share in enumerate(held)), flush=True)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 generator = torch.Generator().manual_seed(rank)
 model.train()
