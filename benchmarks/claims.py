@@ -53,7 +53,20 @@ def _settings(reports: list[dict], *methods: str) -> list[tuple[str, dict]]:
     held = [r for r in reports if all(method in r["runs"] for method in methods)]
     if not held:
         raise KeyError(", ".join(methods))
-    return [(f"{r['task']}, {r['steps']} steps", r) for r in sorted(held, key=lambda r: (r["task"], r["steps"]))]
+    return [(_setting_name(r), r) for r in sorted(held, key=lambda r: (r["task"], r["steps"]))]
+
+
+def _setting_name(report: dict) -> str:
+    return f"{report['task']}, {report['steps']} steps"
+
+
+def _seeded_command(command: str, data: list, measured: str) -> str:
+    """A seeded row's command names the command of every setting (task, budget) its figures came from."""
+    reports = next((loaded for loaded in data if isinstance(loaded, list)), None)
+    if reports is None or QUALITY_SEEDS not in command:
+        return command
+    used = sorted((r for r in reports if _setting_name(r) in measured), key=lambda r: (r["task"], r["steps"]))
+    return command.replace(QUALITY_SEEDS, "; ".join(r["command"].strip() for r in used) or QUALITY_SEEDS)
 
 
 def _losses(report: dict, method: str) -> list[list[float]]:
@@ -314,6 +327,7 @@ def claims_table(results: str) -> str:
             try:
                 measured, holds = measure(*data)
                 verdict = holds if isinstance(holds, str) else _verdict(holds)
+                command = _seeded_command(command, data, measured)
             except KeyError as missing:  # a results file written by an older version of its benchmark
                 measured, verdict = f"not measured ({', '.join(names)} lacks {missing}: rerun the command)", "-"
         rows.append(f"| {method} | {claim} | {measured} | {verdict} | `{command}` |")

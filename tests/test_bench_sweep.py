@@ -107,6 +107,7 @@ def _seeded(tmp_path, factors: dict, rises: dict, seeds: int = 3, task: str = "a
             for seed in range(seeds)
         ]
     report = {
+        "command": f"python benchmarks/bench_quality_seeds.py --task {task} --steps {steps}",
         "task": task,
         "steps": steps,
         "seeds": list(range(seeds)),
@@ -143,6 +144,9 @@ def test_a_fine_tuning_claim_must_hold_in_every_setting(tmp_path):
     rows = _rows(tmp_path)
     assert "afinn, 300 steps" in rows["PiSSA"] and "| cannot tell |" in rows["PiSSA"]  # equal at 300 steps
     assert "| does not hold |" in rows["Effort"]  # forgets more than LoRA at 300 steps
+    seeded = "python benchmarks/bench_quality_seeds.py --task afinn --steps 80; python benchmarks/bench_quality_seeds"
+    assert rows["PiSSA"].endswith(f"| `{seeded}.py --task afinn --steps 300` |")  # the command of each setting
+    assert f"`python benchmarks/bench_quality.py; {seeded}.py --task afinn --steps 300` |" in rows["QPiSSA"]
     _seeded(tmp_path, FACTORS, RISES, seeds=2, steps=300)
     assert "| cannot tell |" in _rows(tmp_path)["PiSSA"]  # two seeds: no verdict
 
@@ -153,7 +157,7 @@ def test_a_setting_run_for_some_methods_counts_for_their_claims_only(tmp_path):
     rows = _rows(tmp_path)
     assert "afinn, 300 steps" in rows["PiSSA"] and "| cannot tell |" in rows["PiSSA"]
     for method in ("QPiSSA", "SVFit", "FLoRA", "Effort"):
-        assert "afinn, 80 steps" in rows[method] and "300 steps" not in rows[method]
+        assert "afinn, 80 steps" in rows[method] and "--steps 300" not in rows[method]  # nor in its command
     assert "| holds |" in rows["SVFit"] and "| holds |" in rows["Effort"]
     _seeded(tmp_path, {"pissa": 1.0}, RISES)  # no setting holds LoRA: not measured, not a crash
     assert "not measured" in _rows(tmp_path)["SVFit"]
