@@ -53,11 +53,15 @@ def _settings(reports: list[dict], *methods: str) -> list[tuple[str, dict]]:
     held = [r for r in reports if all(method in r["runs"] for method in methods)]
     if not held:
         raise KeyError(", ".join(methods))
-    return [(_setting_name(r), r) for r in sorted(held, key=lambda r: (r["task"], r["steps"]))]
+    return [(_setting_name(r), r) for r in sorted(held, key=_setting_order)]
 
 
 def _setting_name(report: dict) -> str:
     return f"{report['task']}, {report['steps']} steps"
+
+
+def _setting_order(report: dict) -> tuple[str, int]:
+    return report["task"], report["steps"]
 
 
 def _seeded_command(command: str, data: list, measured: str) -> str:
@@ -65,7 +69,7 @@ def _seeded_command(command: str, data: list, measured: str) -> str:
     reports = next((loaded for loaded in data if isinstance(loaded, list)), None)
     if reports is None or QUALITY_SEEDS not in command:
         return command
-    used = sorted((r for r in reports if _setting_name(r) in measured), key=lambda r: (r["task"], r["steps"]))
+    used = sorted((r for r in reports if _setting_name(r) in measured), key=_setting_order)
     return command.replace(QUALITY_SEEDS, "; ".join(r["command"].strip() for r in used) or QUALITY_SEEDS)
 
 

@@ -157,7 +157,8 @@ def test_a_setting_run_for_some_methods_counts_for_their_claims_only(tmp_path):
     rows = _rows(tmp_path)
     assert "afinn, 300 steps" in rows["PiSSA"] and "| cannot tell |" in rows["PiSSA"]
     for method in ("QPiSSA", "SVFit", "FLoRA", "Effort"):
-        assert "afinn, 80 steps" in rows[method] and "--steps 300" not in rows[method]  # nor in its command
+        assert "afinn, 80 steps" in rows[method] and "300 steps" not in rows[method]
+        assert "--steps 300" not in rows[method]  # nor in its command
     assert "| holds |" in rows["SVFit"] and "| holds |" in rows["Effort"]
     _seeded(tmp_path, {"pissa": 1.0}, RISES)  # no setting holds LoRA: not measured, not a crash
     assert "not measured" in _rows(tmp_path)["SVFit"]
