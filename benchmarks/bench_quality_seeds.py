@@ -13,7 +13,10 @@ two ladder neighbours, widened while the best validation loss sits at an end) an
 ``afinn`` (word valence, bench_quality.py's) and ``rotten_tomatoes`` (critics' review snippets, human-written,
 positive/negative, the split of bench_svfit_cls.py: 400 test, 200 validation, 2,000 train). Writes
 ``quality_seeds_<task>_<steps>.json`` (per method: per seed, the scores per test example and per chunk) and ``.md``
-to ``--out``; a killed run resumes from ``--runs-root``.
+to ``--out``; a killed run resumes from ``--runs-root``. ``--add`` keeps the methods already in that results file
+and adds (or replaces) the ones this call runs, so a setting can be measured a few methods at a time:
+
+    python benchmarks/bench_quality_seeds.py --task rotten_tomatoes --sweep --methods effort qlora qpissa --add
 """
 
 from __future__ import annotations
@@ -109,6 +112,48 @@ def summary_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def check_same_setting(earlier: dict, setting: dict) -> None:
+    for key in ("task", "steps", "seeds"):
+        if earlier[key] != setting[key]:
+            raise SystemExit(
+                f"--add: the results file holds {key} {earlier[key]!r}, this call {setting[key]!r}; "
+                "run with the same setting or without --add (which replaces the file)"
+            )
+
+
+def with_earlier_methods(report: dict, earlier: dict) -> dict:
+    """``report`` with the methods of ``earlier`` (the same setting's results file) that it did not run; refused when
+    the two are not the same setting or their untuned models score differently (then the paired differences to LoRA
+    would compare runs of different evaluations)."""
+    check_same_setting(earlier, report)
+    earlier_base, base = earlier["base"]["test_losses"], report["base"]["test_losses"]
+    if len(earlier_base) != len(base):
+        raise SystemExit(
+            f"--add: the results file scored {len(earlier_base)} test examples, this call {len(base)}: the task's "
+            "split changed since those runs, so rerun every method without --add"
+        )
+    drift = max(abs(a - b) for a, b in zip(earlier_base, base))
+    if drift > 1e-4:
+        raise SystemExit(
+            f"--add: the untuned model's test losses differ from the results file's (by up to {drift:.2g}): the "
+            "evaluation changed since those runs, so rerun every method without --add"
+        )
+    ran = set(report["runs"])
+    kept = [method for method in earlier["runs"] if method not in ran]
+    order = [method for method in METHODS if method in ran or method in kept]
+    merged = {
+        **report,
+        "command": f"{earlier['command'].strip()}; {report['command']}" if kept else report["command"],
+        "rates": {m: (report if m in ran else earlier)["rates"][m] for m in order},
+        "sweeps": {m: s for m in order if (s := (report if m in ran else earlier)["sweeps"].get(m))},
+        "runs": {m: (report if m in ran else earlier)["runs"][m] for m in order},
+        "seconds": report["seconds"] + (earlier["seconds"] if kept else 0.0),
+    }
+    if earlier["rate_source"] != report["rate_source"] and kept:
+        merged["rate_source"] = f"{', '.join(kept)}: {earlier['rate_source']}; the others: {report['rate_source']}"
+    return merged
+
+
 def report_markdown(report: dict) -> str:
     table = markdown_table(
         [
@@ -143,11 +188,19 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="sweep the rates again at seed 0 (around --rates-from)")
     parser.add_argument("--runs-root", default=None, help="default: runs/quality_seeds/<task>_<steps>")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--add", action="store_true", help="keep the other methods' runs from the results file in --out (if any)"
+    )
     args = parser.parse_args()
     name = results_name(args.task, args.steps)
     runs_root = args.runs_root or os.path.join(os.path.dirname(HERE), "runs", "quality_seeds", name)
     os.makedirs(runs_root, exist_ok=True)
     started = time.perf_counter()
+    earlier = None
+    if args.add and os.path.isfile(earlier_path := os.path.join(args.out, f"{name}.json")):
+        with open(earlier_path) as handle:
+            earlier = json.load(handle)
+        check_same_setting(earlier, {"task": args.task, "steps": args.steps, "seeds": args.seeds})
 
     rates = rates_from(args.rates_from, args.methods)
     source = f"best of bench_quality.py's sweep ({os.path.basename(args.rates_from)})"
@@ -175,7 +228,9 @@ def main() -> None:
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
-    report["mean_train_seconds"] = statistics.mean(r["train_seconds"] for rs in runs.values() for r in rs)
+    if earlier is not None:
+        report = with_earlier_methods(report, earlier)
+    report["mean_train_seconds"] = statistics.mean(r["train_seconds"] for rs in report["runs"].values() for r in rs)
     markdown = report_markdown(report)
     write_report(args.out, name, report, markdown)
     print(markdown)

@@ -14,6 +14,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 
 import bench_quality  # noqa: E402
+import bench_quality_seeds  # noqa: E402
 import claims  # noqa: E402
 
 
@@ -170,6 +171,54 @@ def test_a_results_file_from_an_older_benchmark_is_not_measured(tmp_path):
     rows = _rows(tmp_path)
     assert "not measured (quality.json, quality_seeds_*.json lacks 'ratio_iters': rerun the command)" in rows["QPiSSA"]
     assert "| holds |" in rows["PiSSA"]
+
+
+def _setting(methods: dict, command: str, base_losses: list[float], seconds: float) -> dict:
+    """A bench_quality_seeds.py report of one setting: per method (name -> its rate), three seeds."""
+    return {
+        "command": command,
+        "task": "rotten_tomatoes",
+        "steps": 80,
+        "seeds": [0, 1, 2],
+        "rates": dict(methods),
+        "rate_source": "swept again at seed 0 for this task and budget (validation loss)",
+        "sweeps": {method: [{"lr": lr, "validation_loss": 0.2}] for method, lr in methods.items()},
+        "base": {"test_losses": base_losses},
+        "runs": {
+            method: [{"seed": seed, "lr": lr, "train_seconds": 10.0} for seed in range(3)]
+            for method, lr in methods.items()
+        },
+        "seconds": seconds,
+    }
+
+
+def test_add_keeps_the_results_file_s_other_methods_and_names_both_commands():
+    earlier = _setting(
+        {"lora": 3e-4, "pissa": 3e-5, "effort": 1e-2}, "python bench --methods lora pissa effort ", [1.0, 2.0], 600
+    )
+    report = _setting(
+        {"effort": 1e-3, "qlora": 3e-4}, "python bench --methods effort qlora --add", [1.0, 2.0 + 1e-6], 400
+    )
+    merged = bench_quality_seeds.with_earlier_methods(report, earlier)
+    assert list(merged["runs"]) == ["lora", "pissa", "effort", "qlora"]  # the benchmark's order of methods
+    assert merged["runs"]["lora"] is earlier["runs"]["lora"] and merged["runs"]["effort"] is report["runs"]["effort"]
+    assert merged["rates"] == {"lora": 3e-4, "pissa": 3e-5, "effort": 1e-3, "qlora": 3e-4}  # effort's run replaced
+    assert list(merged["sweeps"]) == ["lora", "pissa", "effort", "qlora"]
+    assert merged["command"] == "python bench --methods lora pissa effort; python bench --methods effort qlora --add"
+    assert merged["seconds"] == 1000 and merged["base"] is report["base"]
+    assert "lora" not in report["runs"]  # the call's own report is left as it was
+
+
+def test_add_refuses_another_setting_or_a_changed_evaluation():
+    earlier = _setting({"lora": 3e-4}, "python bench", [1.0, 2.0], 600)
+    report = _setting({"effort": 1e-3}, "python bench --add", [1.0, 2.0], 400)
+    with pytest.raises(SystemExit, match="holds steps 80, this call 300; run with the same setting or without --add"):
+        bench_quality_seeds.with_earlier_methods({**report, "steps": 300}, earlier)
+    drifted = {**report, "base": {"test_losses": [1.0, 2.01]}}
+    with pytest.raises(SystemExit, match=r"differ from the results file's \(by up to 0.01\).*rerun every method"):
+        bench_quality_seeds.with_earlier_methods(drifted, earlier)
+    with pytest.raises(SystemExit, match="scored 2 test examples, this call 1: the task's split changed"):
+        bench_quality_seeds.with_earlier_methods({**report, "base": {"test_losses": [1.0]}}, earlier)
 
 
 def _concrete_ta_report(tmp_path, right_per_seed: list[int]) -> dict:
