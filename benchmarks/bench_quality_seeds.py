@@ -6,10 +6,14 @@ examples, ``stats.py``) and a verdict.
     python benchmarks/bench_quality_seeds.py                       # AFINN, 80 steps, the sweep's rates, seeds 0 1 2
     python benchmarks/bench_quality_seeds.py --steps 300 --sweep   # a second budget: rates swept again at seed 0
     python benchmarks/bench_quality_seeds.py --task rotten_tomatoes --sweep
+    python benchmarks/bench_quality_seeds.py --task rotten_tomatoes --methods lora effort \
+        --rates lora=3e-4 effort=3e-4 --out benchmarks/results/matched_rate   # one rate for both, unswept
 
 Rates: ``--rates-from`` (default: bench_quality.py's ``quality.json``, 80 steps on AFINN) gives each method's rate;
 ``--sweep`` sweeps again at seed 0 for this task and budget (bench_quality.sweep_rates: a grid of that rate and its
-two ladder neighbours, widened while the best validation loss sits at an end) and uses the best. Tasks:
+two ladder neighbours, widened while the best validation loss sits at an end) and uses the best; ``--rates``
+fixes some methods' rates (not swept), and then needs an ``--out`` other than ``benchmarks/results``, whose files
+claims.py reads as best-rate comparisons. Tasks:
 ``afinn`` (word valence, bench_quality.py's) and ``rotten_tomatoes`` (critics' review snippets, human-written,
 positive/negative, the split of bench_svfit_cls.py: 400 test, 200 validation, 2,000 train). Writes
 ``quality_seeds_<task>_<steps>.json`` (per method: per seed, the scores per test example and per chunk) and ``.md``
@@ -57,6 +61,20 @@ def rates_from(path: str, methods: list[str]) -> dict[str, float]:
         report = json.load(handle)
     chosen = report.get("rates") or {method: run["lr"] for method, run in report["best"].items()}
     return {method: chosen[method] for method in methods}
+
+
+def method_rate(text: str) -> tuple[str, float]:
+    """``--rates``' ``METHOD=LR``."""
+    method, _, rate = text.partition("=")
+    try:
+        lr = float(rate)
+    except ValueError:
+        lr = float("nan")
+    if method not in LRS or not lr > 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write METHOD=LR with a positive rate and METHOD one of {', '.join(LRS)}, e.g. effort=3e-4"
+        )
+    return method, lr
 
 
 def swept_rate(method: str, start: float, steps: int, task: str, runs_root: str) -> tuple[float, list[dict]]:
@@ -154,6 +172,23 @@ def with_earlier_methods(report: dict, earlier: dict) -> dict:
     return merged
 
 
+def chosen_rates(args: argparse.Namespace, runs_root: str) -> tuple[dict[str, float], dict, str]:
+    """Each method's rate (``--rates``, else ``--rates-from``'s, swept again with ``--sweep``), the sweeps' runs,
+    and where the rates came from, in words."""
+    fixed = dict(args.rates)
+    tuned = [method for method in args.methods if method not in fixed]
+    rates = {**(rates_from(args.rates_from, tuned) if tuned else {}), **fixed}
+    sources = [f"best of bench_quality.py's sweep ({os.path.basename(args.rates_from)})"] if tuned else []
+    sweeps = {}
+    if args.sweep and tuned:
+        for method in tuned:
+            rates[method], sweeps[method] = swept_rate(method, rates[method], args.steps, args.task, runs_root)
+        sources = ["swept again at seed 0 for this task and budget (validation loss)"]
+    if fixed:
+        sources.append(f"{', '.join(f'{m} {lr:g}' for m, lr in fixed.items())} set by --rates")
+    return {method: rates[method] for method in args.methods}, sweeps, "; ".join(sources)
+
+
 def report_markdown(report: dict) -> str:
     table = markdown_table(
         [
@@ -186,12 +221,24 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(LRS), default=METHODS)
     parser.add_argument("--rates-from", default=os.path.join(HERE, "results", "quality.json"))
     parser.add_argument("--sweep", action="store_true", help="sweep the rates again at seed 0 (around --rates-from)")
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        type=method_rate,
+        default=[],
+        metavar="METHOD=LR",
+        help="train these methods at these rates, unswept (e.g. a matched-rate comparison: lora=3e-4 effort=3e-4)",
+    )
     parser.add_argument("--runs-root", default=None, help="default: runs/quality_seeds/<task>_<steps>")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument(
         "--add", action="store_true", help="keep the other methods' runs from the results file in --out (if any)"
     )
     args = parser.parse_args()
+    if stray := sorted({method for method, _ in args.rates} - set(args.methods)):
+        parser.error(f"--rates sets {', '.join(stray)}, which --methods does not run: add it to --methods")
+    if args.rates and os.path.abspath(args.out) == os.path.join(HERE, "results"):
+        parser.error("--rates: give --out another folder; claims.py reads benchmarks/results as best-rate comparisons")
     name = results_name(args.task, args.steps)
     runs_root = args.runs_root or os.path.join(os.path.dirname(HERE), "runs", "quality_seeds", name)
     os.makedirs(runs_root, exist_ok=True)
@@ -202,13 +249,7 @@ def main() -> None:
             earlier = json.load(handle)
         check_same_setting(earlier, {"task": args.task, "steps": args.steps, "seeds": args.seeds})
 
-    rates = rates_from(args.rates_from, args.methods)
-    source = f"best of bench_quality.py's sweep ({os.path.basename(args.rates_from)})"
-    sweeps = {}
-    if args.sweep:
-        for method in args.methods:
-            rates[method], sweeps[method] = swept_rate(method, rates[method], args.steps, args.task, runs_root)
-        source = "swept again at seed 0 for this task and budget (validation loss)"
+    rates, sweeps, source = chosen_rates(args, runs_root)
     runs = {}
     for method in args.methods:
         runs[method] = []

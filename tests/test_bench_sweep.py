@@ -3,8 +3,10 @@ table reads the numbers the benchmarks wrote (no model is trained here: the trai
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -219,6 +221,45 @@ def test_add_refuses_another_setting_or_a_changed_evaluation():
         bench_quality_seeds.with_earlier_methods(drifted, earlier)
     with pytest.raises(SystemExit, match="scored 2 test examples, this call 1: the task's split changed"):
         bench_quality_seeds.with_earlier_methods({**report, "base": {"test_losses": [1.0]}}, earlier)
+
+
+@pytest.mark.parametrize("text", ["effort", "bogus=1e-3", "lora=-1e-3", "lora=fast", "lora=nan"])
+def test_a_fixed_rate_is_method_equals_a_positive_rate(text):
+    assert bench_quality_seeds.method_rate("effort=3e-4") == ("effort", 3e-4)
+    with pytest.raises(argparse.ArgumentTypeError, match="write METHOD=LR with a positive rate.*e.g. effort=3e-4"):
+        bench_quality_seeds.method_rate(text)
+
+
+def test_fixed_rates_are_not_swept_and_the_others_are(monkeypatch, tmp_path):
+    (tmp_path / "quality.json").write_text(json.dumps({"rates": {"lora": 1e-3, "effort": 1e-3}}))
+    monkeypatch.setattr(bench_quality_seeds, "swept_rate", lambda method, lr, *_: (lr / 10, [{"lr": lr / 10}]))
+    args = argparse.Namespace(
+        methods=["lora", "effort"], rates=[("effort", 3e-4)], rates_from=str(tmp_path / "quality.json"), sweep=True,
+        steps=80, task="rotten_tomatoes",
+    )  # fmt: skip
+    rates, sweeps, source = bench_quality_seeds.chosen_rates(args, str(tmp_path))
+    assert rates == {"lora": pytest.approx(1e-4), "effort": 3e-4} and list(sweeps) == ["lora"]
+    assert source == "swept again at seed 0 for this task and budget (validation loss); effort 0.0003 set by --rates"
+    args.rates, args.rates_from = [("lora", 3e-4), ("effort", 3e-4)], str(tmp_path / "absent.json")
+    assert bench_quality_seeds.chosen_rates(args, str(tmp_path)) == (
+        {"lora": 3e-4, "effort": 3e-4},
+        {},
+        "lora 0.0003, effort 0.0003 set by --rates",
+    )
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["--rates", "effort=3e-4"], "--rates: give --out another folder; claims.py reads benchmarks/results"),
+        (["--methods", "lora", "--rates", "effort=3e-4", "--out", "x"], "--rates sets effort, which --methods does"),
+    ],
+)
+def test_fixed_rates_are_refused_before_any_training(words, message):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "bench_quality_seeds.py"), *words], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def _concrete_ta_report(tmp_path, right_per_seed: list[int]) -> dict:
