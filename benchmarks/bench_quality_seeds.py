@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -70,9 +71,10 @@ def method_rate(text: str) -> tuple[str, float]:
         lr = float(rate)
     except ValueError:
         lr = float("nan")
-    if method not in LRS or not lr > 0:
+    if method not in LRS or not 0 < lr < math.inf:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: write METHOD=LR with a positive rate and METHOD one of {', '.join(LRS)}, e.g. effort=3e-4"
+            f"{text!r}: write METHOD=LR with a positive finite rate and METHOD one of {', '.join(LRS)}, "
+            "e.g. effort=3e-4"
         )
     return method, lr
 

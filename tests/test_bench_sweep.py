@@ -223,10 +223,12 @@ def test_add_refuses_another_setting_or_a_changed_evaluation():
         bench_quality_seeds.with_earlier_methods({**report, "base": {"test_losses": [1.0]}}, earlier)
 
 
-@pytest.mark.parametrize("text", ["effort", "bogus=1e-3", "lora=-1e-3", "lora=fast", "lora=nan"])
+@pytest.mark.parametrize("text", ["effort", "bogus=1e-3", "lora=-1e-3", "lora=fast", "lora=nan", "lora=inf"])
 def test_a_fixed_rate_is_method_equals_a_positive_rate(text):
     assert bench_quality_seeds.method_rate("effort=3e-4") == ("effort", 3e-4)
-    with pytest.raises(argparse.ArgumentTypeError, match="write METHOD=LR with a positive rate.*e.g. effort=3e-4"):
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="write METHOD=LR with a positive finite rate.*e.g. effort=3e-4"
+    ):
         bench_quality_seeds.method_rate(text)
 
 
