@@ -6,8 +6,9 @@ On the packaged SmolLM2-135M and a local multiple-choice task (tests/lm_eval_tas
 choices, scored by log-likelihood), each method's trained-looking adapter is evaluated as a user would: one method by
 the ``lm_eval`` command line, the others by ``lm_eval.simple_evaluate`` in one child process (imports take ~10 s a
 process). Every document's per-choice log-likelihoods equal those of the merged model (``merge_and_unload``, saved
-and evaluated as a plain model) within ``ATOL``, so the accuracies are equal too; and they differ from the base
-model's, so the adapter was applied."""
+and evaluated as a plain model) within ``ATOL``, so both pick the same choice (but where two choices tie within
+that gap) and the accuracies are equal up to those ties; and they differ from the base model's, so the adapter was
+applied."""
 
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def child_env() -> dict:
 def loglikelihoods(samples: list) -> dict:
     """doc_id -> each choice's log-likelihood, from lm-eval's logged samples (the CLI's JSONL or the API's dicts)."""
     return {int(s["doc_id"]): [float(resp[0]) for resp in s["filtered_resps"]] for s in samples}
+
+
+def argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def runner_up_margin(values: list[float]) -> float:
+    best, second = sorted(values, reverse=True)[:2]
+    return best - second
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +155,14 @@ def test_lm_eval_evaluates_every_method_as_its_merged_model_without_the_import(m
         assert adapter.keys() == merged.keys() == base_ll.keys()
         gap = max(abs(a - b) for doc in adapter for a, b in zip(adapter[doc], merged[doc]))
         assert gap <= ATOL, (method, gap)
-        chosen = {doc: max(range(len(lls)), key=lls.__getitem__) for doc, lls in adapter.items()}
-        assert chosen == {doc: max(range(len(lls)), key=lls.__getitem__) for doc, lls in merged.items()}, method
-        assert found[method]["acc"] == found[f"{method}-merged"]["acc"], method
+        # the same choice wherever the merged model's best choice leads its runner-up by more than the gap allows to
+        # flip; a document within 2 * gap of a tie may go either way (seen once: Effort, one of 32 documents)
+        ties = [doc for doc, lls in merged.items() if runner_up_margin(lls) <= 2 * gap]
+        assert len(ties) <= 2, (method, ties)
+        decided = [doc for doc in merged if doc not in ties]
+        assert [argmax(adapter[doc]) for doc in decided] == [argmax(merged[doc]) for doc in decided], method
+        acc_gap = abs(found[method]["acc"] - found[f"{method}-merged"]["acc"])
+        assert acc_gap <= len(ties) / len(merged) + 1e-9, (method, acc_gap, ties)
         moved = max(abs(a - b) for doc in adapter for a, b in zip(adapter[doc], base_ll[doc]))
         assert moved > 100 * ATOL, (method, moved)  # the adapter was applied, not ignored
         summary[method] = {"adapter": found[method]["acc"], "merged": found[f"{method}-merged"]["acc"]}
