@@ -158,15 +158,17 @@ def with_earlier_methods(report: dict, earlier: dict) -> dict:
             f"--add: the untuned model's test losses differ from the results file's (by up to {drift:.2g}): the "
             "evaluation changed since those runs, so rerun every method without --add"
         )
-    ran = set(report["runs"])
-    kept = [method for method in earlier["runs"] if method not in ran]
-    order = [method for method in METHODS if method in ran or method in kept]
+    # each method's figures from the report that holds them: this call's, else the results file's
+    owner = {
+        m: report if m in report["runs"] else earlier for m in METHODS if m in report["runs"] or m in earlier["runs"]
+    }
+    kept = [method for method, source in owner.items() if source is earlier]
     merged = {
         **report,
         "command": f"{earlier['command'].strip()}; {report['command']}" if kept else report["command"],
-        "rates": {m: (report if m in ran else earlier)["rates"][m] for m in order},
-        "sweeps": {m: s for m in order if (s := (report if m in ran else earlier)["sweeps"].get(m))},
-        "runs": {m: (report if m in ran else earlier)["runs"][m] for m in order},
+        "rates": {m: source["rates"][m] for m, source in owner.items()},
+        "sweeps": {m: source["sweeps"][m] for m, source in owner.items() if source["sweeps"].get(m)},
+        "runs": {m: source["runs"][m] for m, source in owner.items()},
         "seconds": report["seconds"] + (earlier["seconds"] if kept else 0.0),
     }
     if earlier["rate_source"] != report["rate_source"] and kept:
