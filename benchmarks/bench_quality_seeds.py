@@ -34,6 +34,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")  # claims.py reads the best-rate results files here
 sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
@@ -223,7 +224,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(LRS), default=METHODS)
-    parser.add_argument("--rates-from", default=os.path.join(HERE, "results", "quality.json"))
+    parser.add_argument("--rates-from", default=os.path.join(RESULTS, "quality.json"))
     parser.add_argument("--sweep", action="store_true", help="sweep the rates again at seed 0 (around --rates-from)")
     parser.add_argument(
         "--rates",
@@ -234,14 +235,14 @@ def main() -> None:
         help="train these methods at these rates, unswept (e.g. a matched-rate comparison: lora=3e-4 effort=3e-4)",
     )
     parser.add_argument("--runs-root", default=None, help="default: runs/quality_seeds/<task>_<steps>")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=RESULTS)
     parser.add_argument(
         "--add", action="store_true", help="keep the other methods' runs from the results file in --out (if any)"
     )
     args = parser.parse_args()
     if stray := sorted({method for method, _ in args.rates} - set(args.methods)):
         parser.error(f"--rates sets {', '.join(stray)}, which --methods does not run: add it to --methods")
-    if args.rates and os.path.abspath(args.out) == os.path.join(HERE, "results"):
+    if args.rates and os.path.abspath(args.out) == RESULTS:
         parser.error("--rates: give --out another folder; claims.py reads benchmarks/results as best-rate comparisons")
     name = results_name(args.task, args.steps)
     runs_root = args.runs_root or os.path.join(os.path.dirname(HERE), "runs", "quality_seeds", name)
